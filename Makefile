@@ -1,0 +1,28 @@
+# Build, test and demo modelpack-snapshotter. `make test` and `make demo` set up a fresh
+# Debian machine themselves (run as root: they install packages and mount FUSE).
+
+CARGO ?= cargo
+RELEASE_BIN := target/release/modelpack-snapshotter
+
+.PHONY: all build setup test demo lint clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+setup:
+	./scripts/setup.sh
+
+test: setup
+	$(CARGO) test --locked --all-targets
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+demo: setup build
+	./scripts/demo.sh $(RELEASE_BIN)
+
+clean:
+	$(CARGO) clean

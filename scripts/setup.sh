@@ -1,0 +1,25 @@
+#!/bin/sh
+# Installs what building, testing and the demo need on a Debian machine (run as root).
+# Safe to run again: it installs only what is missing.
+set -eu
+
+need_apt=""
+for pair in fusermount3:fuse3 docker-registry:docker-registry curl:curl; do
+    cmd=${pair%%:*}
+    pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/bin/$cmd" ] || need_apt="$need_apt $pkg"
+done
+if [ -n "$need_apt" ]; then
+    echo "setup: installing Debian packages:$need_apt"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need_apt >/dev/null
+fi
+
+if ! python3 -c 'import safetensors, numpy' >/dev/null 2>&1; then
+    echo "setup: installing Python packages safetensors and numpy"
+    python3 -m pip install -q safetensors numpy
+fi
+
+if [ ! -e /dev/fuse ]; then
+    echo "setup: /dev/fuse is missing; FUSE mounts will not work on this machine" >&2
+fi

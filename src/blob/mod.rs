@@ -1,0 +1,423 @@
+//! Blob reader: serves byte ranges of remote blobs in fixed-size chunks, from the
+//! [`ChunkCache`] when present, else fetched through a [`RangeSource`] (the registry).
+//!
+//! Rules this module keeps:
+//! - single flight: concurrent readers missing one chunk share one fetch;
+//! - a chunk that is the whole blob is checked against the blob digest before it is
+//!   cached or served (so every small file is verified); when every chunk of a larger
+//!   blob is present the whole blob is hashed, and a mismatch evicts it, is logged and
+//!   counted, so the next read fetches again;
+//! - on-demand reads go first: background prefetch waits while any is in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+
+use crate::cache::{CacheError, ChunkCache, ChunkKey};
+use crate::config::FetchSettings;
+use crate::modelpack::digest::Hasher;
+use crate::modelpack::Digest;
+use crate::registry::{Registry, RegistryError};
+
+/// How long a waiting prefetch sleeps before looking again for on-demand reads.
+const PREFETCH_YIELD: Duration = Duration::from_millis(2);
+
+/// Why bytes of a blob could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The registry did not deliver the bytes.
+    #[error("fetching chunk {index} of {blob}: {source}")]
+    Fetch { blob: Digest, index: u64, source: RegistryError },
+    /// The bytes arrived but do not match their digest, even after fetching again.
+    #[error("chunk {index} of {blob} failed verification: {detail}")]
+    Corrupt { blob: Digest, index: u64, detail: String },
+    /// The local cache failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// A read past the end of the blob.
+    #[error("read of {len} bytes at {offset} is outside blob {blob} of {size} bytes")]
+    OutOfRange { blob: Digest, offset: u64, len: u64, size: u64 },
+    /// A worker thread died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Where chunks come from when the cache misses. The registry implements it; unit
+/// tests use fakes.
+pub trait RangeSource: Send + Sync + 'static {
+    /// Exactly `len` bytes of `blob` from `offset`.
+    fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64) -> BoxFuture<'a, Result<Bytes, RegistryError>>;
+}
+
+impl RangeSource for Registry {
+    fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
+        Registry::read_range(self, blob, offset, len).boxed()
+    }
+}
+
+/// A blob as the manifest describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlobInfo {
+    /// Its content digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Why a chunk is being fetched: on-demand reads pre-empt prefetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A reader is waiting for it (including read-ahead of a sequential reader).
+    OnDemand,
+    /// Background prefetch of the whole model.
+    Prefetch,
+}
+
+/// Counters of what the reader did, for `mount`'s report and for tests.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Bytes received from the registry.
+    pub fetched_bytes: AtomicU64,
+    /// Ranged requests that delivered a chunk.
+    pub fetched_chunks: AtomicU64,
+    /// Chunks or blobs that failed verification.
+    pub verify_failures: AtomicU64,
+}
+
+type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Arc<BlobError>>>>;
+
+/// Chunked, cached, single-flight reads of the blobs of one registry repository.
+pub struct BlobStore {
+    source: Arc<dyn RangeSource>,
+    cache: Arc<ChunkCache>,
+    settings: FetchSettings,
+    inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
+    verifying: Mutex<HashSet<Digest>>,
+    on_demand: AtomicUsize,
+    stats: FetchStats,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").field("settings", &self.settings).field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+/// Counts an on-demand fetch for as long as it lives.
+struct OnDemandGuard<'a>(&'a AtomicUsize);
+
+impl Drop for OnDemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl BlobStore {
+    /// A reader over `source`, caching in `cache`.
+    pub fn new(source: Arc<dyn RangeSource>, cache: Arc<ChunkCache>, settings: FetchSettings) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            cache,
+            settings,
+            inflight: Mutex::new(HashMap::new()),
+            verifying: Mutex::new(HashSet::new()),
+            on_demand: AtomicUsize::new(0),
+            stats: FetchStats::default(),
+        })
+    }
+
+    /// What has been fetched and verified so far.
+    pub fn stats(&self) -> &FetchStats {
+        &self.stats
+    }
+
+    /// The cache behind this reader.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// The chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.settings.chunk_size
+    }
+
+    /// How many chunks to fetch ahead of a sequential reader.
+    pub fn readahead_chunks(&self) -> u64 {
+        self.settings.readahead_chunks
+    }
+
+    fn chunk_count(&self, blob: &BlobInfo) -> u64 {
+        blob.size.div_ceil(self.settings.chunk_size)
+    }
+
+    fn chunk_len(&self, blob: &BlobInfo, index: u64) -> u64 {
+        let start = index * self.settings.chunk_size;
+        self.settings.chunk_size.min(blob.size - start)
+    }
+
+    /// Reads `len` bytes of `blob` at `offset` (clamped to the blob's end).
+    pub async fn read(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
+        if offset > blob.size {
+            return Err(BlobError::OutOfRange { blob: blob.digest, offset, len, size: blob.size });
+        }
+        let end = blob.size.min(offset.saturating_add(len));
+        let mut out = vec![0u8; (end - offset) as usize];
+        let cs = self.settings.chunk_size;
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / cs;
+            let within = pos - index * cs;
+            let take = (cs - within).min(end - pos) as usize;
+            let dst = (pos - offset) as usize;
+            let key = ChunkKey { blob: blob.digest, index };
+            if !self.read_cached(key, within, &mut out[dst..dst + take]).await? {
+                let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
+                out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
+            }
+            pos += take as u64;
+        }
+        Ok(out)
+    }
+
+    /// Copies a part of a cached chunk into `buf`; false when the chunk is absent.
+    async fn read_cached(&self, key: ChunkKey, within: u64, buf: &mut [u8]) -> Result<bool, BlobError> {
+        let cache = self.cache.clone();
+        let mut tmp = vec![0u8; buf.len()];
+        let (tmp, got) = tokio::task::spawn_blocking(move || {
+            let got = cache.read_into(&key, within, &mut tmp);
+            (tmp, got)
+        })
+        .await
+        .map_err(|e| BlobError::Task(e.to_string()))?;
+        match got? {
+            Some(n) if n == buf.len() => {
+                buf.copy_from_slice(&tmp);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Starts fetching the chunks covering `len` bytes from `offset` that are neither
+    /// cached nor already in flight, without waiting for them.
+    pub fn read_ahead(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64) {
+        if offset >= blob.size {
+            return;
+        }
+        let cs = self.settings.chunk_size;
+        let last = (blob.size.min(offset.saturating_add(len)) - 1) / cs;
+        for index in offset / cs..=last {
+            let key = ChunkKey { blob: blob.digest, index };
+            if self.cache.contains(&key) || self.inflight.lock().expect("inflight lock").contains_key(&key) {
+                continue;
+            }
+            let this = self.clone();
+            let blob = *blob;
+            tokio::spawn(async move {
+                if let Err(e) = this.chunk(&blob, index, Priority::OnDemand).await {
+                    tracing::debug!(error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
+    /// Fetches every chunk of `blobs` not yet cached, `prefetch_concurrency` at a time,
+    /// yielding to on-demand reads. Returns the first error after trying every chunk.
+    pub async fn prefetch(self: &Arc<Self>, blobs: Vec<BlobInfo>) -> Result<(), BlobError> {
+        let work: Vec<(BlobInfo, u64)> =
+            blobs.iter().flat_map(|b| (0..self.chunk_count(b)).map(move |i| (*b, i))).collect();
+        let first_error = Mutex::new(None);
+        futures_util::stream::iter(work)
+            .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, index)| {
+                let first_error = &first_error;
+                async move {
+                    while self.on_demand.load(Ordering::SeqCst) > 0 {
+                        tokio::time::sleep(PREFETCH_YIELD).await;
+                    }
+                    if self.cache.contains(&ChunkKey { blob: blob.digest, index }) {
+                        return;
+                    }
+                    if let Err(e) = self.chunk(&blob, index, Priority::Prefetch).await {
+                        first_error.lock().expect("error lock").get_or_insert(e);
+                    }
+                }
+            })
+            .await;
+        match first_error.into_inner().expect("error lock") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// One whole chunk, from the cache or fetched once however many callers ask.
+    pub async fn chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, priority: Priority) -> Result<Bytes, BlobError> {
+        let key = ChunkKey { blob: blob.digest, index };
+        let (fut, leader) = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            match inflight.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let this = self.clone();
+                    let blob = *blob;
+                    let f = async move { this.load_chunk(&blob, index, priority).await.map_err(Arc::new) }
+                        .boxed()
+                        .shared();
+                    inflight.insert(key, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        let result = fut.await;
+        if leader {
+            self.inflight.lock().expect("inflight lock").remove(&key);
+        }
+        result.map_err(|e| match &*e {
+            BlobError::Fetch { blob, index, source } => {
+                BlobError::Fetch { blob: *blob, index: *index, source: clone_registry_error(source) }
+            }
+            BlobError::Corrupt { blob, index, detail } => {
+                BlobError::Corrupt { blob: *blob, index: *index, detail: detail.clone() }
+            }
+            other => BlobError::Task(other.to_string()),
+        })
+    }
+
+    async fn load_chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, priority: Priority) -> Result<Bytes, BlobError> {
+        let key = ChunkKey { blob: blob.digest, index };
+        let cache = self.cache.clone();
+        let cached = tokio::task::spawn_blocking(move || cache.get(&key))
+            .await
+            .map_err(|e| BlobError::Task(e.to_string()))??;
+        if let Some(data) = cached {
+            return Ok(Bytes::from(data));
+        }
+        let _guard = (priority == Priority::OnDemand).then(|| {
+            self.on_demand.fetch_add(1, Ordering::SeqCst);
+            OnDemandGuard(&self.on_demand)
+        });
+        let data = self.fetch_verified(blob, index).await?;
+        let cache = self.cache.clone();
+        let stored = data.clone();
+        let put = tokio::task::spawn_blocking(move || cache.put(&key, &stored))
+            .await
+            .map_err(|e| BlobError::Task(e.to_string()))?;
+        match put {
+            Ok(()) => self.verify_if_complete(blob),
+            // The bytes are as good as a cached copy would be; serve them regardless.
+            Err(e) => tracing::warn!(error = %e, "cannot cache chunk"),
+        }
+        Ok(data)
+    }
+
+    /// Fetches a chunk; when it is the whole blob, checks it against the blob digest and
+    /// fetches once more on mismatch.
+    async fn fetch_verified(&self, blob: &BlobInfo, index: u64) -> Result<Bytes, BlobError> {
+        let offset = index * self.settings.chunk_size;
+        let len = self.chunk_len(blob, index);
+        let whole = self.chunk_count(blob) == 1;
+        let mut attempts_left = 2;
+        loop {
+            let data = self
+                .source
+                .read_range(&blob.digest, offset, len)
+                .await
+                .map_err(|source| BlobError::Fetch { blob: blob.digest, index, source })?;
+            self.stats.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            if !whole || Digest::of(&data) == blob.digest {
+                return Ok(data);
+            }
+            self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+            self.cache.record_verify_failure();
+            attempts_left -= 1;
+            tracing::warn!(blob = %blob.digest, index, "fetched blob does not match its digest");
+            if attempts_left == 0 {
+                return Err(BlobError::Corrupt {
+                    blob: blob.digest,
+                    index,
+                    detail: "content does not match the blob digest".to_owned(),
+                });
+            }
+        }
+    }
+
+    /// When every chunk of a multi-chunk blob is cached, hashes it in the background;
+    /// a mismatch evicts the blob so that the next read fetches it again.
+    fn verify_if_complete(self: &Arc<Self>, blob: &BlobInfo) {
+        let count = self.chunk_count(blob);
+        if count <= 1 || self.cache.is_verified(&blob.digest) {
+            if count == 1 && !self.cache.is_verified(&blob.digest) {
+                if let Err(e) = self.cache.mark_verified(&blob.digest) {
+                    tracing::warn!(error = %e, "cannot record verification");
+                }
+            }
+            return;
+        }
+        if !(0..count).all(|i| self.cache.contains(&ChunkKey { blob: blob.digest, index: i })) {
+            return;
+        }
+        if !self.verifying.lock().expect("verifying lock").insert(blob.digest) {
+            return;
+        }
+        let this = self.clone();
+        let blob = *blob;
+        self.cache.pin_blob(&blob.digest);
+        tokio::task::spawn_blocking(move || {
+            let outcome = this.hash_cached_blob(&blob, count);
+            match outcome {
+                Ok(Some(actual)) if actual == blob.digest => {
+                    if let Err(e) = this.cache.mark_verified(&blob.digest) {
+                        tracing::warn!(error = %e, "cannot record verification");
+                    }
+                }
+                Ok(Some(actual)) => {
+                    this.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    this.cache.record_verify_failure();
+                    tracing::error!(blob = %blob.digest, %actual, "cached blob does not match its digest; evicting it");
+                    if let Err(e) = this.cache.remove_blob(&blob.digest) {
+                        tracing::warn!(error = %e, "cannot evict corrupt blob");
+                    }
+                }
+                // A chunk was evicted meanwhile: verification waits for the next completion.
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot verify cached blob"),
+            }
+            this.cache.unpin_blob(&blob.digest);
+            this.verifying.lock().expect("verifying lock").remove(&blob.digest);
+        });
+    }
+
+    fn hash_cached_blob(&self, blob: &BlobInfo, count: u64) -> Result<Option<Digest>, CacheError> {
+        let mut hasher = Hasher::default();
+        for index in 0..count {
+            match self.cache.get(&ChunkKey { blob: blob.digest, index })? {
+                Some(data) if data.len() as u64 == self.chunk_len(blob, index) => hasher.update(&data),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(hasher.finish()))
+    }
+}
+
+/// Registry errors are not `Clone` (they may hold I/O errors); waiters on a shared
+/// fetch get an equivalent copy.
+fn clone_registry_error(e: &RegistryError) -> RegistryError {
+    match e {
+        RegistryError::NotFound { what, reference } => RegistryError::NotFound { what: what.clone(), reference: reference.clone() },
+        RegistryError::Unauthorized { reference, detail } => {
+            RegistryError::Unauthorized { reference: reference.clone(), detail: detail.clone() }
+        }
+        RegistryError::Exhausted { what, reference, attempts, last } => RegistryError::Exhausted {
+            what: what.clone(),
+            reference: reference.clone(),
+            attempts: *attempts,
+            last: last.clone(),
+        },
+        other => RegistryError::Invalid { what: "request".to_owned(), reference: String::new(), detail: other.to_string() },
+    }
+}

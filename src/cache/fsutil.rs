@@ -1,0 +1,54 @@
+//! The few file-system steps that make cache writes crash-safe and keep the cache root
+//! to one process.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Writes `data` to a new file at `path` and flushes it to stable storage. The file must
+/// not exist yet. On failure the partial file is removed (best effort: anything left
+/// behind sits in the temporary directory, which `open` empties).
+pub(super) fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    let result = File::create_new(path).and_then(|mut file| {
+        file.write_all(data)?;
+        file.sync_data()
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+/// Flushes a directory's entries, so that a rename or unlink inside it survives a crash.
+pub(super) fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// Creates `path` (whose parent must exist) unless it is already there. Returns whether
+/// it was created, i.e. whether the parent now needs a `sync_dir` to make it durable.
+pub(super) fn ensure_dir(path: &Path) -> io::Result<bool> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes an exclusive advisory lock on `file` without waiting. Returns `false` when
+/// another open file description holds it (another process, or another `ChunkCache` on
+/// the same root in this process). The lock lasts as long as the file stays open.
+pub(super) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: `flock` only reads its arguments; the descriptor is valid for the duration
+    // of the call because `file` is borrowed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}

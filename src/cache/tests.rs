@@ -1,0 +1,460 @@
+use std::fs;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use tempfile::TempDir;
+
+use super::*;
+
+fn blob(name: &str) -> Digest {
+    Digest::of(name.as_bytes())
+}
+
+fn key(name: &str, index: u64) -> ChunkKey {
+    ChunkKey { blob: blob(name), index }
+}
+
+/// Bytes that differ per chunk, so a mixed-up chunk is caught.
+fn bytes_for(key: &ChunkKey, len: usize) -> Vec<u8> {
+    let seed = key.blob.hex().as_bytes()[0] as usize + key.index as usize * 31;
+    (0..len).map(|i| ((i + seed) % 251) as u8).collect()
+}
+
+fn open(dir: &TempDir, budget: Option<u64>) -> ChunkCache {
+    ChunkCache::open(dir.path(), budget).unwrap()
+}
+
+#[test]
+fn is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ChunkCache>();
+}
+
+#[test]
+fn put_then_get_round_trips_and_counts() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let k = key("a", 3);
+    assert_eq!(cache.get(&k).unwrap(), None);
+    assert!(!cache.contains(&k));
+
+    let data = bytes_for(&k, 1000);
+    cache.put(&k, &data).unwrap();
+    assert!(cache.contains(&k));
+    assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&data[..]));
+    assert!(dir.path().join("chunks/sha256").join(k.blob.hex()).join("3").is_file());
+
+    let stats = cache.stats();
+    assert_eq!((stats.used_bytes, stats.chunks, stats.hits, stats.misses), (1000, 1, 1, 1));
+    assert_eq!(cache.dir(), dir.path());
+}
+
+#[test]
+fn putting_a_chunk_again_replaces_it_without_double_counting() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let k = key("a", 0);
+    cache.put(&k, b"first version").unwrap();
+    cache.put(&k, b"second").unwrap();
+    assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&b"second"[..]));
+    assert_eq!(cache.stats().used_bytes, 6);
+    assert_eq!(cache.stats().chunks, 1);
+}
+
+#[test]
+fn empty_chunks_are_refused() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let err = cache.put(&key("a", 0), b"").unwrap_err();
+    assert!(matches!(err, CacheError::EmptyChunk { .. }));
+    assert!(err.to_string().starts_with("refusing to store empty chunk 0 of blob sha256:"));
+}
+
+#[test]
+fn read_into_reads_at_offsets() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let k = key("a", 0);
+    let data = bytes_for(&k, 4096);
+    cache.put(&k, &data).unwrap();
+
+    let mut buf = [0u8; 100];
+    assert_eq!(cache.read_into(&k, 0, &mut buf).unwrap(), Some(100));
+    assert_eq!(&buf[..], &data[..100]);
+    assert_eq!(cache.read_into(&k, 1000, &mut buf).unwrap(), Some(100));
+    assert_eq!(&buf[..], &data[1000..1100]);
+    assert_eq!(cache.read_into(&k, 4050, &mut buf).unwrap(), Some(46));
+    assert_eq!(&buf[..46], &data[4050..]);
+    assert_eq!(cache.read_into(&k, 4096, &mut buf).unwrap(), Some(0));
+    assert_eq!(cache.read_into(&k, u64::MAX, &mut buf).unwrap(), Some(0));
+    assert_eq!(cache.read_into(&key("a", 1), 0, &mut buf).unwrap(), None);
+
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses), (5, 1));
+}
+
+#[test]
+fn chunks_survive_reopen() {
+    let dir = TempDir::new().unwrap();
+    let keys = [key("a", 0), key("a", 1), key("b", 7)];
+    {
+        let cache = open(&dir, None);
+        for (i, k) in keys.iter().enumerate() {
+            cache.put(k, &bytes_for(k, 100 + i)).unwrap();
+        }
+        cache.mark_verified(&blob("b")).unwrap();
+    }
+    let cache = open(&dir, None);
+    let stats = cache.stats();
+    assert_eq!((stats.used_bytes, stats.chunks), (100 + 101 + 102, 3));
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(cache.get(k).unwrap(), Some(bytes_for(k, 100 + i)));
+    }
+    assert!(cache.is_verified(&blob("b")));
+    assert!(!cache.is_verified(&blob("a")));
+}
+
+#[test]
+fn a_second_open_of_the_same_dir_is_refused_while_the_first_lives() {
+    let dir = TempDir::new().unwrap();
+    let first = open(&dir, None);
+    let err = ChunkCache::open(dir.path(), None).unwrap_err();
+    assert!(matches!(err, CacheError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains(&dir.path().display().to_string()));
+    drop(first);
+    open(&dir, None);
+}
+
+#[test]
+fn leftover_temporary_files_are_removed_at_open_and_never_served() {
+    let dir = TempDir::new().unwrap();
+    let k = key("a", 0);
+    let leftover;
+    {
+        let cache = open(&dir, None);
+        leftover = cache.temp_path();
+        assert!(leftover.starts_with(dir.path()));
+        assert_ne!(leftover, cache.temp_path(), "temp paths are unique per call");
+        fs::write(&leftover, b"half a chunk").unwrap();
+        fs::create_dir(cache.temp_path()).unwrap();
+        assert!(!cache.contains(&k));
+    }
+    // A crash between writing and renaming also leaves an empty chunk file in the worst
+    // case (a file system without ordered data); it must read as absent.
+    let blob_dir = dir.path().join("chunks/sha256").join(k.blob.hex());
+    fs::create_dir_all(&blob_dir).unwrap();
+    fs::write(blob_dir.join("0"), b"").unwrap();
+
+    let cache = open(&dir, None);
+    assert!(!leftover.exists());
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    assert!(!cache.contains(&k));
+    assert_eq!(cache.get(&k).unwrap(), None);
+    assert_eq!(cache.stats().chunks, 0);
+    assert!(!blob_dir.join("0").exists());
+}
+
+#[test]
+fn eviction_is_least_recently_used() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, Some(300));
+    let [a, b, c, d] = [key("x", 0), key("x", 1), key("y", 0), key("y", 1)];
+    for k in [a, b, c] {
+        cache.put(&k, &bytes_for(&k, 100)).unwrap();
+    }
+    cache.get(&a).unwrap().unwrap();
+    cache.put(&d, &bytes_for(&d, 100)).unwrap();
+
+    assert!(!cache.contains(&b), "b was least recently used");
+    for k in [a, c, d] {
+        assert!(cache.contains(&k));
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.used_bytes, stats.chunks, stats.evictions), (300, 3, 1));
+    assert!(!dir.path().join("chunks/sha256").join(b.blob.hex()).join("1").exists());
+}
+
+#[test]
+fn read_into_also_marks_a_chunk_used() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, Some(200));
+    let [a, b, c] = [key("x", 0), key("x", 1), key("x", 2)];
+    cache.put(&a, &[1; 100]).unwrap();
+    cache.put(&b, &[2; 100]).unwrap();
+    cache.read_into(&a, 10, &mut [0; 10]).unwrap().unwrap();
+    cache.put(&c, &[3; 100]).unwrap();
+    assert!(cache.contains(&a));
+    assert!(!cache.contains(&b));
+}
+
+#[test]
+fn lru_order_is_rebuilt_from_mtimes() {
+    let dir = TempDir::new().unwrap();
+    let [old, new, next] = [key("x", 0), key("x", 1), key("x", 2)];
+    {
+        let cache = open(&dir, None);
+        // Written in the opposite order of their recorded use.
+        cache.put(&new, &[1; 100]).unwrap();
+        cache.put(&old, &[2; 100]).unwrap();
+    }
+    let chunk_file = |k: &ChunkKey| dir.path().join("chunks/sha256").join(k.blob.hex()).join(k.index.to_string());
+    let now = SystemTime::now();
+    let set_mtime =
+        |k: &ChunkKey, t| fs::File::options().write(true).open(chunk_file(k)).unwrap().set_modified(t).unwrap();
+    set_mtime(&old, now - Duration::from_secs(3600));
+    set_mtime(&new, now - Duration::from_secs(60));
+
+    let cache = open(&dir, Some(200));
+    cache.put(&next, &[3; 100]).unwrap();
+    assert!(!cache.contains(&old));
+    assert!(cache.contains(&new));
+}
+
+#[test]
+fn reads_refresh_a_stale_mtime() {
+    let dir = TempDir::new().unwrap();
+    let k = key("x", 0);
+    {
+        let cache = open(&dir, None);
+        cache.put(&k, &[1; 10]).unwrap();
+    }
+    let path = dir.path().join("chunks/sha256").join(k.blob.hex()).join("0");
+    let long_ago = SystemTime::now() - Duration::from_secs(86400);
+    fs::File::options().write(true).open(&path).unwrap().set_modified(long_ago).unwrap();
+
+    let cache = open(&dir, None);
+    cache.get(&k).unwrap().unwrap();
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    assert!(mtime > long_ago + MTIME_REFRESH_INTERVAL);
+}
+
+#[test]
+fn existing_chunks_over_a_smaller_budget_are_evicted_at_open() {
+    let dir = TempDir::new().unwrap();
+    {
+        let cache = open(&dir, None);
+        for i in 0..5 {
+            cache.put(&key("x", i), &[1; 100]).unwrap();
+        }
+    }
+    let cache = open(&dir, Some(250));
+    let stats = cache.stats();
+    assert_eq!((stats.used_bytes, stats.chunks, stats.evictions), (200, 2, 3));
+}
+
+#[test]
+fn pinned_blobs_and_the_chunk_just_written_are_not_evicted() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, Some(100));
+    let pinned = key("pinned", 0);
+    let other = key("other", 0);
+
+    cache.pin_blob(&pinned.blob);
+    cache.pin_blob(&pinned.blob);
+    cache.put(&pinned, &[1; 100]).unwrap();
+    cache.put(&other, &[2; 100]).unwrap();
+    assert!(cache.contains(&pinned) && cache.contains(&other));
+    assert_eq!(cache.stats().used_bytes, 200);
+
+    // A chunk larger than the whole budget is still kept once written.
+    let big = key("big", 0);
+    cache.put(&big, &[3; 500]).unwrap();
+    assert!(cache.contains(&big) && cache.contains(&pinned));
+    assert!(!cache.contains(&other));
+
+    // Pins nest: the first unpin keeps the blob protected.
+    cache.unpin_blob(&pinned.blob);
+    assert!(cache.contains(&pinned));
+    cache.unpin_blob(&pinned.blob);
+    assert!(!cache.contains(&pinned), "evicted once the last pin goes");
+    assert!(!cache.contains(&big), "still over budget, so the big chunk goes as well");
+    assert_eq!(cache.stats().used_bytes, 0);
+
+    // Unbalanced unpins are harmless.
+    cache.unpin_blob(&pinned.blob);
+}
+
+#[test]
+fn remove_blob_drops_all_its_chunks_and_marker() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let bad = blob("bad");
+    for i in 0..3 {
+        cache.put(&ChunkKey { blob: bad, index: i }, &[1; 10]).unwrap();
+    }
+    cache.put(&key("good", 0), &[2; 10]).unwrap();
+    cache.mark_verified(&bad).unwrap();
+    cache.pin_blob(&bad);
+
+    cache.remove_blob(&bad).unwrap();
+    for i in 0..3 {
+        assert!(!cache.contains(&ChunkKey { blob: bad, index: i }));
+    }
+    assert!(!cache.is_verified(&bad));
+    assert!(!dir.path().join("chunks/sha256").join(bad.hex()).exists());
+    assert!(cache.contains(&key("good", 0)));
+    assert_eq!(cache.stats().used_bytes, 10);
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+
+    // Removing an absent blob is fine, and the blob can be stored again.
+    cache.remove_blob(&bad).unwrap();
+    cache.put(&ChunkKey { blob: bad, index: 0 }, &[3; 10]).unwrap();
+    drop(cache);
+    let cache = open(&dir, None);
+    assert_eq!(cache.stats().chunks, 2);
+    assert!(!cache.is_verified(&bad));
+}
+
+#[test]
+fn evicting_a_chunk_removes_the_blob_verified_marker() {
+    let dir = TempDir::new().unwrap();
+    let b = blob("b");
+    {
+        let cache = open(&dir, Some(300));
+        for i in 0..3 {
+            cache.put(&ChunkKey { blob: b, index: i }, &[1; 100]).unwrap();
+        }
+        cache.mark_verified(&b).unwrap();
+        assert!(cache.is_verified(&b));
+        assert!(dir.path().join("chunks/sha256").join(b.hex()).join("verified").is_file());
+
+        cache.put(&key("other", 0), &[2; 100]).unwrap();
+        assert!(!cache.contains(&ChunkKey { blob: b, index: 0 }));
+        assert!(!cache.is_verified(&b));
+    }
+    let cache = open(&dir, None);
+    assert!(!cache.is_verified(&b), "the marker stays gone after a restart");
+    assert_eq!(cache.stats().chunks, 3);
+}
+
+#[test]
+fn a_chunk_deleted_behind_the_cache_back_reads_as_absent() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let [gone, emptied] = [key("x", 0), key("x", 1)];
+    cache.put(&gone, &[1; 10]).unwrap();
+    cache.put(&emptied, &[2; 10]).unwrap();
+    cache.mark_verified(&gone.blob).unwrap();
+    let blob_dir = dir.path().join("chunks/sha256").join(gone.blob.hex());
+    fs::remove_file(blob_dir.join("0")).unwrap();
+    fs::write(blob_dir.join("1"), b"").unwrap();
+
+    assert_eq!(cache.get(&gone).unwrap(), None);
+    assert_eq!(cache.read_into(&emptied, 0, &mut [0; 4]).unwrap(), None);
+    let stats = cache.stats();
+    assert_eq!((stats.used_bytes, stats.chunks, stats.misses, stats.hits), (0, 0, 2, 0));
+    assert!(!cache.is_verified(&gone.blob));
+    assert!(!blob_dir.join("1").exists());
+}
+
+#[test]
+fn meta_round_trips_any_name() {
+    let dir = TempDir::new().unwrap();
+    let names = [
+        "registry.example:5000/org/model:v1",
+        "../../etc/passwd",
+        "..",
+        "a/../../b",
+        "",
+        "name with spaces and ünïcödé",
+    ];
+    {
+        let cache = open(&dir, None);
+        assert_eq!(cache.get_meta(names[0]).unwrap(), None);
+        for name in names {
+            cache.put_meta(name, format!("record for {name}").as_bytes()).unwrap();
+        }
+        cache.put_meta(names[0], b"replaced").unwrap();
+    }
+    let cache = open(&dir, None);
+    assert_eq!(cache.get_meta(names[0]).unwrap().as_deref(), Some(&b"replaced"[..]));
+    for name in &names[1..] {
+        assert_eq!(cache.get_meta(name).unwrap(), Some(format!("record for {name}").into_bytes()));
+    }
+    let files: Vec<_> = fs::read_dir(dir.path().join("meta")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), names.len());
+    for file in files {
+        let file = file.to_str().unwrap().to_owned();
+        assert!(file.len() == 64 && file.bytes().all(|b| b.is_ascii_hexdigit()), "{file}");
+    }
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn unpacked_paths_live_in_the_cache_dir() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let b = blob("layer");
+    let path = cache.unpacked_path(&b);
+    assert_eq!(path, dir.path().join("unpacked/sha256").join(format!("{}.tar", b.hex())));
+    let tmp = cache.temp_path();
+    fs::write(&tmp, b"tar bytes").unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    drop(cache);
+    let cache = open(&dir, None);
+    assert_eq!(fs::read(cache.unpacked_path(&b)).unwrap(), b"tar bytes");
+    assert_eq!(cache.stats().used_bytes, 0, "unpacked files are outside the budget");
+}
+
+#[test]
+fn concurrent_puts_and_gets_agree() {
+    let dir = TempDir::new().unwrap();
+    // Room for about half the chunks, so eviction runs alongside everything else.
+    let cache = Arc::new(open(&dir, Some(40 * 1000)));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let cache = Arc::clone(&cache);
+            thread::spawn(move || {
+                for round in 0..200u64 {
+                    let k = key(["p", "q", "r", "s"][(round % 4) as usize], (round * 7 + t) % 20);
+                    let len = 1000 + k.index as usize;
+                    if round % 3 == 0 {
+                        cache.put(&k, &bytes_for(&k, len)).unwrap();
+                    }
+                    if let Some(data) = cache.get(&k).unwrap() {
+                        assert_eq!(data, bytes_for(&k, len));
+                    }
+                    let mut buf = [0u8; 64];
+                    if let Some(n) = cache.read_into(&k, 500, &mut buf).unwrap() {
+                        assert_eq!(&buf[..n], &bytes_for(&k, len)[500..500 + n]);
+                    }
+                    if round % 50 == 0 {
+                        cache.pin_blob(&k.blob);
+                        cache.unpin_blob(&k.blob);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    let stats = cache.stats();
+    assert!(stats.used_bytes <= 40 * 1000, "{stats:?}");
+    drop(cache);
+    let reopened = open(&dir, None);
+    assert_eq!(reopened.stats().used_bytes, stats.used_bytes, "the index matched the disk");
+    assert_eq!(reopened.stats().chunks, stats.chunks);
+}
+
+#[test]
+fn verify_failures_are_counted() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    cache.record_verify_failure();
+    cache.record_verify_failure();
+    assert_eq!(cache.stats().verify_failures, 2);
+}
+
+#[test]
+fn errors_name_the_operation_and_path() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("not-a-dir");
+    fs::write(&file, b"").unwrap();
+    let err = ChunkCache::open(&file.join("cache"), None).unwrap_err();
+    let message = err.to_string();
+    assert!(message.starts_with("cannot create cache directory "), "{message}");
+    assert!(message.contains(&file.display().to_string()), "{message}");
+}

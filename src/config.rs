@@ -1,0 +1,61 @@
+//! Tunables of the data path, with their documented defaults.
+//!
+//! Every size, timeout, retry count and concurrency limit lives here, so the rest of the
+//! code never carries a literal for one. The CLI fills these from flags.
+
+use std::time::Duration;
+
+/// How the registry is reached.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// Time allowed to establish a connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for one request, from send to the last body byte.
+    pub request_timeout: Duration,
+    /// How many times a failed request is tried again (resets, timeouts, 5xx, short or
+    /// corrupt bodies) before the read fails.
+    pub retries: u32,
+    /// Delay before the first retry; it doubles with every further retry.
+    pub backoff: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            retries: 3,
+            backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// How blobs are split, cached and fetched ahead.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// Size of one cached chunk and of one ranged request. 4 MiB: a loopback registry
+    /// costs ~4 ms per request, so smaller ranges waste most of the link on overhead,
+    /// while larger ones make a random small read fetch more than it needs.
+    pub chunk_size: u64,
+    /// Chunks fetched ahead of a reader that reads sequentially.
+    pub readahead_chunks: u64,
+    /// Parallel ranged requests of the background prefetch.
+    pub prefetch_concurrency: usize,
+    /// Most bytes of chunk data the cache keeps; `None` is unlimited.
+    pub cache_budget: Option<u64>,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self { chunk_size: 4 << 20, readahead_chunks: 4, prefetch_concurrency: 4, cache_budget: None }
+    }
+}
+
+/// Everything the data path needs.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Registry access.
+    pub registry: RegistrySettings,
+    /// Chunking, caching and read-ahead.
+    pub fetch: FetchSettings,
+}

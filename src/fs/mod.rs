@@ -1,0 +1,350 @@
+//! The only module that knows FUSE: serves an opened [`Model`] as a read-only
+//! filesystem through `fuser`.
+//!
+//! Content never changes, so attributes and entries carry long timeouts and the kernel
+//! page cache is kept across opens (`FOPEN_KEEP_CACHE`): a byte is asked of us once.
+//! Reads run on the tokio runtime and reply from there, so one slow fetch never blocks
+//! the session loop or other readers. A read whose bytes cannot be fetched or verified
+//! gets `EIO` (errors become errno here and nowhere else).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, Request, SessionACL,
+};
+use tokio::runtime::Handle;
+
+use crate::blob::BlobError;
+use crate::model::{LayerData, Model};
+use crate::modelpack::tree::{FileSource, Node, NodeKind};
+
+/// Entries and attributes never change while mounted.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The kernel's read-ahead window and largest read request we ask for.
+const MAX_READAHEAD: u32 = 1 << 20;
+const BLOCK_SIZE: u32 = 4096;
+
+/// Why mounting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The kernel refused the mount.
+    #[error("mounting at {path}: {source}")]
+    Mount { path: String, source: std::io::Error },
+}
+
+/// Per open file: where the last read ended, to recognise sequential readers.
+#[derive(Debug)]
+struct OpenFile {
+    next_offset: AtomicU64,
+}
+
+/// The filesystem served for one model.
+#[derive(Debug)]
+pub struct ModelFs {
+    model: Arc<Model>,
+    runtime: Handle,
+    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+    readahead_bytes: u64,
+}
+
+impl ModelFs {
+    /// A filesystem for `model`, running reads on `runtime`.
+    pub fn new(model: Arc<Model>, runtime: Handle) -> Self {
+        let readahead_bytes = model.store.chunk_size() * model.store.readahead_chunks();
+        Self { model, runtime, open_files: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), readahead_bytes }
+    }
+
+    fn attr(&self, node: &Node) -> FileAttr {
+        let kind = match node.kind {
+            NodeKind::Dir { .. } => FileType::Directory,
+            NodeKind::File(_) => FileType::RegularFile,
+            NodeKind::Symlink(_) => FileType::Symlink,
+        };
+        let nlink = match &node.kind {
+            NodeKind::Dir { children } => {
+                2 + children.values().filter(|c| self.model.tree.get(**c).is_some_and(is_dir)).count() as u32
+            }
+            _ => 1,
+        };
+        FileAttr {
+            ino: INodeNo(node.ino),
+            size: node.size,
+            blocks: node.size.div_ceil(512),
+            atime: node.mtime,
+            mtime: node.mtime,
+            ctime: node.mtime,
+            crtime: node.mtime,
+            kind,
+            perm: node.mode as u16,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        }
+    }
+}
+
+fn is_dir(node: &Node) -> bool {
+    matches!(node.kind, NodeKind::Dir { .. })
+}
+
+/// The one place errors become errno.
+fn errno_of(e: &BlobError) -> Errno {
+    match e {
+        BlobError::OutOfRange { .. } => Errno::EINVAL,
+        _ => Errno::EIO,
+    }
+}
+
+/// Reads `size` bytes at `offset` of a file.
+async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -> Result<Vec<u8>, BlobError> {
+    if offset >= source.size {
+        return Ok(Vec::new());
+    }
+    let len = size.min(source.size - offset);
+    match &model.layers[source.layer] {
+        LayerData::Remote(blob) => model.store.read(blob, source.offset + offset, len).await,
+        LayerData::Local(file) => {
+            let file = file.clone();
+            let at = source.offset + offset;
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, at).map(|()| buf)
+            })
+            .await
+            .map_err(|e| BlobError::Task(e.to_string()))?
+            .map_err(|e| BlobError::Task(format!("reading unpacked layer: {e}")))
+        }
+    }
+}
+
+impl Filesystem for ModelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Older kernels offer less; take what they give.
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        match self.model.tree.lookup(parent.0, name) {
+            Some(node) => reply.entry(&TTL, &self.attr(node), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.model.tree.get(ino.0) {
+            Some(node) => reply.attr(&TTL, &self.attr(node)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.model.tree.get(ino.0).map(|n| &n.kind) {
+            Some(NodeKind::Symlink(target)) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.model.tree.get(ino.0).map(|n| &n.kind) {
+            Some(NodeKind::File(_)) => {}
+            Some(NodeKind::Dir { .. }) => return reply.error(Errno::EISDIR),
+            Some(NodeKind::Symlink(_)) => return reply.error(Errno::ELOOP),
+            None => return reply.error(Errno::ENOENT),
+        }
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.open_files.lock().expect("open files lock").insert(fh, Arc::new(OpenFile { next_offset: AtomicU64::new(0) }));
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(NodeKind::File(source)) = self.model.tree.get(ino.0).map(|n| &n.kind) else {
+            return reply.error(Errno::EBADF);
+        };
+        let source = *source;
+        let open = self.open_files.lock().expect("open files lock").get(&fh.0).cloned();
+        let model = self.model.clone();
+        let readahead_bytes = self.readahead_bytes;
+        self.runtime.spawn(async move {
+            let end = offset + u64::from(size);
+            if let Some(open) = open {
+                let sequential = open.next_offset.swap(end, Ordering::Relaxed) == offset;
+                if sequential && readahead_bytes > 0 && end < source.size {
+                    if let LayerData::Remote(blob) = &model.layers[source.layer] {
+                        let ahead = readahead_bytes.min(source.size - end);
+                        model.store.read_ahead(blob, source.offset + end, ahead);
+                    }
+                }
+            }
+            match read_file(&model, &source, offset, u64::from(size)).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    tracing::error!(reference = %model.reference, ino = ino.0, offset, size, error = %e, "read failed");
+                    reply.error(errno_of(&e));
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.open_files.lock().expect("open files lock").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.model.tree.get(ino.0) {
+            Some(node) if is_dir(node) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(node) = self.model.tree.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some(children) = self.model.tree.children(ino.0) else { return reply.error(Errno::ENOTDIR) };
+        let dots = [(".", node.ino, FileType::Directory), ("..", node.parent, FileType::Directory)];
+        let entries = dots.into_iter().chain(children.filter_map(|(name, child)| {
+            let kind = match self.model.tree.get(child)?.kind {
+                NodeKind::Dir { .. } => FileType::Directory,
+                NodeKind::File(_) => FileType::RegularFile,
+                NodeKind::Symlink(_) => FileType::Symlink,
+            };
+            Some((name, child, kind))
+        }));
+        for (i, (name, child, kind)) in entries.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.model.tree.total_file_bytes().div_ceil(u64::from(BLOCK_SIZE));
+        reply.statfs(blocks, 0, 0, self.model.tree.len() as u64, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+}
+
+/// A mounted model; dropping it unmounts.
+#[derive(Debug)]
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: std::path::PathBuf,
+}
+
+impl Mounted {
+    /// Unmounts, detaching lazily if files are still open.
+    pub fn unmount(mut self) {
+        self.do_unmount();
+    }
+
+    fn do_unmount(&mut self) {
+        if let Some(session) = self.session.take() {
+            drop(session);
+        }
+        // The session's own unmount fails while files are open; detach then.
+        if is_mountpoint(&self.mountpoint) {
+            let _ = detach(&self.mountpoint);
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.do_unmount();
+    }
+}
+
+/// Mounts `model` at `mountpoint`: read-only, nosuid, nodev, visible to every user with
+/// the kernel checking permissions.
+pub fn mount(model: Arc<Model>, mountpoint: &Path, runtime: Handle) -> Result<Mounted, FsError> {
+    let err = |source| FsError::Mount { path: mountpoint.display().to_string(), source };
+    // A daemon killed earlier leaves a dead FUSE mount ("transport endpoint is not connected").
+    if is_mountpoint(mountpoint) && std::fs::metadata(mountpoint).is_err() {
+        tracing::warn!(path = %mountpoint.display(), "detaching a stale mount");
+        detach(mountpoint).map_err(err)?;
+    }
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("modelpack:{}", model.reference)),
+        MountOption::Subtype("modelpack".to_owned()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = SessionACL::All;
+    let fs = ModelFs::new(model, runtime);
+    let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(err)?;
+    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_owned() })
+}
+
+/// Whether `path` is listed as a mount point in `/proc/self/mountinfo`.
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(canonical) = std::fs::canonicalize(path).or_else(|_| std::path::absolute(path)) else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let wanted = canonical.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// Lazily detaches a mount (`umount2(MNT_DETACH)`).
+pub fn detach(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,258 @@
+//! The `modelpack-snapshotter` command: `push`, `inspect` and `mount`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use modelpack_snapshotter::cache::ChunkCache;
+use modelpack_snapshotter::config::{FetchSettings, RegistrySettings, Settings};
+use modelpack_snapshotter::model::Model;
+use modelpack_snapshotter::modelpack::tree::NodeKind;
+use modelpack_snapshotter::push::{self, PackFormat};
+use modelpack_snapshotter::{fs, registry};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Lazy mounts of CNCF ModelPack models from OCI registries")]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `modelpack_snapshotter=trace`.
+    #[arg(long, env = "MODELPACK_LOG", default_value = "info", global = true)]
+    log_level: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct RegistryArgs {
+    /// Seconds allowed for one registry request.
+    #[arg(long, default_value_t = 60, global = true)]
+    request_timeout: u64,
+    /// Seconds allowed to connect to the registry.
+    #[arg(long, default_value_t = 10, global = true)]
+    connect_timeout: u64,
+    /// Retries of a failed registry request before giving up.
+    #[arg(long, default_value_t = 3, global = true)]
+    retries: u32,
+}
+
+impl RegistryArgs {
+    fn settings(&self) -> RegistrySettings {
+        RegistrySettings {
+            request_timeout: Duration::from_secs(self.request_timeout),
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+            retries: self.retries,
+            ..RegistrySettings::default()
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Pack a directory as a ModelPack artifact (one layer per file) and push it.
+    Push {
+        /// The model directory.
+        dir: PathBuf,
+        /// Where to push, e.g. 127.0.0.1:5000/models/demo:v1.
+        reference: String,
+        /// Layer format: `raw` (the blob is the file) or `tar` (a tar of the one file).
+        #[arg(long, value_enum, default_value_t = Format::Raw)]
+        format: Format,
+    },
+    /// Show a model's layers and files.
+    Inspect {
+        /// The model reference.
+        reference: String,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
+    Mount {
+        /// The model reference.
+        reference: String,
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Fetch the whole model in the background after mounting.
+        #[arg(long)]
+        prefetch: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CacheArgs {
+    /// Chunk cache directory [default: /var/cache/modelpack-snapshotter as root,
+    /// else $XDG_CACHE_HOME/modelpack-snapshotter].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes of chunk data kept in the cache (least recently used go first).
+    #[arg(long)]
+    cache_budget: Option<u64>,
+    /// Bytes per chunk and per ranged request.
+    #[arg(long, default_value_t = FetchSettings::default().chunk_size)]
+    chunk_size: u64,
+    /// Chunks fetched ahead of a sequential reader.
+    #[arg(long, default_value_t = FetchSettings::default().readahead_chunks)]
+    readahead_chunks: u64,
+    /// Parallel requests of the background prefetch.
+    #[arg(long, default_value_t = FetchSettings::default().prefetch_concurrency)]
+    prefetch_concurrency: usize,
+}
+
+impl CacheArgs {
+    fn fetch(&self) -> Result<FetchSettings> {
+        anyhow::ensure!(self.chunk_size >= 4096, "--chunk-size must be at least 4096 bytes");
+        Ok(FetchSettings {
+            chunk_size: self.chunk_size,
+            readahead_chunks: self.readahead_chunks,
+            prefetch_concurrency: self.prefetch_concurrency,
+            cache_budget: self.cache_budget,
+        })
+    }
+
+    fn dir(&self) -> PathBuf {
+        if let Some(dir) = &self.cache_dir {
+            return dir.clone();
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/var/cache/modelpack-snapshotter");
+        }
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("modelpack-snapshotter")
+    }
+
+    fn open(&self) -> Result<Arc<ChunkCache>> {
+        let dir = self.dir();
+        let cache = ChunkCache::open(&dir, self.cache_budget).with_context(|| format!("opening cache {}", dir.display()))?;
+        Ok(Arc::new(cache))
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Raw,
+    Tar,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    let registry_settings = cli.registry.settings();
+    match cli.command {
+        Command::Push { dir, reference, format } => {
+            let format = match format {
+                Format::Raw => PackFormat::Raw,
+                Format::Tar => PackFormat::Tar,
+            };
+            let digest = runtime.block_on(push::push_dir(&dir, &reference, format, &registry_settings))?;
+            println!("{digest}");
+            Ok(())
+        }
+        Command::Inspect { reference, cache } => {
+            let settings = Settings { registry: registry_settings, fetch: cache.fetch()? };
+            let model = runtime.block_on(Model::open(&reference, &settings, cache.open()?))?;
+            print_inspect(&model);
+            Ok(())
+        }
+        Command::Mount { reference, mountpoint, cache, prefetch } => {
+            let settings = Settings { registry: registry_settings, fetch: cache.fetch()? };
+            runtime.block_on(mount(&reference, &mountpoint, &settings, cache.open()?, prefetch))
+        }
+    }
+}
+
+fn print_inspect(model: &Model) {
+    println!("reference: {}", model.reference);
+    println!("manifest:  {}", model.manifest_digest);
+    println!("layers:");
+    for layer in &model.artifact.layers {
+        let path = layer.path.as_ref().map_or(String::from("-"), ToString::to_string);
+        println!("  {:>14}  {}  {}  {}", layer.size, layer.media_type, layer.digest, path);
+    }
+    println!("files:");
+    for node in model.tree.nodes() {
+        let path = model.tree.path_of(node.ino);
+        match &node.kind {
+            NodeKind::File(_) => println!("  {:>14}  {:04o}  {}", node.size, node.mode, path),
+            NodeKind::Symlink(target) => println!("  {:>14}  link  {} -> {}", "", path, target),
+            NodeKind::Dir { .. } => {}
+        }
+    }
+}
+
+async fn mount(reference: &str, mountpoint: &Path, settings: &Settings, cache: Arc<ChunkCache>, prefetch: bool) -> Result<()> {
+    let started = Instant::now();
+    registry::parse_reference(reference)?;
+    let model = Arc::new(Model::open(reference, settings, cache).await?);
+    let mounted = fs::mount(model.clone(), mountpoint, tokio::runtime::Handle::current())?;
+    println!(
+        "ready: {} mounted at {} ({} files, {} bytes) in {} ms{}",
+        reference,
+        mountpoint.display(),
+        model.tree.files().count(),
+        model.tree.total_file_bytes(),
+        started.elapsed().as_millis(),
+        if model.offline { " [offline: registry unreachable, serving from cache]" } else { "" },
+    );
+    if prefetch {
+        let (model, blobs) = (model.clone(), model.remote_blobs());
+        tokio::spawn(async move {
+            let t = Instant::now();
+            match model.store.prefetch(blobs).await {
+                Ok(()) => tracing::info!(seconds = t.elapsed().as_secs_f64(), "prefetch complete"),
+                Err(e) => tracing::warn!(error = %e, "prefetch incomplete"),
+            }
+        });
+    }
+    wait_for_shutdown(mountpoint).await?;
+    mounted.unmount();
+    let stats = model.store.stats();
+    println!(
+        "unmounted: fetched {} of {} bytes in {} requests, {} verification failures",
+        stats.fetched_bytes.load(Ordering::Relaxed),
+        model.tree.total_file_bytes(),
+        stats.fetched_chunks.load(Ordering::Relaxed),
+        stats.verify_failures.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+/// Returns on SIGINT or SIGTERM, or when someone else unmounted us.
+async fn wait_for_shutdown(mountpoint: &Path) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = tick.tick() => if !fs::is_mountpoint(mountpoint) {
+                tracing::warn!(path = %mountpoint.display(), "mount went away");
+                return Ok(());
+            },
+        }
+    }
+}

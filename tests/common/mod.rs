@@ -1,0 +1,330 @@
+//! Test harness: a real `docker-registry` on 127.0.0.1, a fault-injecting HTTP proxy in
+//! front of it, `mount` processes of the real binary, and artifact builders. Everything
+//! runs on its own port and temp dir and is stopped by PID on drop, unmounting even when
+//! a test fails.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use modelpack_snapshotter::config::RegistrySettings;
+use modelpack_snapshotter::modelpack::Digest;
+use modelpack_snapshotter::registry::{parse_reference, Registry};
+use serde_json::json;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_modelpack-snapshotter");
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether the prerequisites of a test are here. Outside CI a missing one skips the
+/// test with a printed reason; in CI it fails the test.
+pub fn prerequisites(needs_fuse: bool) -> bool {
+    let mut missing = Vec::new();
+    if registry_binary().is_none() {
+        missing.push("docker-registry (Debian package docker-registry)");
+    }
+    if needs_fuse {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            missing.push("root (to mount FUSE)");
+        }
+        if !Path::new("/dev/fuse").exists() {
+            missing.push("/dev/fuse");
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = format!("missing prerequisites: {}", missing.join(", "));
+    if in_ci() {
+        panic!("{reason} (required when CI=true)");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
+fn registry_binary() -> Option<PathBuf> {
+    ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// A free port on loopback (bound then released; the registry binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A CNCF distribution registry on 127.0.0.1, storing under a temp dir.
+pub struct TestRegistry {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut reg = Self { child: None, port, dir };
+        reg.spawn();
+        reg
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
+        let child = Command::new(registry_binary().expect("docker-registry installed"))
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry");
+        self.child = Some(child);
+        wait_for_port(self.port);
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the registry process (the data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on 127.0.0.1:{port}");
+}
+
+/// A `modelpack-snapshotter mount` process; dropping it stops it and makes sure the
+/// mount is gone.
+pub struct MountProcess {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    lines: mpsc::Receiver<String>,
+    pub ready_line: String,
+}
+
+impl MountProcess {
+    /// Starts `mount REF DIR ARGS...` and waits for it to say it is ready. On failure
+    /// returns what the process printed on stderr.
+    pub fn start(reference: &str, mountpoint: &Path, cache_dir: &Path, args: &[&str]) -> Result<Self, String> {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["mount", reference])
+            .arg(mountpoint)
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting mount");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().unwrap();
+        let (etx, erx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            eprint!("{s}");
+            let _ = etx.send(s);
+        });
+        let mut proc = Self { child: Some(child), mountpoint: mountpoint.to_owned(), lines, ready_line: String::new() };
+        match proc.lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.starts_with("ready:") => {
+                proc.ready_line = line;
+                Ok(proc)
+            }
+            other => {
+                proc.stop();
+                let stderr = erx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+                Err(format!("{other:?}\n{stderr}"))
+            }
+        }
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL) and returns its last stdout line.
+    pub fn stop(&mut self) -> String {
+        let mut last = String::new();
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            while let Ok(line) = self.lines.try_recv() {
+                last = line;
+            }
+        }
+        if modelpack_snapshotter::fs::is_mountpoint(&self.mountpoint) {
+            let _ = modelpack_snapshotter::fs::detach(&self.mountpoint);
+        }
+        last
+    }
+}
+
+impl Drop for MountProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs the binary with `args`, returning (success, stdout, stderr).
+pub fn run_bin(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("running binary");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible enough for tests.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes a small model tree: shards, configs, a nested directory and an empty file.
+pub fn write_model_dir(dir: &Path, shard_size: usize) {
+    std::fs::create_dir_all(dir.join("docs/extra")).unwrap();
+    std::fs::write(dir.join("model-00001-of-00002.safetensors"), pseudo_random(shard_size, 1)).unwrap();
+    std::fs::write(dir.join("model-00002-of-00002.safetensors"), pseudo_random(shard_size / 2 + 777, 2)).unwrap();
+    std::fs::write(dir.join("config.json"), br#"{"architectures":["Demo"],"hidden_size":64}"#).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), pseudo_random(70_000, 3)).unwrap();
+    std::fs::write(dir.join("docs/extra/NOTES.md"), b"# notes\n").unwrap();
+    std::fs::write(dir.join("docs/empty.txt"), b"").unwrap();
+}
+
+/// Every regular file under `dir`, relative path to content.
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())));
+            }
+        }
+    }
+    out
+}
+
+/// Asserts two trees hold the same files with the same bytes.
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let want = read_tree(expected);
+    let got = read_tree(actual);
+    assert_eq!(want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>(), "file lists differ");
+    for (path, bytes) in &want {
+        assert!(got[path] == *bytes, "{path} differs ({} vs {} bytes)", bytes.len(), got[path].len());
+    }
+}
+
+/// Pushes `dir` with the binary, returning the reference.
+pub fn push_dir(dir: &Path, reference: &str, format: &str) {
+    let (ok, stdout, stderr) = run_bin(&["push", dir.to_str().unwrap(), reference, "--format", format]);
+    assert!(ok, "push failed: {stderr}");
+    assert!(stdout.trim().starts_with("sha256:"), "push printed {stdout:?}");
+}
+
+/// One layer of a hand-built artifact.
+pub struct LayerSpec {
+    pub media_type: String,
+    pub data: Vec<u8>,
+    pub annotations: serde_json::Value,
+}
+
+/// Pushes blobs and a manifest built from parts, to craft artifacts `push` never makes
+/// (legacy media types, compressed tars, hostile paths).
+pub fn push_artifact(reference: &str, artifact_type: &str, config_type: &str, config: &[u8], layers: &[LayerSpec]) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let registry = Registry::new(parse_reference(reference).unwrap(), RegistrySettings::default());
+        let config_digest = Digest::of(config);
+        registry.push_bytes(Bytes::copy_from_slice(config), &config_digest).await.unwrap();
+        let mut descs = Vec::new();
+        for layer in layers {
+            let digest = Digest::of(&layer.data);
+            registry.push_bytes(Bytes::copy_from_slice(&layer.data), &digest).await.unwrap();
+            descs.push(json!({
+                "mediaType": layer.media_type,
+                "digest": digest.to_string(),
+                "size": layer.data.len(),
+                "annotations": layer.annotations,
+            }));
+        }
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": artifact_type,
+            "config": { "mediaType": config_type, "digest": config_digest.to_string(), "size": config.len() },
+            "layers": descs,
+        });
+        registry
+            .push_manifest(Bytes::from(serde_json::to_vec(&manifest).unwrap()), "application/vnd.oci.image.manifest.v1+json")
+            .await
+            .unwrap();
+    });
+}

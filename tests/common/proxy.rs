@@ -1,0 +1,202 @@
+//! A fault-injecting HTTP/1.1 proxy in front of the test registry. It serves one request
+//! per connection (answering `Connection: close`), counts blob bodies it forwards, and
+//! can break the next N blob GETs: reset the connection, answer 500, truncate the body,
+//! or corrupt it.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What to do to a blob GET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Close the connection without answering.
+    Reset,
+    /// Answer `500 Internal Server Error`.
+    Status500,
+    /// Send the headers and half the body, then close.
+    Truncate,
+    /// Send the whole response with bytes of the body flipped.
+    Corrupt,
+}
+
+#[derive(Default)]
+struct State {
+    fault: Mutex<Option<Fault>>,
+    faults_left: AtomicU32,
+    blob_requests: AtomicU64,
+    blob_bytes: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// The running proxy; stops on drop.
+pub struct FaultProxy {
+    pub port: u16,
+    state: Arc<State>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// Listens on a free loopback port and forwards to `upstream_port`.
+    pub fn start(upstream_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            while !st.stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let st = st.clone();
+                        std::thread::spawn(move || {
+                            let _ = serve(client, upstream_port, &st);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { port, state, thread: Some(thread) }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Applies `fault` to the next `count` blob GETs (`u32::MAX`: until cleared).
+    pub fn set_fault(&self, fault: Fault, count: u32) {
+        *self.state.fault.lock().unwrap() = Some(fault);
+        self.state.faults_left.store(count, Ordering::SeqCst);
+    }
+
+    /// Stops injecting faults.
+    pub fn clear_fault(&self) {
+        *self.state.fault.lock().unwrap() = None;
+        self.state.faults_left.store(0, Ordering::SeqCst);
+    }
+
+    /// Blob GETs forwarded intact, and the body bytes they carried.
+    pub fn blob_counts(&self) -> (u64, u64) {
+        (self.state.blob_requests.load(Ordering::SeqCst), self.state.blob_bytes.load(Ordering::SeqCst))
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_counts(&self) {
+        self.state.blob_requests.store(0, Ordering::SeqCst);
+        self.state.blob_bytes.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn take_fault(state: &State) -> Option<Fault> {
+    let fault = *state.fault.lock().unwrap();
+    fault?;
+    let took = state
+        .faults_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+            0 => None,
+            u32::MAX => Some(u32::MAX),
+            n => Some(n - 1),
+        })
+        .is_ok();
+    if took { fault } else { None }
+}
+
+fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Request head, then a body if it has a Content-Length.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(p) = find(&buf, b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let body_len: usize = header_value(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    while buf.len() < head_end + body_len {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let request_line = head.lines().next().unwrap_or_default().to_owned();
+    let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+
+    // Forward with Connection: close, so the upstream ends its answer with EOF.
+    let mut rewritten = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        rewritten.push_str(line);
+        rewritten.push_str("\r\n");
+    }
+    rewritten.push_str("Connection: close\r\n\r\n");
+    let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+    upstream.write_all(rewritten.as_bytes())?;
+    upstream.write_all(&buf[head_end..])?;
+    let mut response = Vec::new();
+    upstream.read_to_end(&mut response)?;
+
+    let fault = if is_blob_get { take_fault(state) } else { None };
+    let resp_head_end = find(&response, b"\r\n\r\n").map_or(response.len(), |p| p + 4);
+    match fault {
+        Some(Fault::Reset) => {
+            client.shutdown(Shutdown::Both)?;
+            return Ok(());
+        }
+        Some(Fault::Status500) => {
+            client.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        }
+        Some(Fault::Truncate) => {
+            let body = response.len() - resp_head_end;
+            client.write_all(&response[..resp_head_end + body / 2])?;
+        }
+        Some(Fault::Corrupt) => {
+            for b in &mut response[resp_head_end..] {
+                *b ^= 0x5a;
+            }
+            client.write_all(&response)?;
+        }
+        None => {
+            if is_blob_get {
+                state.blob_requests.fetch_add(1, Ordering::SeqCst);
+                state.blob_bytes.fetch_add((response.len() - resp_head_end) as u64, Ordering::SeqCst);
+            }
+            client.write_all(&response)?;
+        }
+    }
+    client.flush()?;
+    client.shutdown(Shutdown::Write)?;
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! End-to-end tests of `push`, `inspect` and `mount` against a real registry and real
+//! kernel FUSE mounts.
+
+mod common;
+
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use common::proxy::{Fault, FaultProxy};
+use common::*;
+use serde_json::json;
+
+const CNCF_ARTIFACT: &str = "application/vnd.cncf.model.manifest.v1+json";
+const CNCF_CONFIG: &str = "application/vnd.cncf.model.config.v1+json";
+
+fn model_config(diff_ids: &[&[u8]]) -> Vec<u8> {
+    let ids: Vec<String> = diff_ids.iter().map(|d| modelpack_snapshotter::modelpack::Digest::of(d).to_string()).collect();
+    serde_json::to_vec(&json!({"modelfs": {"type": "layers", "diffIds": ids}})).unwrap()
+}
+
+/// Mounts `reference` through a fresh cache dir under `tmp`.
+fn mount(reference: &str, tmp: &Path, args: &[&str]) -> MountProcess {
+    MountProcess::start(reference, &tmp.join("mnt"), &tmp.join("cache"), args).unwrap_or_else(|e| panic!("mount failed: {e}"))
+}
+
+#[test]
+fn raw_model_reads_back_byte_for_byte() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 3 << 20);
+    let reference = format!("{}/models/raw:v1", registry.addr());
+    push_dir(&src, &reference, "raw");
+
+    // Small chunks so that reads cross many chunk boundaries.
+    let m = mount(&reference, tmp.path(), &["--chunk-size", "65536"]);
+    assert_same_tree(&src, &m.mountpoint);
+
+    // Attributes: sizes, read-only modes, root ownership.
+    let meta = std::fs::metadata(m.mountpoint.join("model-00001-of-00002.safetensors")).unwrap();
+    assert_eq!(meta.len(), 3 << 20);
+    assert_eq!(meta.uid(), 0);
+    assert_eq!(meta.permissions().mode() & 0o222, 0, "files are read-only");
+    assert!(std::fs::write(m.mountpoint.join("config.json"), b"x").is_err(), "writes are refused");
+
+    // Reads at odd offsets and lengths across chunk boundaries.
+    let want = pseudo_random(3 << 20, 1);
+    let f = std::fs::File::open(m.mountpoint.join("model-00001-of-00002.safetensors")).unwrap();
+    for (offset, len) in [(65_535usize, 3usize), (131_000, 200_000), (0, 1), ((3 << 20) - 5, 5)] {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset as u64).unwrap();
+        assert_eq!(buf, want[offset..offset + len], "read at {offset}+{len}");
+    }
+}
+
+#[test]
+fn tar_layers_read_back_byte_for_byte() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 2 << 20);
+    let reference = format!("{}/models/tar:v1", registry.addr());
+    push_dir(&src, &reference, "tar");
+    let m = mount(&reference, tmp.path(), &["--chunk-size", "65536"]);
+    assert_same_tree(&src, &m.mountpoint);
+}
+
+/// A directory packed as one tar layer (as KitOps does), then compressed.
+fn directory_tar(src: &Path) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.append_dir_all(".", src).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    header.set_mode(0o777);
+    builder.append_link(&mut header, "docs/link-to-config", "../config.json").unwrap();
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn compressed_tar_layers_read_back_byte_for_byte() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 1 << 20);
+    let tar = directory_tar(&src);
+    let zst = zstd::encode_all(&tar[..], 3).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let gz = gz.finish().unwrap();
+
+    for (name, media_type, data) in [
+        ("zstd", "application/vnd.cncf.model.weight.v1.tar+zstd", zst),
+        ("gzip", "application/vnd.cncf.model.weight.v1.tar+gzip", gz),
+    ] {
+        let reference = format!("{}/models/{name}:v1", registry.addr());
+        let layer = LayerSpec { media_type: media_type.into(), data, annotations: json!({}) };
+        push_artifact(&reference, CNCF_ARTIFACT, CNCF_CONFIG, &model_config(&[&tar]), &[layer]);
+        let sub = tmp.path().join(name);
+        let m = mount(&reference, &sub, &[]);
+        assert_same_tree(&src, &m.mountpoint);
+        let link = std::fs::read_link(m.mountpoint.join("docs/link-to-config")).unwrap();
+        assert_eq!(link, Path::new("../config.json"));
+        assert_eq!(std::fs::read(m.mountpoint.join("docs/link-to-config")).unwrap(), std::fs::read(src.join("config.json")).unwrap());
+    }
+}
+
+#[test]
+fn legacy_cnai_artifact_reads_back() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = pseudo_random(1_500_000, 9);
+    let config_file = br#"{"model_type":"legacy"}"#.to_vec();
+    let layers = [
+        LayerSpec {
+            media_type: "application/vnd.cnai.model.weight.v1.raw".into(),
+            data: weights.clone(),
+            annotations: json!({"org.cnai.model.filepath": "weights/model.safetensors"}),
+        },
+        LayerSpec {
+            media_type: "application/vnd.cnai.model.weight.config.v1.raw".into(),
+            data: config_file.clone(),
+            annotations: json!({"org.cnai.model.filepath": "config.json"}),
+        },
+    ];
+    let config = serde_json::to_vec(&json!({"modelfs": {"type": "layers", "diff_ids": [
+        modelpack_snapshotter::modelpack::Digest::of(&weights).to_string(),
+        modelpack_snapshotter::modelpack::Digest::of(&config_file).to_string(),
+    ]}}))
+    .unwrap();
+    let reference = format!("{}/models/legacy:v1", registry.addr());
+    push_artifact(&reference, "application/vnd.cnai.model.manifest.v1+json", "application/vnd.cnai.model.config.v1+json", &config, &layers);
+    let m = mount(&reference, tmp.path(), &[]);
+    assert_eq!(std::fs::read(m.mountpoint.join("weights/model.safetensors")).unwrap(), weights);
+    assert_eq!(std::fs::read(m.mountpoint.join("config.json")).unwrap(), config_file);
+}
+
+#[test]
+fn small_read_fetches_only_its_chunk() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = pseudo_random(32 << 20, 5);
+    std::fs::write(src.join("model.safetensors"), &data).unwrap();
+    push_dir(&src, &format!("{}/models/partial:v1", registry.addr()), "raw");
+
+    let m = mount(&format!("{}/models/partial:v1", proxy.addr()), tmp.path(), &["--chunk-size", "1048576", "--readahead-chunks", "0"]);
+    proxy.reset_counts();
+    let f = std::fs::File::open(m.mountpoint.join("model.safetensors")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 10 << 20).unwrap();
+    assert_eq!(buf, data[10 << 20..(10 << 20) + 4096]);
+    let (requests, bytes) = proxy.blob_counts();
+    assert!(requests >= 1 && bytes <= 2 << 20, "a 4 KiB read fetched {bytes} bytes in {requests} requests");
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_cause_one_fetch() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = Arc::new(pseudo_random(16 << 20, 6));
+    std::fs::write(src.join("model.safetensors"), &*data).unwrap();
+    push_dir(&src, &format!("{}/models/flight:v1", registry.addr()), "raw");
+    let m = mount(&format!("{}/models/flight:v1", proxy.addr()), tmp.path(), &["--readahead-chunks", "0"]);
+    proxy.reset_counts();
+    let path = m.mountpoint.join("model.safetensors");
+    let barrier = Arc::new(std::sync::Barrier::new(16));
+    let threads: Vec<_> = (0..16u64)
+        .map(|i| {
+            let (path, data, barrier) = (path.clone(), data.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(&path).unwrap();
+                let offset = (5 << 20) + i * 8192;
+                let mut buf = vec![0u8; 4096];
+                barrier.wait();
+                f.read_exact_at(&mut buf, offset).unwrap();
+                assert_eq!(buf, data[offset as usize..offset as usize + 4096]);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (requests, _) = proxy.blob_counts();
+    assert_eq!(requests, 1, "16 readers of one chunk caused {requests} fetches");
+}
+
+#[test]
+fn remount_reads_from_cache_with_registry_stopped() {
+    if !prerequisites(true) {
+        return;
+    }
+    let mut registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 2 << 20);
+    let reference = format!("{}/models/offline:v1", registry.addr());
+    push_dir(&src, &reference, "tar");
+    {
+        let m = mount(&reference, tmp.path(), &[]);
+        assert_same_tree(&src, &m.mountpoint);
+    }
+    registry.stop();
+    let m = mount(&reference, tmp.path(), &["--retries", "0"]);
+    assert!(m.ready_line.contains("offline"), "ready line: {}", m.ready_line);
+    assert_same_tree(&src, &m.mountpoint);
+}
+
+#[test]
+fn registry_faults_are_retried_then_eio_never_wrong_bytes() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Each file fits in one chunk, so its whole-blob digest verifies every read.
+    let files: Vec<(String, Vec<u8>)> = (0..9).map(|i| (format!("shard-{i}.bin"), pseudo_random(200_000 + i * 1000, 20 + i as u64))).collect();
+    for (name, data) in &files {
+        std::fs::write(src.join(name), data).unwrap();
+    }
+    push_dir(&src, &format!("{}/models/faults:v1", registry.addr()), "raw");
+    let m = mount(&format!("{}/models/faults:v1", proxy.addr()), tmp.path(), &["--retries", "2", "--request-timeout", "10"]);
+
+    // One failure of each kind is retried and the read succeeds with the right bytes.
+    let faults = [Fault::Reset, Fault::Status500, Fault::Truncate, Fault::Corrupt];
+    for (fault, (name, data)) in faults.iter().zip(&files) {
+        proxy.set_fault(*fault, 1);
+        assert_eq!(&std::fs::read(m.mountpoint.join(name)).unwrap(), data, "after one {fault:?}");
+    }
+    // A registry that keeps failing gives EIO, never wrong bytes, and the mount stays usable.
+    for (fault, (name, data)) in faults.iter().zip(&files[4..]) {
+        proxy.set_fault(*fault, u32::MAX);
+        let err = std::fs::read(m.mountpoint.join(name)).expect_err(&format!("read with {fault:?} must fail"));
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
+        proxy.clear_fault();
+        assert_eq!(&std::fs::read(m.mountpoint.join(name)).unwrap(), data, "after {fault:?} cleared");
+    }
+}
+
+/// `inspect` refuses each hostile artifact with an error naming what is wrong.
+#[test]
+fn bad_artifacts_are_refused() {
+    if !prerequisites(false) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = |path: &str, data: &[u8]| LayerSpec {
+        media_type: "application/vnd.cncf.model.weight.v1.raw".into(),
+        data: data.to_vec(),
+        annotations: json!({"org.cncf.model.filepath": path}),
+    };
+    let tar_layer = |build: &dyn Fn(&mut tar::Builder<Vec<u8>>)| {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        LayerSpec { media_type: "application/vnd.cncf.model.weight.v1.tar".into(), data: b.into_inner().unwrap(), annotations: json!({}) }
+    };
+    let entry = |kind: tar::EntryType, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h
+    };
+    let raw_name = |h: &mut tar::Header, name: &str| {
+        let field = &mut h.as_old_mut().name;
+        field.fill(0);
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+    };
+    let cases: Vec<(&str, Vec<LayerSpec>, &str)> = vec![
+        ("dotdot", vec![raw("../../etc/x", b"x")], "../../etc/x"),
+        ("absolute", vec![raw("/etc/passwd", b"x")], "/etc/passwd"),
+        ("empty-component", vec![raw("a//b", b"x")], "a//b"),
+        ("duplicate", vec![raw("same.bin", b"one"), raw("same.bin", b"two")], "same.bin"),
+        (
+            "tar-escape",
+            vec![tar_layer(&|b| {
+                let mut h = entry(tar::EntryType::Regular, 1);
+                raw_name(&mut h, "../escape.bin");
+                b.append(&h, &b"x"[..]).unwrap();
+            })],
+            "../escape.bin",
+        ),
+        (
+            "tar-symlink-escape",
+            vec![tar_layer(&|b| {
+                let mut h = entry(tar::EntryType::Symlink, 0);
+                b.append_link(&mut h, "evil", "../../etc/shadow").unwrap();
+            })],
+            "evil",
+        ),
+        (
+            "tar-hardlink-out",
+            vec![tar_layer(&|b| {
+                let mut h = entry(tar::EntryType::Link, 0);
+                b.append_link(&mut h, "hard", "not-in-layer").unwrap();
+            })],
+            "hard",
+        ),
+        (
+            "tar-fifo",
+            vec![tar_layer(&|b| {
+                let mut h = entry(tar::EntryType::Fifo, 0);
+                b.append_data(&mut h, "pipe", &[][..]).unwrap();
+            })],
+            "pipe",
+        ),
+        (
+            "tar-device",
+            vec![tar_layer(&|b| {
+                let mut h = entry(tar::EntryType::Char, 0);
+                b.append_data(&mut h, "null", &[][..]).unwrap();
+            })],
+            "null",
+        ),
+    ];
+    for (name, layers, needle) in cases {
+        let reference = format!("{}/bad/{name}:v1", registry.addr());
+        push_artifact(&reference, CNCF_ARTIFACT, CNCF_CONFIG, b"{}", &layers);
+        let cache = tmp.path().join(name);
+        let (ok, _, stderr) = run_bin(&["inspect", &reference, "--cache-dir", cache.to_str().unwrap()]);
+        assert!(!ok, "{name} was accepted");
+        assert!(stderr.contains(needle), "{name}: error does not name {needle:?}: {stderr}");
+    }
+
+    // A container image is not a model, and the error says what it is.
+    let reference = format!("{}/bad/image:v1", registry.addr());
+    let layer = LayerSpec { media_type: "application/vnd.oci.image.layer.v1.tar".into(), data: b"x".to_vec(), annotations: json!({}) };
+    push_artifact(&reference, "", "application/vnd.oci.image.config.v1+json", b"{}", &[layer]);
+    let (ok, _, stderr) = run_bin(&["inspect", &reference, "--cache-dir", tmp.path().join("img").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("image"), "{stderr}");
+}
+
+#[test]
+fn inspect_lists_layers_and_files() {
+    if !prerequisites(false) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 100_000);
+    let reference = format!("{}/models/inspect:v1", registry.addr());
+    push_dir(&src, &reference, "raw");
+    // Pushing again uploads nothing new and gives the same manifest digest.
+    let (ok, stdout, stderr) = run_bin(&["push", src.to_str().unwrap(), &reference]);
+    assert!(ok && stderr.contains("already in the registry"), "{stderr}");
+    assert!(stdout.starts_with("sha256:"));
+    let (ok, stdout, stderr) = run_bin(&["inspect", &reference, "--cache-dir", tmp.path().join("c").to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    for needle in ["application/vnd.cncf.model.weight.v1.raw", "application/vnd.cncf.model.weight.config.v1.raw", "docs/extra/NOTES.md", "model-00001-of-00002.safetensors"] {
+        assert!(stdout.contains(needle), "inspect output lacks {needle}: {stdout}");
+    }
+}
