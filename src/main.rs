@@ -131,7 +131,8 @@ impl CacheArgs {
 
     fn open(&self) -> Result<Arc<ChunkCache>> {
         let dir = self.dir();
-        let cache = ChunkCache::open(&dir, self.cache_budget).with_context(|| format!("opening cache {}", dir.display()))?;
+        let cache =
+            ChunkCache::open(&dir, self.cache_budget).with_context(|| format!("opening cache {}", dir.display()))?;
         Ok(Arc::new(cache))
     }
 }
@@ -202,7 +203,13 @@ fn print_inspect(model: &Model) {
     }
 }
 
-async fn mount(reference: &str, mountpoint: &Path, settings: &Settings, cache: Arc<ChunkCache>, prefetch: bool) -> Result<()> {
+async fn mount(
+    reference: &str,
+    mountpoint: &Path,
+    settings: &Settings,
+    cache: Arc<ChunkCache>,
+    prefetch: bool,
+) -> Result<()> {
     let started = Instant::now();
     registry::parse_reference(reference)?;
     let model = Arc::new(Model::open(reference, settings, cache).await?);

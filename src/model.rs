@@ -116,6 +116,7 @@ impl Model {
         let config = fetch_config(&registry, &cache, &artifact).await?;
         manifest::parse_config(&config).map_err(manifest_err)?;
 
+        cache.bind_chunk_size(settings.fetch.chunk_size)?;
         let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone());
         let mut builder = TreeBuilder::new(SystemTime::UNIX_EPOCH);
         let mut layers = Vec::with_capacity(artifact.layers.len());
@@ -140,7 +141,8 @@ impl Model {
                 LayerFormat::TarGzip | LayerFormat::TarZstd => {
                     let file = unpack_layer(&registry, &cache, layer.index, blob, layer.media_type.format).await?;
                     let (index, digest) = (layer.index, layer.digest);
-                    let for_index = file.try_clone().map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?;
+                    let for_index =
+                        file.try_clone().map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?;
                     let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(for_index))
                         .await
                         .map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?
@@ -174,7 +176,11 @@ impl Model {
 }
 
 /// The config blob, from the cache or the registry (then cached).
-async fn fetch_config(registry: &Registry, cache: &ChunkCache, artifact: &ModelArtifact) -> Result<Vec<u8>, ModelError> {
+async fn fetch_config(
+    registry: &Registry,
+    cache: &ChunkCache,
+    artifact: &ModelArtifact,
+) -> Result<Vec<u8>, ModelError> {
     let desc = &artifact.config;
     let key = blob_key(&desc.digest);
     if let Some(bytes) = cache.get_meta(&key)? {

@@ -54,13 +54,35 @@ pub enum PackFormat {
 pub fn classify(path: &str) -> LayerKind {
     let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
     let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-    const WEIGHTS: &[&str] = &["safetensors", "bin", "pt", "pth", "gguf", "ggml", "onnx", "h5", "ckpt", "msgpack", "tflite", "pb", "npz", "mlmodel", "engine", "plan"];
+    const WEIGHTS: &[&str] = &[
+        "safetensors",
+        "bin",
+        "pt",
+        "pth",
+        "gguf",
+        "ggml",
+        "onnx",
+        "h5",
+        "ckpt",
+        "msgpack",
+        "tflite",
+        "pb",
+        "npz",
+        "mlmodel",
+        "engine",
+        "plan",
+    ];
     const CONFIGS: &[&str] = &["json", "yaml", "yml", "toml", "jinja", "model", "tiktoken"];
-    const CODE: &[&str] = &["py", "sh", "ipynb", "js", "ts", "go", "rs", "c", "cc", "cpp", "h", "cu", "java", "rb", "pl"];
+    const CODE: &[&str] =
+        &["py", "sh", "ipynb", "js", "ts", "go", "rs", "c", "cc", "cpp", "h", "cu", "java", "rb", "pl"];
     const DATA: &[&str] = &["parquet", "csv", "tsv", "jsonl", "arrow"];
     if WEIGHTS.contains(&ext) {
         LayerKind::Weight
-    } else if CONFIGS.contains(&ext) || name.starts_with("vocab") || name.starts_with("merges") || name.starts_with("tokenizer") {
+    } else if CONFIGS.contains(&ext)
+        || name.starts_with("vocab")
+        || name.starts_with("merges")
+        || name.starts_with("tokenizer")
+    {
         LayerKind::WeightConfig
     } else if CODE.contains(&ext) {
         LayerKind::Code

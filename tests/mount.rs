@@ -15,13 +15,15 @@ const CNCF_ARTIFACT: &str = "application/vnd.cncf.model.manifest.v1+json";
 const CNCF_CONFIG: &str = "application/vnd.cncf.model.config.v1+json";
 
 fn model_config(diff_ids: &[&[u8]]) -> Vec<u8> {
-    let ids: Vec<String> = diff_ids.iter().map(|d| modelpack_snapshotter::modelpack::Digest::of(d).to_string()).collect();
+    let ids: Vec<String> =
+        diff_ids.iter().map(|d| modelpack_snapshotter::modelpack::Digest::of(d).to_string()).collect();
     serde_json::to_vec(&json!({"modelfs": {"type": "layers", "diffIds": ids}})).unwrap()
 }
 
 /// Mounts `reference` through a fresh cache dir under `tmp`.
 fn mount(reference: &str, tmp: &Path, args: &[&str]) -> MountProcess {
-    MountProcess::start(reference, &tmp.join("mnt"), &tmp.join("cache"), args).unwrap_or_else(|e| panic!("mount failed: {e}"))
+    MountProcess::start(reference, &tmp.join("mnt"), &tmp.join("cache"), args)
+        .unwrap_or_else(|e| panic!("mount failed: {e}"))
 }
 
 #[test]
@@ -111,7 +113,10 @@ fn compressed_tar_layers_read_back_byte_for_byte() {
         assert_same_tree(&src, &m.mountpoint);
         let link = std::fs::read_link(m.mountpoint.join("docs/link-to-config")).unwrap();
         assert_eq!(link, Path::new("../config.json"));
-        assert_eq!(std::fs::read(m.mountpoint.join("docs/link-to-config")).unwrap(), std::fs::read(src.join("config.json")).unwrap());
+        assert_eq!(
+            std::fs::read(m.mountpoint.join("docs/link-to-config")).unwrap(),
+            std::fs::read(src.join("config.json")).unwrap()
+        );
     }
 }
 
@@ -142,7 +147,13 @@ fn legacy_cnai_artifact_reads_back() {
     ]}}))
     .unwrap();
     let reference = format!("{}/models/legacy:v1", registry.addr());
-    push_artifact(&reference, "application/vnd.cnai.model.manifest.v1+json", "application/vnd.cnai.model.config.v1+json", &config, &layers);
+    push_artifact(
+        &reference,
+        "application/vnd.cnai.model.manifest.v1+json",
+        "application/vnd.cnai.model.config.v1+json",
+        &config,
+        &layers,
+    );
     let m = mount(&reference, tmp.path(), &[]);
     assert_eq!(std::fs::read(m.mountpoint.join("weights/model.safetensors")).unwrap(), weights);
     assert_eq!(std::fs::read(m.mountpoint.join("config.json")).unwrap(), config_file);
@@ -162,7 +173,11 @@ fn small_read_fetches_only_its_chunk() {
     std::fs::write(src.join("model.safetensors"), &data).unwrap();
     push_dir(&src, &format!("{}/models/partial:v1", registry.addr()), "raw");
 
-    let m = mount(&format!("{}/models/partial:v1", proxy.addr()), tmp.path(), &["--chunk-size", "1048576", "--readahead-chunks", "0"]);
+    let m = mount(
+        &format!("{}/models/partial:v1", proxy.addr()),
+        tmp.path(),
+        &["--chunk-size", "1048576", "--readahead-chunks", "0"],
+    );
     proxy.reset_counts();
     let f = std::fs::File::open(m.mountpoint.join("model.safetensors")).unwrap();
     let mut buf = vec![0u8; 4096];
@@ -241,12 +256,17 @@ fn registry_faults_are_retried_then_eio_never_wrong_bytes() {
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     // Each file fits in one chunk, so its whole-blob digest verifies every read.
-    let files: Vec<(String, Vec<u8>)> = (0..9).map(|i| (format!("shard-{i}.bin"), pseudo_random(200_000 + i * 1000, 20 + i as u64))).collect();
+    let files: Vec<(String, Vec<u8>)> =
+        (0..9).map(|i| (format!("shard-{i}.bin"), pseudo_random(200_000 + i * 1000, 20 + i as u64))).collect();
     for (name, data) in &files {
         std::fs::write(src.join(name), data).unwrap();
     }
     push_dir(&src, &format!("{}/models/faults:v1", registry.addr()), "raw");
-    let m = mount(&format!("{}/models/faults:v1", proxy.addr()), tmp.path(), &["--retries", "2", "--request-timeout", "10"]);
+    let m = mount(
+        &format!("{}/models/faults:v1", proxy.addr()),
+        tmp.path(),
+        &["--retries", "2", "--request-timeout", "10"],
+    );
 
     // One failure of each kind is retried and the read succeeds with the right bytes.
     let faults = [Fault::Reset, Fault::Status500, Fault::Truncate, Fault::Corrupt];
@@ -280,7 +300,11 @@ fn bad_artifacts_are_refused() {
     let tar_layer = |build: &dyn Fn(&mut tar::Builder<Vec<u8>>)| {
         let mut b = tar::Builder::new(Vec::new());
         build(&mut b);
-        LayerSpec { media_type: "application/vnd.cncf.model.weight.v1.tar".into(), data: b.into_inner().unwrap(), annotations: json!({}) }
+        LayerSpec {
+            media_type: "application/vnd.cncf.model.weight.v1.tar".into(),
+            data: b.into_inner().unwrap(),
+            annotations: json!({}),
+        }
     };
     let entry = |kind: tar::EntryType, size: u64| {
         let mut h = tar::Header::new_gnu();
@@ -353,7 +377,11 @@ fn bad_artifacts_are_refused() {
 
     // A container image is not a model, and the error says what it is.
     let reference = format!("{}/bad/image:v1", registry.addr());
-    let layer = LayerSpec { media_type: "application/vnd.oci.image.layer.v1.tar".into(), data: b"x".to_vec(), annotations: json!({}) };
+    let layer = LayerSpec {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        data: b"x".to_vec(),
+        annotations: json!({}),
+    };
     push_artifact(&reference, "", "application/vnd.oci.image.config.v1+json", b"{}", &[layer]);
     let (ok, _, stderr) = run_bin(&["inspect", &reference, "--cache-dir", tmp.path().join("img").to_str().unwrap()]);
     assert!(!ok);
@@ -377,7 +405,58 @@ fn inspect_lists_layers_and_files() {
     assert!(stdout.starts_with("sha256:"));
     let (ok, stdout, stderr) = run_bin(&["inspect", &reference, "--cache-dir", tmp.path().join("c").to_str().unwrap()]);
     assert!(ok, "{stderr}");
-    for needle in ["application/vnd.cncf.model.weight.v1.raw", "application/vnd.cncf.model.weight.config.v1.raw", "docs/extra/NOTES.md", "model-00001-of-00002.safetensors"] {
+    for needle in [
+        "application/vnd.cncf.model.weight.v1.raw",
+        "application/vnd.cncf.model.weight.config.v1.raw",
+        "docs/extra/NOTES.md",
+        "model-00001-of-00002.safetensors",
+    ] {
         assert!(stdout.contains(needle), "inspect output lacks {needle}: {stdout}");
     }
+}
+
+/// Whether `python3` can import the `safetensors` library (skip outside CI, fail in CI).
+fn python_safetensors() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "python3 with safetensors and numpy is required when CI=true"
+        );
+        eprintln!("skipping: python3 cannot import safetensors and numpy");
+    }
+    ok
+}
+
+#[test]
+fn safetensors_library_loads_tensors_through_the_mount() {
+    if !prerequisites(true) || !python_safetensors() {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let status = std::process::Command::new("python3")
+        .arg(scripts.join("make_model.py"))
+        .arg(&src)
+        .args(["--size", "25165824", "--shards", "2", "--tensor-bytes", "1048576"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reference = format!("{}/models/st:v1", registry.addr());
+    push_dir(&src, &reference, "raw");
+    let m = mount(&reference, tmp.path(), &[]);
+    let out = std::process::Command::new("python3")
+        .arg(scripts.join("load_tensors.py"))
+        .arg(&m.mountpoint)
+        .arg(&src)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all equal to the reference"), "{stdout}");
 }

@@ -51,11 +51,17 @@ pub enum BlobError {
 /// tests use fakes.
 pub trait RangeSource: Send + Sync + 'static {
     /// Exactly `len` bytes of `blob` from `offset`.
-    fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64) -> BoxFuture<'a, Result<Bytes, RegistryError>>;
+    fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64)
+        -> BoxFuture<'a, Result<Bytes, RegistryError>>;
 }
 
 impl RangeSource for Registry {
-    fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
+    fn read_range<'a>(
+        &'a self,
+        blob: &'a Digest,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
         Registry::read_range(self, blob, offset, len).boxed()
     }
 }
@@ -104,7 +110,10 @@ pub struct BlobStore {
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStore").field("settings", &self.settings).field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("BlobStore")
+            .field("settings", &self.settings)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
@@ -264,9 +273,8 @@ impl BlobStore {
                 None => {
                     let this = self.clone();
                     let blob = *blob;
-                    let f = async move { this.load_chunk(&blob, index, priority).await.map_err(Arc::new) }
-                        .boxed()
-                        .shared();
+                    let f =
+                        async move { this.load_chunk(&blob, index, priority).await.map_err(Arc::new) }.boxed().shared();
                     inflight.insert(key, f.clone());
                     (f, true)
                 }
@@ -322,11 +330,11 @@ impl BlobStore {
         let whole = self.chunk_count(blob) == 1;
         let mut attempts_left = 2;
         loop {
-            let data = self
-                .source
-                .read_range(&blob.digest, offset, len)
-                .await
-                .map_err(|source| BlobError::Fetch { blob: blob.digest, index, source })?;
+            let data = self.source.read_range(&blob.digest, offset, len).await.map_err(|source| BlobError::Fetch {
+                blob: blob.digest,
+                index,
+                source,
+            })?;
             self.stats.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
             if !whole || Digest::of(&data) == blob.digest {
@@ -408,7 +416,9 @@ impl BlobStore {
 /// fetch get an equivalent copy.
 fn clone_registry_error(e: &RegistryError) -> RegistryError {
     match e {
-        RegistryError::NotFound { what, reference } => RegistryError::NotFound { what: what.clone(), reference: reference.clone() },
+        RegistryError::NotFound { what, reference } => {
+            RegistryError::NotFound { what: what.clone(), reference: reference.clone() }
+        }
         RegistryError::Unauthorized { reference, detail } => {
             RegistryError::Unauthorized { reference: reference.clone(), detail: detail.clone() }
         }
@@ -418,6 +428,129 @@ fn clone_registry_error(e: &RegistryError) -> RegistryError {
             attempts: *attempts,
             last: last.clone(),
         },
-        other => RegistryError::Invalid { what: "request".to_owned(), reference: String::new(), detail: other.to_string() },
+        other => {
+            RegistryError::Invalid { what: "request".to_owned(), reference: String::new(), detail: other.to_string() }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// Serves blobs from memory; can lie, and counts requests.
+    #[derive(Default)]
+    struct FakeSource {
+        blobs: HashMap<Digest, Vec<u8>>,
+        requests: AtomicU64,
+        lie: AtomicBool,
+    }
+
+    impl RangeSource for FakeSource {
+        fn read_range<'a>(
+            &'a self,
+            blob: &'a Digest,
+            offset: u64,
+            len: u64,
+        ) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
+            async move {
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let data = &self.blobs[blob][offset as usize..(offset + len) as usize];
+                let mut data = data.to_vec();
+                if self.lie.load(Ordering::SeqCst) {
+                    data[0] ^= 0xff;
+                }
+                Ok(Bytes::from(data))
+            }
+            .boxed()
+        }
+    }
+
+    fn store(blobs: &[&[u8]], chunk_size: u64) -> (Arc<BlobStore>, Arc<FakeSource>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(FakeSource {
+            blobs: blobs.iter().map(|b| (Digest::of(b), b.to_vec())).collect(),
+            ..FakeSource::default()
+        });
+        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        let settings = FetchSettings { chunk_size, ..FetchSettings::default() };
+        (BlobStore::new(source.clone(), cache, settings), source, dir)
+    }
+
+    fn info(data: &[u8]) -> BlobInfo {
+        BlobInfo { digest: Digest::of(data), size: data.len() as u64 }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_across_chunks_and_then_from_cache() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (store, source, _dir) = store(&[&data], 1024);
+        let blob = info(&data);
+        assert_eq!(store.read(&blob, 1000, 3000).await.unwrap(), data[1000..4000]);
+        let fetched = source.requests.load(Ordering::SeqCst);
+        assert_eq!(fetched, 4, "chunks 0..=3");
+        assert_eq!(store.read(&blob, 1500, 2000).await.unwrap(), data[1500..3500]);
+        assert_eq!(source.requests.load(Ordering::SeqCst), fetched, "served from the cache");
+        assert_eq!(store.read(&blob, 9990, 100).await.unwrap(), data[9990..], "clamped at the end");
+        assert!(store.read(&blob, 20_000, 1).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_of_one_chunk_fetch_once() {
+        let data = vec![7u8; 4096];
+        let (store, source, _dir) = store(&[&data], 1024);
+        let blob = info(&data);
+        let reads: Vec<_> = (0..16)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.read(&blob, 2048, 100).await.unwrap() })
+            })
+            .collect();
+        for r in reads {
+            assert_eq!(r.await.unwrap(), vec![7u8; 100]);
+        }
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_single_chunk_blob_is_verified_before_it_is_served() {
+        let data = b"config bytes".to_vec();
+        let (store, source, _dir) = store(&[&data], 1024);
+        let blob = info(&data);
+        source.lie.store(true, Ordering::SeqCst);
+        let err = store.read(&blob, 0, 100).await.unwrap_err();
+        assert!(matches!(err, BlobError::Corrupt { .. }), "{err}");
+        assert_eq!(source.requests.load(Ordering::SeqCst), 2, "fetched once more before giving up");
+        assert!(!store.cache().contains(&ChunkKey { blob: blob.digest, index: 0 }), "nothing corrupt is cached");
+        source.lie.store(false, Ordering::SeqCst);
+        assert_eq!(store.read(&blob, 0, 100).await.unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_complete_blob_that_fails_its_digest_is_evicted() {
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let (store, source, _dir) = store(&[&data], 1024);
+        let blob = info(&data);
+        source.lie.store(true, Ordering::SeqCst);
+        store.prefetch(vec![blob]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.stats().verify_failures.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "verification never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while (0..4).any(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i })) {
+            assert!(std::time::Instant::now() < deadline, "corrupt blob not evicted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        source.lie.store(false, Ordering::SeqCst);
+        store.prefetch(vec![blob]).await.unwrap();
+        while !store.cache().is_verified(&blob.digest) {
+            assert!(std::time::Instant::now() < deadline, "good blob never verified");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.read(&blob, 0, 4096).await.unwrap(), data);
     }
 }

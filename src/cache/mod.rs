@@ -81,6 +81,11 @@ pub enum CacheError {
     /// Another process (or another `ChunkCache` in this one) already uses the directory.
     #[error("cache directory {path} is already in use by another process")]
     Locked { path: PathBuf },
+    /// The cache holds chunks of another size: their indices mean other byte ranges.
+    #[error(
+        "cache directory {path} holds {cached}-byte chunks, not {requested}-byte ones; use another cache directory"
+    )]
+    ChunkSizeMismatch { path: PathBuf, cached: u64, requested: u64 },
     /// Chunks hold at least one byte; an empty one would be indistinguishable from a
     /// chunk truncated behind the cache's back.
     #[error("refusing to store empty chunk {} of blob {}", key.index, key.blob)]
@@ -210,6 +215,33 @@ impl ChunkCache {
             cache.evict(&mut inner, None);
         }
         Ok(cache)
+    }
+
+    /// Binds the cache to one chunk size: the first call records it, later calls (in this
+    /// or a later process) with another size fail, since a chunk index only names a byte
+    /// range together with the size.
+    pub fn bind_chunk_size(&self, chunk_size: u64) -> Result<(), CacheError> {
+        const NAME: &str = "chunk-size";
+        match self.get_meta(NAME)? {
+            Some(raw) => {
+                let cached = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
+                match cached {
+                    Some(cached) if cached == chunk_size => Ok(()),
+                    Some(cached) => Err(CacheError::ChunkSizeMismatch {
+                        path: self.dir().to_owned(),
+                        cached,
+                        requested: chunk_size,
+                    }),
+                    // An unreadable record cannot vouch for the chunks; start over.
+                    None => Err(CacheError::ChunkSizeMismatch {
+                        path: self.dir().to_owned(),
+                        cached: 0,
+                        requested: chunk_size,
+                    }),
+                }
+            }
+            None => self.put_meta(NAME, chunk_size.to_string().as_bytes()),
+        }
     }
 
     /// The cache root.

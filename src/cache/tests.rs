@@ -458,3 +458,17 @@ fn errors_name_the_operation_and_path() {
     assert!(message.starts_with("cannot create cache directory "), "{message}");
     assert!(message.contains(&file.display().to_string()), "{message}");
 }
+
+#[test]
+fn chunk_size_is_bound_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = ChunkCache::open(dir.path(), None).unwrap();
+        cache.bind_chunk_size(4096).unwrap();
+        cache.bind_chunk_size(4096).unwrap();
+    }
+    let cache = ChunkCache::open(dir.path(), None).unwrap();
+    cache.bind_chunk_size(4096).unwrap();
+    let err = cache.bind_chunk_size(8192).unwrap_err();
+    assert!(matches!(err, CacheError::ChunkSizeMismatch { cached: 4096, requested: 8192, .. }), "{err}");
+}

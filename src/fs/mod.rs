@@ -170,7 +170,10 @@ impl Filesystem for ModelFs {
             return reply.error(Errno::EROFS);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.open_files.lock().expect("open files lock").insert(fh, Arc::new(OpenFile { next_offset: AtomicU64::new(0) }));
+        self.open_files
+            .lock()
+            .expect("open files lock")
+            .insert(fh, Arc::new(OpenFile { next_offset: AtomicU64::new(0) }));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -229,7 +232,9 @@ impl Filesystem for ModelFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.model.tree.get(ino.0) {
-            Some(node) if is_dir(node) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Some(node) if is_dir(node) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }

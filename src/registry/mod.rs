@@ -71,8 +71,7 @@ impl std::fmt::Debug for Registry {
 /// Parses an image reference such as `127.0.0.1:5000/models/demo:v1` or
 /// `registry.example.com/m@sha256:...`.
 pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
-    s.parse::<Reference>()
-        .map_err(|e| RegistryError::BadReference { reference: s.to_owned(), reason: e.to_string() })
+    s.parse::<Reference>().map_err(|e| RegistryError::BadReference { reference: s.to_owned(), reason: e.to_string() })
 }
 
 /// Whether a registry host (with optional port) is on loopback, where containerd and we
@@ -178,7 +177,11 @@ impl Registry {
             }
             O::DigestError(_) => Attempt::Retry(e.to_string()),
             O::ServerError { code, .. } if code < 500 && code != 408 && code != 429 => {
-                Attempt::Fatal(RegistryError::Invalid { what: what.to_owned(), reference: self.name(), detail: e.to_string() })
+                Attempt::Fatal(RegistryError::Invalid {
+                    what: what.to_owned(),
+                    reference: self.name(),
+                    detail: e.to_string(),
+                })
             }
             other => Attempt::Retry(other.to_string()),
         }
@@ -205,7 +208,9 @@ impl Registry {
                 tracing::debug!(header = %digest, %actual, "registry reported another manifest digest");
             }
             if body.len() as u64 > MAX_SMALL_BLOB {
-                return Err(Attempt::Fatal(self.invalid(what, format!("manifest of {} bytes is too large", body.len()))));
+                return Err(Attempt::Fatal(
+                    self.invalid(what, format!("manifest of {} bytes is too large", body.len())),
+                ));
             }
             Ok((body, actual))
         })

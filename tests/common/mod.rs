@@ -323,7 +323,10 @@ pub fn push_artifact(reference: &str, artifact_type: &str, config_type: &str, co
             "layers": descs,
         });
         registry
-            .push_manifest(Bytes::from(serde_json::to_vec(&manifest).unwrap()), "application/vnd.oci.image.manifest.v1+json")
+            .push_manifest(
+                Bytes::from(serde_json::to_vec(&manifest).unwrap()),
+                "application/vnd.oci.image.manifest.v1+json",
+            )
             .await
             .unwrap();
     });

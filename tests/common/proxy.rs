@@ -122,7 +122,11 @@ fn take_fault(state: &State) -> Option<Fault> {
             n => Some(n - 1),
         })
         .is_ok();
-    if took { fault } else { None }
+    if took {
+        fault
+    } else {
+        None
+    }
 }
 
 fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::Result<()> {
@@ -176,7 +180,8 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
             return Ok(());
         }
         Some(Fault::Status500) => {
-            client.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            client
+                .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
         }
         Some(Fault::Truncate) => {
             let body = response.len() - resp_head_end;
