@@ -228,7 +228,7 @@ async fn mount(
         tokio::spawn(async move {
             let t = Instant::now();
             match model.store.prefetch(blobs).await {
-                Ok(()) => tracing::info!(seconds = t.elapsed().as_secs_f64(), "prefetch complete"),
+                Ok(()) => println!("prefetched: {} in {:.3} s", model.reference, t.elapsed().as_secs_f64()),
                 Err(e) => tracing::warn!(error = %e, "prefetch incomplete"),
             }
         });

@@ -460,3 +460,25 @@ fn safetensors_library_loads_tensors_through_the_mount() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all equal to the reference"), "{stdout}");
 }
+
+#[test]
+fn prefetch_fetches_the_whole_model_in_the_background() {
+    if !prerequisites(true) {
+        return;
+    }
+    let mut registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 6 << 20);
+    push_dir(&src, &format!("{}/models/prefetch:v1", registry.addr()), "raw");
+    let total: u64 = read_tree(&src).values().map(|v| v.len() as u64).sum();
+    let m = mount(&format!("{}/models/prefetch:v1", proxy.addr()), tmp.path(), &["--prefetch", "--chunk-size", "1048576"]);
+    m.wait_line("prefetched:", std::time::Duration::from_secs(60));
+    let (_, fetched) = proxy.blob_counts();
+    assert!(fetched >= total, "prefetch fetched {fetched} of {total} bytes");
+    // Everything is local now: reads succeed with the registry gone, fetching nothing.
+    registry.stop();
+    assert_same_tree(&src, &m.mountpoint);
+    assert_eq!(proxy.blob_counts().1, fetched);
+}

@@ -216,6 +216,10 @@ impl Filesystem for ModelFs {
         });
     }
 
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
     fn release(
         &self,
         _req: &Request,

@@ -186,6 +186,19 @@ impl MountProcess {
         }
     }
 
+    /// Waits for a stdout line starting with `prefix`.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no line starting with {prefix:?}: {e}"),
+            }
+        }
+    }
+
     /// Stops the process (SIGTERM, then SIGKILL) and returns its last stdout line.
     pub fn stop(&mut self) -> String {
         let mut last = String::new();
