@@ -473,7 +473,8 @@ fn prefetch_fetches_the_whole_model_in_the_background() {
     write_model_dir(&src, 6 << 20);
     push_dir(&src, &format!("{}/models/prefetch:v1", registry.addr()), "raw");
     let total: u64 = read_tree(&src).values().map(|v| v.len() as u64).sum();
-    let m = mount(&format!("{}/models/prefetch:v1", proxy.addr()), tmp.path(), &["--prefetch", "--chunk-size", "1048576"]);
+    let m =
+        mount(&format!("{}/models/prefetch:v1", proxy.addr()), tmp.path(), &["--prefetch", "--chunk-size", "1048576"]);
     m.wait_line("prefetched:", std::time::Duration::from_secs(60));
     let (_, fetched) = proxy.blob_counts();
     assert!(fetched >= total, "prefetch fetched {fetched} of {total} bytes");
@@ -481,4 +482,26 @@ fn prefetch_fetches_the_whole_model_in_the_background() {
     registry.stop();
     assert_same_tree(&src, &m.mountpoint);
     assert_eq!(proxy.blob_counts().1, fetched);
+}
+
+#[test]
+fn a_mount_left_by_a_killed_process_is_replaced() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 1 << 20);
+    let reference = format!("{}/models/stale:v1", registry.addr());
+    push_dir(&src, &reference, "raw");
+    let mut first = mount(&reference, tmp.path(), &[]);
+    first.kill();
+    assert!(modelpack_snapshotter::fs::is_mountpoint(&first.mountpoint), "a killed FUSE server leaves its mount");
+    assert!(std::fs::read_dir(&first.mountpoint).is_err(), "the stale mount is dead");
+    let second = mount(&reference, tmp.path(), &[]);
+    assert_same_tree(&src, &second.mountpoint);
+    drop(second);
+    drop(first);
+    assert!(!modelpack_snapshotter::fs::is_mountpoint(&tmp.path().join("mnt")), "nothing left mounted");
 }

@@ -144,7 +144,10 @@ impl MountProcess {
     /// Starts `mount REF DIR ARGS...` and waits for it to say it is ready. On failure
     /// returns what the process printed on stderr.
     pub fn start(reference: &str, mountpoint: &Path, cache_dir: &Path, args: &[&str]) -> Result<Self, String> {
-        std::fs::create_dir_all(mountpoint).unwrap();
+        // A dead mount left there (by a killed process) makes mkdir fail: leave it to `mount`.
+        if !modelpack_snapshotter::fs::is_mountpoint(mountpoint) {
+            std::fs::create_dir_all(mountpoint).unwrap();
+        }
         let mut child = Command::new(BIN)
             .args(["mount", reference])
             .arg(mountpoint)
@@ -196,6 +199,14 @@ impl MountProcess {
                 Ok(_) => {}
                 Err(e) => panic!("no line starting with {prefix:?}: {e}"),
             }
+        }
+    }
+
+    /// Kills the process with SIGKILL, leaving its mount behind as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
