@@ -11,8 +11,11 @@
 pub mod blob;
 pub mod cache;
 pub mod config;
+pub mod daemon;
 pub mod fs;
+pub mod metadata;
 pub mod model;
 pub mod modelpack;
 pub mod push;
 pub mod registry;
+pub mod snapshotter;

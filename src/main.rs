@@ -1,4 +1,4 @@
-//! The `modelpack-snapshotter` command: `push`, `inspect` and `mount`.
+//! The `modelpack-snapshotter` command: `push`, `inspect`, `mount` and `serve`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use modelpack_snapshotter::cache::ChunkCache;
 use modelpack_snapshotter::config::{FetchSettings, RegistrySettings, Settings};
+use modelpack_snapshotter::daemon::{self, DaemonConfig};
 use modelpack_snapshotter::model::Model;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
@@ -17,9 +18,10 @@ use modelpack_snapshotter::{fs, registry};
 #[derive(Parser, Debug)]
 #[command(version, about = "Lazy mounts of CNCF ModelPack models from OCI registries")]
 struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `modelpack_snapshotter=trace`.
-    #[arg(long, env = "MODELPACK_LOG", default_value = "info", global = true)]
-    log_level: String,
+    /// Log filter, e.g. `info`, `debug`, `modelpack_snapshotter=trace` [default: info, or
+    /// the configuration's `log_level` for `serve`].
+    #[arg(long, env = "MODELPACK_LOG", global = true)]
+    log_level: Option<String>,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(subcommand)]
@@ -68,6 +70,21 @@ enum Command {
         reference: String,
         #[command(flatten)]
         cache: CacheArgs,
+    },
+    /// Serve containerd's snapshots API on a Unix socket until SIGINT/SIGTERM.
+    Serve {
+        /// Configuration file (TOML) [default: /etc/modelpack-snapshotter/config.toml if it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (overrides `root`).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Socket path (overrides `address`).
+        #[arg(long)]
+        address: Option<PathBuf>,
+        /// Chunk cache directory (overrides `cache.dir`).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
@@ -143,12 +160,20 @@ enum Format {
     Tar,
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+const DEFAULT_CONFIG: &str = "/etc/modelpack-snapshotter/config.toml";
+
+fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logging(cli.log_level.as_deref().unwrap_or("info"));
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -175,6 +200,19 @@ fn run(cli: Cli) -> Result<()> {
             let settings = Settings { registry: registry_settings, fetch: cache.fetch()? };
             let model = runtime.block_on(Model::open(&reference, &settings, cache.open()?))?;
             print_inspect(&model);
+            Ok(())
+        }
+        Command::Serve { config, root, address, cache_dir } => {
+            let mut daemon = match config {
+                Some(path) => DaemonConfig::load(&path)?,
+                None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
+                None => DaemonConfig::default(),
+            };
+            daemon.root = root.unwrap_or(daemon.root);
+            daemon.address = address.unwrap_or(daemon.address);
+            daemon.cache.dir = cache_dir.unwrap_or(daemon.cache.dir);
+            init_logging(cli.log_level.as_deref().unwrap_or(&daemon.log_level));
+            runtime.block_on(daemon::serve(&daemon, shutdown_signal()))?;
             Ok(())
         }
         Command::Mount { reference, mountpoint, cache, prefetch } => {
@@ -244,6 +282,24 @@ async fn mount(
         stats.verify_failures.load(Ordering::Relaxed),
     );
     Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+    tracing::info!("shutting down");
 }
 
 /// Returns on SIGINT or SIGTERM, or when someone else unmounted us.

@@ -355,3 +355,110 @@ pub fn push_artifact(reference: &str, artifact_type: &str, config_type: &str, co
             .unwrap();
     });
 }
+
+/// A `modelpack-snapshotter serve` process with its own root and socket.
+pub struct SnapshotterProcess {
+    child: Option<Child>,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl SnapshotterProcess {
+    /// Starts `serve` on `root` and waits until the socket accepts connections.
+    pub fn start(root: &Path) -> Self {
+        let socket = root.join("snapshotter.sock");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(&socket)
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "serve did not listen on {}", socket.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child: Some(child), root: root.to_owned(), socket }
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SnapshotterProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub type SnapshotsClient =
+    modelpack_snapshotter::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient<tonic::transport::Channel>;
+
+/// A gRPC client of the snapshots API over a Unix socket.
+pub async fn snapshots_client(socket: &Path) -> SnapshotsClient {
+    let socket = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+        .expect("connecting to the snapshotter");
+    SnapshotsClient::new(channel)
+}
+
+/// Mounts what a snapshotter returned at `target` (as containerd would), returning a
+/// guard that unmounts.
+pub fn mount_all(mounts: &[modelpack_snapshotter::snapshotter::proto::types::Mount], target: &Path) -> Unmount {
+    std::fs::create_dir_all(target).unwrap();
+    assert_eq!(mounts.len(), 1, "one mount expected: {mounts:?}");
+    let m = &mounts[0];
+    let mut options = m.options.clone();
+    let kind = if m.r#type == "bind" {
+        options.retain(|o| o != "rbind");
+        options.push("bind".to_owned());
+        "none"
+    } else {
+        m.r#type.as_str()
+    };
+    let mut cmd = Command::new("mount");
+    if kind != "none" {
+        cmd.args(["-t", kind]);
+    }
+    let status = cmd.args(["-o", &options.join(",")]).arg(&m.source).arg(target).status().unwrap();
+    assert!(status.success(), "mount {m:?} at {} failed", target.display());
+    // A read-only bind needs a remount to take effect on older util-linux.
+    if m.r#type == "bind" && m.options.iter().any(|o| o == "ro") {
+        let _ = Command::new("mount").args(["-o", "remount,bind,ro"]).arg(target).status();
+    }
+    Unmount(target.to_owned())
+}
+
+/// Unmounts its path on drop.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        if modelpack_snapshotter::fs::is_mountpoint(&self.0) {
+            let _ = modelpack_snapshotter::fs::detach(&self.0);
+        }
+    }
+}

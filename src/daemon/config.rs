@@ -1,0 +1,197 @@
+//! The `serve` configuration file (TOML): every key documented and defaulted, unknown
+//! keys refused. `contrib/config.toml` is the annotated sample, parsed by a test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{FetchSettings, RegistrySettings, Settings};
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// The file is not valid TOML for this schema (unknown key, wrong type...).
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value is out of range.
+    #[error("{path}: {key} {reason}")]
+    Invalid { path: String, key: &'static str, reason: String },
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// State directory: snapshot metadata and directories, model mounts.
+    pub root: PathBuf,
+    /// Unix socket containerd connects to (`[proxy_plugins.modelpack] address`).
+    pub address: PathBuf,
+    /// Log filter (`info`, `debug`, `modelpack_snapshotter=trace`, ...).
+    pub log_level: String,
+    /// The chunk cache of model bytes.
+    pub cache: CacheConfig,
+    /// How registries are reached.
+    pub registry: RegistryConfig,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Cache directory; empty means `<root>/cache`.
+    pub dir: PathBuf,
+    /// Most bytes of chunk data kept; 0 means unlimited.
+    pub budget_bytes: u64,
+    /// Bytes per chunk and per ranged request.
+    pub chunk_size: u64,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead_chunks: u64,
+    /// Parallel requests of background prefetch.
+    pub prefetch_concurrency: usize,
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Seconds allowed for one request.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to connect.
+    pub connect_timeout_secs: u64,
+    /// Retries of a failed request.
+    pub retries: u32,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/modelpack-snapshotter"),
+            address: PathBuf::from("/run/modelpack-snapshotter/snapshotter.sock"),
+            log_level: "info".to_owned(),
+            cache: CacheConfig::default(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        let f = FetchSettings::default();
+        Self {
+            dir: PathBuf::new(),
+            budget_bytes: 0,
+            chunk_size: f.chunk_size,
+            readahead_chunks: f.readahead_chunks,
+            prefetch_concurrency: f.prefetch_concurrency,
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        let r = RegistrySettings::default();
+        Self {
+            request_timeout_secs: r.request_timeout.as_secs(),
+            connect_timeout_secs: r.connect_timeout.as_secs(),
+            retries: r.retries,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        config.check(origin)?;
+        Ok(config)
+    }
+
+    fn check(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid =
+            |key, reason: &str| ConfigError::Invalid { path: origin.to_owned(), key, reason: reason.to_owned() };
+        if self.cache.chunk_size < 4096 {
+            return Err(invalid("cache.chunk_size", "must be at least 4096"));
+        }
+        if self.cache.prefetch_concurrency == 0 {
+            return Err(invalid("cache.prefetch_concurrency", "must be at least 1"));
+        }
+        if self.registry.request_timeout_secs == 0 || self.registry.connect_timeout_secs == 0 {
+            return Err(invalid("registry timeouts", "must be at least 1 second"));
+        }
+        if !self.root.is_absolute() || !self.address.is_absolute() {
+            return Err(invalid("root and address", "must be absolute paths"));
+        }
+        Ok(())
+    }
+
+    /// The cache directory in effect.
+    pub fn cache_dir(&self) -> PathBuf {
+        if self.cache.dir.as_os_str().is_empty() {
+            self.root.join("cache")
+        } else {
+            self.cache.dir.clone()
+        }
+    }
+
+    /// The data-path settings.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            registry: RegistrySettings {
+                request_timeout: Duration::from_secs(self.registry.request_timeout_secs),
+                connect_timeout: Duration::from_secs(self.registry.connect_timeout_secs),
+                retries: self.registry.retries,
+                ..RegistrySettings::default()
+            },
+            fetch: FetchSettings {
+                chunk_size: self.cache.chunk_size,
+                readahead_chunks: self.cache.readahead_chunks,
+                prefetch_concurrency: self.cache.prefetch_concurrency,
+                cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = DaemonConfig::parse("", "t").unwrap();
+        assert_eq!(c, DaemonConfig::default());
+        let c = DaemonConfig::parse("root = \"/x\"\n[cache]\nchunk_size = 1048576\n", "t").unwrap();
+        assert_eq!(c.root, PathBuf::from("/x"));
+        assert_eq!(c.cache.chunk_size, 1 << 20);
+        assert_eq!(c.cache_dir(), PathBuf::from("/x/cache"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = DaemonConfig::parse("roots = \"/x\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("cfg.toml") && e.contains("roots"), "{e}");
+        let e = DaemonConfig::parse("[cache]\nchunk_size = 10\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("chunk_size"), "{e}");
+        let e = DaemonConfig::parse("root = 5\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("root"), "{e}");
+    }
+
+    #[test]
+    fn the_sample_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml");
+        let c = DaemonConfig::load(&path).unwrap();
+        assert_eq!(c.settings().fetch.chunk_size, FetchSettings::default().chunk_size);
+    }
+}

@@ -1,0 +1,307 @@
+//! The snapshotter test suite: containerd's snapshots API served by a real `serve`
+//! process over its Unix socket, with the returned mounts performed for real (overlay
+//! and bind), covering what containerd's own snapshotter test suite checks.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
+use tonic::Code;
+
+fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+async fn prepare(
+    c: &mut SnapshotsClient,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<modelpack_snapshotter::snapshotter::proto::types::Mount>, tonic::Status> {
+    let r = pb::PrepareSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    };
+    c.prepare(r).await.map(|r| r.into_inner().mounts)
+}
+
+async fn view(
+    c: &mut SnapshotsClient,
+    key: &str,
+    parent: &str,
+) -> Result<Vec<modelpack_snapshotter::snapshotter::proto::types::Mount>, tonic::Status> {
+    let r = pb::ViewSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: HashMap::new(),
+    };
+    c.view(r).await.map(|r| r.into_inner().mounts)
+}
+
+async fn commit(c: &mut SnapshotsClient, name: &str, key: &str) -> Result<(), tonic::Status> {
+    let r = pb::CommitSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: HashMap::new(),
+    };
+    c.commit(r).await.map(drop)
+}
+
+async fn stat(c: &mut SnapshotsClient, key: &str) -> Result<pb::Info, tonic::Status> {
+    c.stat(pb::StatSnapshotRequest { snapshotter: "modelpack".into(), key: key.into() })
+        .await
+        .map(|r| r.into_inner().info.unwrap())
+}
+
+async fn remove(c: &mut SnapshotsClient, key: &str) -> Result<(), tonic::Status> {
+    c.remove(pb::RemoveSnapshotRequest { snapshotter: "modelpack".into(), key: key.into() }).await.map(drop)
+}
+
+async fn list(c: &mut SnapshotsClient, filters: &[&str]) -> Vec<pb::Info> {
+    let mut stream = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "modelpack".into(),
+            filters: filters.iter().map(|f| (*f).to_owned()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        out.extend(batch.info);
+    }
+    out
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("expected an error").code()
+}
+
+/// Prepares `key` on `parent`, mounts it, runs `f` in the mount, unmounts, commits as `name`.
+async fn layer(
+    c: &mut SnapshotsClient,
+    tmp: &std::path::Path,
+    name: &str,
+    parent: &str,
+    f: impl FnOnce(&std::path::Path),
+) {
+    let key = format!("{name}-active");
+    let mounts = prepare(c, &key, parent).await.unwrap();
+    let target = tmp.join(format!("m-{name}"));
+    {
+        let _m = mount_all(&mounts, &target);
+        f(&target);
+    }
+    commit(c, name, &key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_views_and_removal_order() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&_serve.socket).await;
+
+    layer(&mut c, tmp.path(), "base", "", |d| {
+        std::fs::create_dir_all(d.join("etc")).unwrap();
+        std::fs::write(d.join("etc/hostname"), b"base\n").unwrap();
+        std::fs::write(d.join("gone"), b"to be deleted").unwrap();
+    })
+    .await;
+    layer(&mut c, tmp.path(), "top", "base", |d| {
+        assert_eq!(std::fs::read(d.join("etc/hostname")).unwrap(), b"base\n", "the parent is visible");
+        std::fs::write(d.join("etc/hostname"), b"top\n").unwrap();
+        std::fs::remove_file(d.join("gone")).unwrap();
+        std::fs::write(d.join("new"), b"new").unwrap();
+    })
+    .await;
+
+    let info = stat(&mut c, "top").await.unwrap();
+    assert_eq!((info.name.as_str(), info.parent.as_str(), info.kind), ("top", "base", pb::Kind::Committed as i32));
+    assert_eq!(stat(&mut c, "base").await.unwrap().parent, "");
+
+    // A view shows the merged layers and refuses writes.
+    let mounts = view(&mut c, "v", "top").await.unwrap();
+    {
+        let target = tmp.path().join("m-view");
+        let _m = mount_all(&mounts, &target);
+        assert_eq!(std::fs::read(target.join("etc/hostname")).unwrap(), b"top\n");
+        assert!(!target.join("gone").exists(), "whiteouts apply");
+        assert_eq!(std::fs::read(target.join("new")).unwrap(), b"new");
+        assert!(std::fs::write(target.join("x"), b"x").is_err(), "views are read-only");
+    }
+    assert_eq!(stat(&mut c, "v").await.unwrap().kind, pb::Kind::View as i32);
+    assert_eq!(code(commit(&mut c, "v2", "v").await), Code::FailedPrecondition, "views do not commit");
+
+    // A view of several layers is an overlay of lowerdirs only.
+    let mounts = view(&mut c, "v-base", "base").await.unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    let child = prepare(&mut c, "child", "top").await.unwrap();
+    assert_eq!(child[0].r#type, "overlay");
+    assert!(child[0].options.iter().any(|o| o.starts_with("lowerdir=") && o.matches(':').count() == 1), "{child:?}");
+
+    // Removal order: parents go after their children.
+    assert_eq!(code(remove(&mut c, "base").await), Code::FailedPrecondition);
+    assert_eq!(code(remove(&mut c, "top").await), Code::FailedPrecondition);
+    for key in ["child", "v", "v-base", "top", "base"] {
+        remove(&mut c, key).await.unwrap_or_else(|e| panic!("remove {key}: {e}"));
+    }
+    assert!(list(&mut c, &[]).await.is_empty());
+    assert_eq!(code(stat(&mut c, "base").await), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_carry_containerds_codes() {
+    if !prerequisites(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&serve.socket).await;
+
+    prepare(&mut c, "a", "").await.unwrap();
+    assert_eq!(code(prepare(&mut c, "a", "").await), Code::AlreadyExists);
+    assert_eq!(code(prepare(&mut c, "b", "missing").await), Code::NotFound);
+    assert_eq!(code(prepare(&mut c, "b", "a").await), Code::InvalidArgument, "parent must be committed");
+    assert_eq!(code(prepare(&mut c, "", "").await), Code::InvalidArgument);
+    commit(&mut c, "a-committed", "a").await.unwrap();
+    assert_eq!(code(stat(&mut c, "a").await), Code::NotFound, "the active key is gone after commit");
+    prepare(&mut c, "c", "a-committed").await.unwrap();
+    assert_eq!(code(commit(&mut c, "a-committed", "c").await), Code::AlreadyExists);
+    assert_eq!(code(commit(&mut c, "x", "missing").await), Code::NotFound);
+    let r = c.mounts(pb::MountsRequest { snapshotter: "modelpack".into(), key: "a-committed".into() }).await;
+    assert_eq!(code(r), Code::FailedPrecondition, "committed snapshots have no mounts");
+    let r = c.mounts(pb::MountsRequest { snapshotter: "modelpack".into(), key: "missing".into() }).await;
+    assert_eq!(code(r), Code::NotFound);
+    assert_eq!(code(remove(&mut c, "missing").await), Code::NotFound);
+
+    let huge = "x".repeat(5000);
+    let r = c
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "modelpack".into(),
+            key: "l".into(),
+            parent: "".into(),
+            labels: labels(&[("k", &huge)]),
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument, "labels are limited to 4096 bytes");
+
+    let r = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "modelpack".into(),
+            filters: vec!["labels.\"unterminated".into()],
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let r = c
+        .update(pb::UpdateSnapshotRequest {
+            snapshotter: "modelpack".into(),
+            info: Some(pb::Info { name: "missing".into(), ..Default::default() }),
+            update_mask: None,
+        })
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_filters_usage_and_restart() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let mut serve = SnapshotterProcess::start(&root);
+    let mut c = snapshots_client(&serve.socket).await;
+
+    let key = "extract-1 sha256:layer";
+    let r = pb::PrepareSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: key.into(),
+        parent: "".into(),
+        labels: labels(&[("containerd.io/snapshot.ref", "sha256:layer"), ("other", "1")]),
+    };
+    let mounts = c.prepare(r).await.unwrap().into_inner().mounts;
+    {
+        let target = tmp.path().join("m");
+        let _m = mount_all(&mounts, &target);
+        std::fs::write(target.join("blob"), vec![1u8; 1 << 20]).unwrap();
+    }
+    let usage =
+        c.usage(pb::UsageRequest { snapshotter: "modelpack".into(), key: key.into() }).await.unwrap().into_inner();
+    assert!(usage.size >= 1 << 20 && usage.inodes >= 1, "{usage:?}");
+    let r = pb::CommitSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        name: "sha256:layer".into(),
+        key: key.into(),
+        labels: labels(&[("containerd.io/snapshot.ref", "sha256:layer")]),
+    };
+    c.commit(r).await.unwrap();
+    prepare(&mut c, "other-root", "").await.unwrap();
+
+    // The filter containerd's unpacker sends.
+    let found = list(&mut c, &["labels.\"containerd.io/snapshot.ref\"==sha256:layer,parent==\"\""]).await;
+    assert_eq!(found.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["sha256:layer"]);
+    assert_eq!(list(&mut c, &["kind==active", "name==sha256:layer"]).await.len(), 2, "alternatives are OR-ed");
+    assert_eq!(list(&mut c, &[]).await.len(), 2);
+
+    // Update one label by path, then all labels.
+    let r = pb::UpdateSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        info: Some(pb::Info { name: "sha256:layer".into(), labels: labels(&[("added", "yes")]), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["labels.added".into()] }),
+    };
+    let info = c.update(r).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(info.labels.get("added").map(String::as_str), Some("yes"));
+    assert_eq!(info.labels.get("containerd.io/snapshot.ref").map(String::as_str), Some("sha256:layer"));
+
+    let committed_usage = c
+        .usage(pb::UsageRequest { snapshotter: "modelpack".into(), key: "sha256:layer".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(committed_usage.size, usage.size);
+
+    // Everything survives a restart.
+    serve.stop();
+    let serve = SnapshotterProcess::start(&root);
+    let mut c = snapshots_client(&serve.socket).await;
+    let info = stat(&mut c, "sha256:layer").await.unwrap();
+    assert_eq!(info.labels.get("added").map(String::as_str), Some("yes"));
+    assert_eq!(stat(&mut c, "other-root").await.unwrap().kind, pb::Kind::Active as i32);
+
+    // Cleanup removes directories no snapshot refers to.
+    let stray = root.join("snapshots/999999/fs");
+    std::fs::create_dir_all(&stray).unwrap();
+    c.cleanup(pb::CleanupRequest { snapshotter: "modelpack".into() }).await.unwrap();
+    assert!(!stray.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_layers_stack() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&serve.socket).await;
+    let mut parent = String::new();
+    for i in 0..24 {
+        let name = format!("layer-{i}");
+        layer(&mut c, tmp.path(), &name, &parent, |d| std::fs::write(d.join(format!("f{i}")), format!("{i}")).unwrap())
+            .await;
+        parent = name;
+    }
+    let mounts = view(&mut c, "all", &parent).await.unwrap();
+    let target = tmp.path().join("m-all");
+    let _m = mount_all(&mounts, &target);
+    for i in 0..24 {
+        assert_eq!(std::fs::read_to_string(target.join(format!("f{i}"))).unwrap(), i.to_string());
+    }
+}
