@@ -4,10 +4,10 @@
 set -eu
 
 need_apt=""
-for pair in fusermount3:fuse3 docker-registry:docker-registry curl:curl; do
+for pair in fusermount3:fuse3 docker-registry:docker-registry curl:curl containerd:containerd runc:runc busybox:busybox-static; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
-    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/bin/$cmd" ] || need_apt="$need_apt $pkg"
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/bin/$cmd" ] || [ -x "/usr/sbin/$cmd" ] || need_apt="$need_apt $pkg"
 done
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
@@ -51,6 +52,31 @@ pub fn prerequisites(needs_fuse: bool) -> bool {
     }
     eprintln!("skipping: {reason}");
     false
+}
+
+/// Whether every program in `tools` is installed (skip outside CI, fail in CI).
+pub fn require_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = format!("missing programs: {}", missing.join(", "));
+    if in_ci() {
+        panic!("{reason} (required when CI=true)");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
+/// The path of a program on `PATH` (or in the sbin directories, which root's PATH may lack).
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.is_file());
+    found
 }
 
 fn registry_binary() -> Option<PathBuf> {
@@ -339,13 +365,15 @@ pub fn push_artifact(reference: &str, artifact_type: &str, config_type: &str, co
                 "annotations": layer.annotations,
             }));
         }
-        let manifest = json!({
+        let mut manifest = json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "artifactType": artifact_type,
             "config": { "mediaType": config_type, "digest": config_digest.to_string(), "size": config.len() },
             "layers": descs,
         });
+        if !artifact_type.is_empty() {
+            manifest["artifactType"] = json!(artifact_type);
+        }
         registry
             .push_manifest(
                 Bytes::from(serde_json::to_vec(&manifest).unwrap()),
