@@ -4,10 +4,8 @@
 set -eu
 
 need_apt=""
-for pair in fusermount3:fuse3 docker-registry:docker-registry curl:curl containerd:containerd runc:runc busybox:busybox-static; do
-    cmd=${pair%%:*}
-    pkg=${pair#*:}
-    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/bin/$cmd" ] || [ -x "/usr/sbin/$cmd" ] || need_apt="$need_apt $pkg"
+for pkg in fuse3 docker-registry curl containerd runc busybox-static; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt $pkg"
 done
 if [ -n "$need_apt" ]; then
     echo "setup: installing Debian packages:$need_apt"
