@@ -11,6 +11,7 @@
 pub mod blob;
 pub mod cache;
 pub mod config;
+pub mod convert;
 pub mod daemon;
 pub mod fs;
 pub mod metadata;

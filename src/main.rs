@@ -1,4 +1,4 @@
-//! The `modelpack-snapshotter` command: `push`, `inspect`, `mount` and `serve`.
+//! The `modelpack-snapshotter` command: `push`, `inspect`, `mount`, `convert` and `serve`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -13,7 +13,7 @@ use modelpack_snapshotter::daemon::{self, DaemonConfig};
 use modelpack_snapshotter::model::Model;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
-use modelpack_snapshotter::{fs, registry};
+use modelpack_snapshotter::{convert, fs, registry};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Lazy mounts of CNCF ModelPack models from OCI registries")]
@@ -70,6 +70,17 @@ enum Command {
         reference: String,
         #[command(flatten)]
         cache: CacheArgs,
+    },
+    /// Publish a companion image (the lazy index) that containerd can pull through the snapshotter.
+    Convert {
+        /// The ModelPack artifact.
+        source: String,
+        /// Where to push the companion [default: the source tag with `-lazy` appended].
+        #[arg(long)]
+        target: Option<String>,
+        /// Bytes per digested chunk; the snapshotter's chunk size must be a multiple of it.
+        #[arg(long, default_value_t = 1 << 20)]
+        chunk_size: u64,
     },
     /// Serve containerd's snapshots API on a Unix socket until SIGINT/SIGTERM.
     Serve {
@@ -200,6 +211,16 @@ fn run(cli: Cli) -> Result<()> {
             let settings = Settings { registry: registry_settings, fetch: cache.fetch()? };
             let model = runtime.block_on(Model::open(&reference, &settings, cache.open()?))?;
             print_inspect(&model);
+            Ok(())
+        }
+        Command::Convert { source, target, chunk_size } => {
+            let target = match target {
+                Some(t) => t,
+                None => convert::default_target(&source)?,
+            };
+            let settings = Settings { registry: registry_settings, fetch: FetchSettings::default() };
+            let done = runtime.block_on(convert::convert(&source, &target, chunk_size, &settings))?;
+            println!("{}@{}", done.target, done.digest);
             Ok(())
         }
         Command::Serve { config, root, address, cache_dir } => {

@@ -7,6 +7,7 @@
 //! Resolved manifests and configs are kept in the cache, so a model opened before opens
 //! again while its registry is unreachable.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::blob::{BlobError, BlobInfo, BlobStore};
 use crate::cache::{CacheError, ChunkCache};
 use crate::config::Settings;
 use crate::modelpack::digest::Hasher;
+use crate::modelpack::index::{ChunkDigests, VerifiedIndex};
 use crate::modelpack::manifest::{self, ManifestError, ModelArtifact};
 use crate::modelpack::media::LayerFormat;
 use crate::modelpack::tar_index::{self, TarError};
@@ -50,6 +52,9 @@ pub enum ModelError {
     /// The cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The lazy index's digests cannot check chunks of the configured size.
+    #[error("chunk size {chunk_size} is not a multiple of the lazy index's {piece}-byte pieces")]
+    ChunkSize { chunk_size: u64, piece: u64 },
 }
 
 /// Where the bytes of one layer's (uncompressed) content are read from.
@@ -59,6 +64,16 @@ pub enum LayerData {
     Remote(BlobInfo),
     /// An unpacked copy of a compressed layer in the cache.
     Local(Arc<File>),
+}
+
+/// What `assemble` builds a model from.
+struct Parts<'a> {
+    reference: &'a str,
+    registry: Arc<Registry>,
+    artifact: ModelArtifact,
+    manifest_digest: Digest,
+    offline: bool,
+    digests: HashMap<Digest, ChunkDigests>,
 }
 
 /// An opened model.
@@ -115,9 +130,44 @@ impl Model {
         let artifact = manifest::parse_manifest(&manifest_bytes).map_err(manifest_err)?;
         let config = fetch_config(&registry, &cache, &artifact).await?;
         manifest::parse_config(&config).map_err(manifest_err)?;
+        let parts = Parts { reference, registry, artifact, manifest_digest, offline, digests: HashMap::new() };
+        Self::assemble(parts, settings, cache).await
+    }
 
+    /// Opens the model a lazy index describes: manifest and config come from the
+    /// (verified) index, bytes from the source repository, and every fetched chunk is
+    /// checked against the index's digests.
+    pub async fn open_indexed(
+        index: VerifiedIndex,
+        settings: &Settings,
+        cache: Arc<ChunkCache>,
+    ) -> Result<Self, ModelError> {
+        let reference = index.index.source.reference.clone();
+        let registry = Arc::new(Registry::new(registry::parse_reference(&reference)?, settings.registry.clone()));
+        let manifest_err = |source| ModelError::Manifest { reference: reference.clone(), source };
+        manifest::parse_config(index.index.config.as_bytes()).map_err(manifest_err)?;
+        let mut digests = HashMap::new();
+        for (layer, pieces) in index.artifact.layers.iter().zip(index.chunks) {
+            if !BlobStore::check_digests(settings.fetch.chunk_size, pieces.chunk_size) {
+                return Err(ModelError::ChunkSize { chunk_size: settings.fetch.chunk_size, piece: pieces.chunk_size });
+            }
+            digests.insert(layer.digest, pieces);
+        }
+        let parts = Parts {
+            reference: &reference,
+            registry,
+            artifact: index.artifact,
+            manifest_digest: index.manifest_digest,
+            offline: false,
+            digests,
+        };
+        Self::assemble(parts, settings, cache).await
+    }
+
+    async fn assemble(parts: Parts<'_>, settings: &Settings, cache: Arc<ChunkCache>) -> Result<Self, ModelError> {
+        let Parts { reference, registry, artifact, manifest_digest, offline, digests } = parts;
         cache.bind_chunk_size(settings.fetch.chunk_size)?;
-        let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone());
+        let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone(), digests);
         let mut builder = TreeBuilder::new(SystemTime::UNIX_EPOCH);
         let mut layers = Vec::with_capacity(artifact.layers.len());
         for layer in &artifact.layers {

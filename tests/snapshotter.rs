@@ -305,3 +305,100 @@ async fn many_layers_stack() {
         assert_eq!(std::fs::read_to_string(target.join(format!("f{i}"))).unwrap(), i.to_string());
     }
 }
+
+/// The layer annotations of the companion at `reference` (first platform).
+async fn companion_annotations(reference: &str) -> HashMap<String, String> {
+    use modelpack_snapshotter::config::RegistrySettings;
+    use modelpack_snapshotter::registry::{parse_reference, Registry};
+    let parsed = parse_reference(reference).unwrap();
+    let registry = Registry::new(parsed.clone(), RegistrySettings::default());
+    let (index, _) = registry.fetch_manifest().await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let first = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let (manifest, _) = registry.with_reference(parsed.clone_with_digest(first)).fetch_manifest().await.unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    serde_json::from_value(manifest["layers"][0]["annotations"].clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_with_model_labels_mounts_the_model_and_answers_already_exists() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let src = tmp.path().join("model");
+    write_model_dir(&src, 2 << 20);
+    let source = format!("{}/models/labels:v1", registry.addr());
+    push_dir(&src, &source, "tar");
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "{stderr}");
+    let mut labels = companion_annotations(&format!("{source}-lazy")).await;
+    labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
+    labels.insert("containerd.io/snapshot.ref".into(), "sha256:chain".into());
+
+    let serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&serve.socket).await;
+    let request = |key: &str, labels: HashMap<String, String>| pb::PrepareSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: key.into(),
+        parent: String::new(),
+        labels,
+    };
+
+    // Bad labels are refused before anything is fetched.
+    let mut unknown = labels.clone();
+    unknown.insert("containerd.io/snapshot/modelpack.bogus".into(), "1".into());
+    assert_eq!(code(c.prepare(request("extract-0 sha256:chain", unknown)).await), Code::InvalidArgument);
+    let mut unpinned = labels.clone();
+    unpinned.insert("containerd.io/snapshot/modelpack.source".into(), source.clone());
+    assert_eq!(code(c.prepare(request("extract-0 sha256:chain", unpinned)).await), Code::InvalidArgument);
+    let mut missing = labels.clone();
+    let index_ref = missing["containerd.io/snapshot/modelpack.index"].clone();
+    let (repo, _) = index_ref.split_once('@').unwrap();
+    missing.insert(
+        "containerd.io/snapshot/modelpack.index".into(),
+        format!("{repo}@{}", modelpack_snapshotter::modelpack::Digest::of(b"nothing")),
+    );
+    assert_ne!(code(c.prepare(request("extract-0 sha256:chain", missing)).await), Code::Ok);
+    assert_eq!(
+        code(stat(&mut c, "sha256:chain").await),
+        Code::NotFound,
+        "a failed model prepare leaves nothing behind"
+    );
+
+    // The handshake: AlreadyExists, then the chain ID is committed and findable.
+    assert_eq!(code(c.prepare(request("extract-1 sha256:chain", labels.clone())).await), Code::AlreadyExists);
+    let info = stat(&mut c, "sha256:chain").await.unwrap();
+    assert_eq!(info.kind, pb::Kind::Committed as i32);
+    let found = list(&mut c, &["labels.\"containerd.io/snapshot.ref\"==sha256:chain,parent==\"\""]).await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        code(stat(&mut c, "extract-1 sha256:chain").await),
+        Code::NotFound,
+        "the extraction key is never created"
+    );
+    assert_eq!(code(c.prepare(request("extract-2 sha256:chain", labels.clone())).await), Code::AlreadyExists, "again");
+
+    // Children see the model: a view (bind) and an active snapshot (overlay).
+    let mounts = view(&mut c, "volume", "sha256:chain").await.unwrap();
+    {
+        let target = tmp.path().join("m-view");
+        let _m = mount_all(&mounts, &target);
+        assert_same_tree(&src, &target);
+    }
+    let mounts = prepare(&mut c, "rootfs", "sha256:chain").await.unwrap();
+    {
+        let target = tmp.path().join("m-rootfs");
+        let _m = mount_all(&mounts, &target);
+        assert_eq!(std::fs::read(target.join("config.json")).unwrap(), std::fs::read(src.join("config.json")).unwrap());
+        std::fs::write(target.join("scratch"), b"writable upper").unwrap();
+    }
+    assert_eq!(code(remove(&mut c, "sha256:chain").await), Code::FailedPrecondition, "children first");
+    remove(&mut c, "volume").await.unwrap();
+    remove(&mut c, "rootfs").await.unwrap();
+    remove(&mut c, "sha256:chain").await.unwrap();
+    assert!(list(&mut c, &[]).await.is_empty());
+    let leftover = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!leftover.contains(&serve.root.display().to_string()), "the model is unmounted");
+}

@@ -3,10 +3,13 @@
 //!
 //! Rules this module keeps:
 //! - single flight: concurrent readers missing one chunk share one fetch;
+//! - when per-chunk digests are known (from a lazy index), every fetched chunk is
+//!   checked against them before it is cached or served;
 //! - a chunk that is the whole blob is checked against the blob digest before it is
 //!   cached or served (so every small file is verified); when every chunk of a larger
 //!   blob is present the whole blob is hashed, and a mismatch evicts it, is logged and
 //!   counted, so the next read fetches again;
+//! - a chunk failing a check is fetched once more, then the read fails;
 //! - on-demand reads go first: background prefetch waits while any is in flight.
 
 use std::collections::{HashMap, HashSet};
@@ -21,6 +24,7 @@ use futures_util::StreamExt;
 use crate::cache::{CacheError, ChunkCache, ChunkKey};
 use crate::config::FetchSettings;
 use crate::modelpack::digest::Hasher;
+use crate::modelpack::index::ChunkDigests;
 use crate::modelpack::Digest;
 use crate::registry::{Registry, RegistryError};
 
@@ -102,6 +106,8 @@ pub struct BlobStore {
     source: Arc<dyn RangeSource>,
     cache: Arc<ChunkCache>,
     settings: FetchSettings,
+    /// Known digests of pieces of blobs; each piece size divides the chunk size.
+    digests: HashMap<Digest, ChunkDigests>,
     inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
     verifying: Mutex<HashSet<Digest>>,
     on_demand: AtomicUsize,
@@ -127,17 +133,31 @@ impl Drop for OnDemandGuard<'_> {
 }
 
 impl BlobStore {
-    /// A reader over `source`, caching in `cache`.
-    pub fn new(source: Arc<dyn RangeSource>, cache: Arc<ChunkCache>, settings: FetchSettings) -> Arc<Self> {
+    /// A reader over `source`, caching in `cache`, checking chunks of the blobs in
+    /// `digests` against them. Each digest piece size must divide `settings.chunk_size`
+    /// (see [`Self::check_digests`]).
+    pub fn new(
+        source: Arc<dyn RangeSource>,
+        cache: Arc<ChunkCache>,
+        settings: FetchSettings,
+        digests: HashMap<Digest, ChunkDigests>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             source,
             cache,
             settings,
+            digests,
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
             on_demand: AtomicUsize::new(0),
             stats: FetchStats::default(),
         })
+    }
+
+    /// Whether chunk digests of piece size `piece` can check chunks of `chunk_size`
+    /// bytes: every chunk must consist of whole pieces.
+    pub fn check_digests(chunk_size: u64, piece: u64) -> bool {
+        piece > 0 && chunk_size % piece == 0
     }
 
     /// What has been fetched and verified so far.
@@ -337,21 +357,36 @@ impl BlobStore {
             })?;
             self.stats.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-            if !whole || Digest::of(&data) == blob.digest {
-                return Ok(data);
-            }
+            let problem = if whole && Digest::of(&data) != blob.digest {
+                Some("content does not match the blob digest".to_owned())
+            } else {
+                self.check_pieces(blob, offset, &data)
+            };
+            let Some(detail) = problem else { return Ok(data) };
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
             self.cache.record_verify_failure();
             attempts_left -= 1;
-            tracing::warn!(blob = %blob.digest, index, "fetched blob does not match its digest");
+            tracing::warn!(blob = %blob.digest, index, %detail, "fetched chunk failed verification");
             if attempts_left == 0 {
-                return Err(BlobError::Corrupt {
-                    blob: blob.digest,
-                    index,
-                    detail: "content does not match the blob digest".to_owned(),
-                });
+                return Err(BlobError::Corrupt { blob: blob.digest, index, detail });
             }
         }
+    }
+
+    /// Checks `data`, read at `offset`, against the blob's known piece digests; says
+    /// what is wrong, or None when it passes (or no digests are known).
+    fn check_pieces(&self, blob: &BlobInfo, offset: u64, data: &[u8]) -> Option<String> {
+        let known = self.digests.get(&blob.digest)?;
+        let first = offset / known.chunk_size;
+        for (i, piece) in data.chunks(known.chunk_size as usize).enumerate() {
+            let n = first as usize + i;
+            match known.digests.get(n) {
+                Some(want) if *want == Digest::of(piece) => {}
+                Some(_) => return Some(format!("piece {n} does not match its digest from the lazy index")),
+                None => return Some(format!("piece {n} is beyond the lazy index")),
+            }
+        }
+        None
     }
 
     /// When every chunk of a multi-chunk blob is cached, hashes it in the background;
@@ -477,7 +512,7 @@ mod tests {
         });
         let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
         let settings = FetchSettings { chunk_size, ..FetchSettings::default() };
-        (BlobStore::new(source.clone(), cache, settings), source, dir)
+        (BlobStore::new(source.clone(), cache, settings, HashMap::new()), source, dir)
     }
 
     fn info(data: &[u8]) -> BlobInfo {
@@ -552,5 +587,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(store.read(&blob, 0, 4096).await.unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_chunk_digests_every_chunk_is_checked_before_it_is_served() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        let blob = info(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
+        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        let pieces = ChunkDigests { chunk_size: 1024, digests: data.chunks(1024).map(Digest::of).collect() };
+        let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
+        let store = BlobStore::new(source.clone(), cache, settings, [(blob.digest, pieces)].into());
+        source.lie.store(true, Ordering::SeqCst);
+        let err = store.read(&blob, 3000, 10).await.unwrap_err();
+        assert!(matches!(err, BlobError::Corrupt { .. }), "{err}");
+        assert_eq!(source.requests.load(Ordering::SeqCst), 2);
+        assert!(!store.cache().contains(&ChunkKey { blob: blob.digest, index: 1 }));
+        source.lie.store(false, Ordering::SeqCst);
+        assert_eq!(store.read(&blob, 3000, 10).await.unwrap(), data[3000..3010]);
     }
 }

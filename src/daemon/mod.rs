@@ -11,7 +11,9 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::cache::ChunkCache;
 use crate::snapshotter::grpc::Grpc;
+use crate::snapshotter::remote::RemoteSnapshotter;
 use crate::snapshotter::{SnapshotError, Snapshotter};
 pub use config::{ConfigError, DaemonConfig};
 
@@ -24,6 +26,12 @@ pub enum DaemonError {
     /// Opening the snapshotter state failed.
     #[error(transparent)]
     Snapshotter(#[from] SnapshotError),
+    /// The chunk cache could not be opened.
+    #[error(transparent)]
+    Cache {
+        #[from]
+        source: crate::cache::CacheError,
+    },
     /// The gRPC server failed.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -65,17 +73,32 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&config.root).map_err(io_err("creating", &config.root))?;
-    let snapshotter = Arc::new(tokio::task::block_in_place(|| Snapshotter::open(&config.root))?);
+    let settings = config.settings();
+    let cache_dir = config.cache_dir();
+    let cache =
+        ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?;
+    let base = tokio::task::block_in_place(|| Snapshotter::open(&config.root))?;
+    let snapshotter =
+        Arc::new(RemoteSnapshotter::new(base, Arc::new(cache), settings, tokio::runtime::Handle::current()));
+    // Models committed before a restart are mounted again before containerd can ask.
+    let restoring = snapshotter.clone();
+    tokio::task::spawn_blocking(move || restoring.restore()).await.map_err(|e| DaemonError::Io {
+        what: "restoring",
+        path: e.to_string(),
+        source: std::io::Error::other("task failed"),
+    })??;
     let listener = bind(&config.address)?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
     println!("serving: {}", config.address.display());
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
-    tonic::transport::Server::builder()
-        .add_service(Grpc::new(snapshotter).into_server())
+    let served = tonic::transport::Server::builder()
+        .add_service(Grpc::new(snapshotter.clone()).into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    tokio::task::block_in_place(|| snapshotter.unmount_all());
+    served?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&config.address);
     tracing::info!("stopped");

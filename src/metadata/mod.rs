@@ -356,6 +356,20 @@ impl MetaStore {
         })
     }
 
+    /// Attaches remote data to a committed snapshot (one whose contents the snapshotter
+    /// replaced with a lazily mounted model after commit), and the usage to report.
+    pub fn set_remote(&self, key: &str, remote: String, usage: Usage) -> Result<SnapshotRecord, MetadataError> {
+        let now = SystemTime::now();
+        self.write("record remote snapshot data", |tables| {
+            let mut record = tables.require(key)?;
+            record.remote = Some(remote.clone());
+            record.usage = Some(usage);
+            record.updated = now;
+            tables.put(&record)?;
+            Ok(record)
+        })
+    }
+
     /// Every snapshot, ordered by key.
     pub fn list(&self) -> Result<Vec<SnapshotRecord>, MetadataError> {
         let txn = self.db.begin_read().map_err(store_error("begin a read"))?;

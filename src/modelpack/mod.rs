@@ -6,6 +6,7 @@
 //! that comes from a registry is validated here before anything deeper sees it.
 
 pub mod digest;
+pub mod index;
 pub mod manifest;
 pub mod media;
 pub mod path;

@@ -286,6 +286,15 @@ impl Registry {
         let what = format!("blob {blob}");
         let digest = blob.to_string();
         self.with_retries(&what, || async {
+            if offset == 0 {
+                // No Range header: `bytes=0-` is unsatisfiable for an empty blob.
+                let stream = self
+                    .client
+                    .pull_blob_stream(&self.reference, digest.as_str())
+                    .await
+                    .map_err(|e| self.classify(&what, e))?;
+                return Ok(stream.stream);
+            }
             let response = self
                 .client
                 .pull_blob_stream_partial(&self.reference, digest.as_str(), offset, None)

@@ -98,7 +98,14 @@ pub fn status_of(e: &SnapshotError) -> Status {
             MetadataError::NotActive { .. } | MetadataError::HasChildren { .. } => Status::failed_precondition(message),
             _ => Status::internal(message),
         },
-        SnapshotError::Filter(_) | SnapshotError::InvalidArgument(_) => Status::invalid_argument(message),
+        SnapshotError::Filter(_) | SnapshotError::InvalidArgument(_) | SnapshotError::Labels(_) => {
+            Status::invalid_argument(message)
+        }
+        SnapshotError::RemoteReady { .. } => Status::already_exists(message),
+        SnapshotError::Model { source, .. } if matches!(**source, crate::model::ModelError::Registry(_)) => {
+            Status::unavailable(message)
+        }
+        SnapshotError::Model { .. } | SnapshotError::Remote { .. } => Status::failed_precondition(message),
         SnapshotError::WrongKind { .. } => Status::failed_precondition(message),
         SnapshotError::Io { .. } => Status::internal(message),
     }

@@ -15,7 +15,9 @@
 
 pub mod filter;
 pub mod grpc;
+pub mod labels;
 pub mod proto;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -39,6 +41,19 @@ pub enum SnapshotError {
     /// A request field is missing or malformed.
     #[error("{0}")]
     InvalidArgument(String),
+    /// Labels asking for a model are malformed.
+    #[error(transparent)]
+    Labels(#[from] labels::LabelError),
+    /// The model is mounted and committed as `name`: the protocol's way of telling
+    /// containerd to skip download and unpack.
+    #[error("snapshot {name} already exists (model mounted lazily for {key})")]
+    RemoteReady { key: String, name: String },
+    /// The model could not be opened.
+    #[error("model snapshot {name}: {source}")]
+    Model { name: String, source: Box<crate::model::ModelError> },
+    /// The lazy index or the model mount failed.
+    #[error("model snapshot {name}: {detail}")]
+    Remote { name: String, detail: String },
     /// Creating, measuring or removing snapshot directories failed.
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: String, source: std::io::Error },

@@ -1,0 +1,393 @@
+//! Remote model snapshots: the layer over [`Snapshotter`] that serves a ModelPack model
+//! through containerd without downloading it.
+//!
+//! A `Prepare` carrying `containerd.io/snapshot.ref` and the companion layer's
+//! `containerd.io/snapshot/modelpack.*` labels fetches and verifies the lazy index,
+//! mounts the whole model (FUSE, through the same engine as `mount`) at the `fs`
+//! directory of a new committed snapshot named by the chain ID, and answers
+//! `AlreadyExists`: containerd then finds the chain ID committed and skips download and
+//! unpack. Children (container rootfs, image volumes) are ordinary overlay snapshots
+//! whose lowerdir is the model mount. Every other request goes to the overlay
+//! snapshotter. Model snapshots are recorded with their source and index, so a restart
+//! mounts them again (from the cache when the registry is unreachable).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+use super::grpc::Service;
+use super::labels::{model_labels, ModelLabels, Pinned};
+use super::{Mount, SnapshotError, Snapshotter};
+use crate::cache::ChunkCache;
+use crate::config::Settings;
+use crate::fs::{self, Mounted};
+use crate::metadata::{Kind, SnapshotRecord, Usage};
+use crate::model::Model;
+use crate::modelpack::digest::Hasher;
+use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
+use crate::modelpack::Digest;
+use crate::registry::{parse_reference, Registry};
+
+/// What a model snapshot's record remembers, to mount it again after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RemoteRecord {
+    /// The ModelPack artifact, pinned.
+    source: String,
+    /// The digest of the lazy index JSON, kept in the cache.
+    index: String,
+    /// The lazy index layer, pinned, to fetch the index again if the cache lost it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layer: Option<String>,
+}
+
+/// The snapshotter containerd talks to: overlay snapshots plus lazily mounted models.
+#[derive(Debug)]
+pub struct RemoteSnapshotter {
+    base: Snapshotter,
+    cache: Arc<ChunkCache>,
+    settings: Settings,
+    runtime: Handle,
+    mounted: Mutex<HashMap<String, Mounted>>,
+    /// Model prepares run one at a time: a second `Prepare` of one chain ID must find it
+    /// committed and mounted, not half made.
+    prepare_lock: Mutex<()>,
+}
+
+/// Cache record of an index JSON, by the JSON's digest.
+fn index_key(digest: &Digest) -> String {
+    format!("lazy-index:{digest}")
+}
+
+/// Cache record naming the index JSON digest of an index layer.
+fn layer_key(digest: &Digest) -> String {
+    format!("lazy-index-layer:{digest}")
+}
+
+impl RemoteSnapshotter {
+    /// Wraps `base`; models are cached in `cache` and read on `runtime`.
+    pub fn new(base: Snapshotter, cache: Arc<ChunkCache>, settings: Settings, runtime: Handle) -> Self {
+        Self { base, cache, settings, runtime, mounted: Mutex::new(HashMap::new()), prepare_lock: Mutex::new(()) }
+    }
+
+    /// Mounts every recorded model snapshot again (after a restart), replacing mounts a
+    /// crashed process left behind. A model that cannot be mounted is logged and left
+    /// unmounted; containerd's other snapshots keep working.
+    pub fn restore(&self) -> Result<(), SnapshotError> {
+        for record in self.base.metadata().list()? {
+            let Some(remote) = &record.remote else { continue };
+            let remote: RemoteRecord = match serde_json::from_str(remote) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(snapshot = %record.key, error = %e, "unreadable model record; not mounting it");
+                    continue;
+                }
+            };
+            let dir = self.base.fs_dir(record.id);
+            if fs::is_mountpoint(&dir) {
+                if let Err(e) = fs::detach(&dir) {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot detach a stale model mount");
+                }
+            }
+            match self.mount_model(&record, &remote) {
+                Ok(mounted) => {
+                    tracing::info!(snapshot = %record.key, source = %remote.source, "model mounted again");
+                    self.mounted.lock().expect("mounted lock").insert(record.key.clone(), mounted);
+                }
+                Err(e) => tracing::error!(snapshot = %record.key, error = %e, "cannot mount model again"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts every model (at shutdown).
+    pub fn unmount_all(&self) {
+        for (name, mounted) in self.mounted.lock().expect("mounted lock").drain() {
+            tracing::info!(snapshot = %name, "unmounting model");
+            mounted.unmount();
+        }
+    }
+
+    fn prepare_model(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        model: ModelLabels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        let _serial = self.prepare_lock.lock().expect("prepare lock");
+        let name = model.chain_id.clone();
+        if let Some(existing) = self.base.metadata().get(&name)? {
+            if existing.kind == Kind::Committed {
+                return Err(SnapshotError::RemoteReady { key: key.to_owned(), name });
+            }
+        }
+        let (index, json_digest) = self.load_index(&model.index)?;
+        if index.manifest_digest != model.source.digest {
+            return Err(SnapshotError::Remote {
+                name,
+                detail: format!("the lazy index describes {}, not {}", index.manifest_digest, model.source.reference),
+            });
+        }
+        let remote = RemoteRecord {
+            source: model.source.reference.clone(),
+            index: json_digest.to_string(),
+            layer: Some(model.index.reference.clone()),
+        };
+        let parent = (!parent.is_empty()).then_some(parent);
+        let usage = Usage { size: 0, inodes: index.index.files.len() as i64 };
+        let record = self.base.metadata().create_committed(
+            &name,
+            parent,
+            labels,
+            Some(serde_json::to_string(&remote).expect("record serializes")),
+            usage,
+        )?;
+        let dir = self.base.fs_dir(record.id);
+        let mounted = std::fs::create_dir_all(&dir)
+            .map_err(|e| SnapshotError::Io { op: "creating", path: dir.display().to_string(), source: e })
+            .and_then(|()| self.mount_indexed(&record, index));
+        match mounted {
+            Ok(mounted) => {
+                tracing::info!(snapshot = %name, source = %remote.source, path = %dir.display(), "model mounted");
+                self.mounted.lock().expect("mounted lock").insert(name.clone(), mounted);
+                Err(SnapshotError::RemoteReady { key: key.to_owned(), name })
+            }
+            Err(e) => {
+                // No record without its mount: containerd must not find a committed, empty model.
+                if let Err(undo) = self.base.remove(&name) {
+                    tracing::error!(snapshot = %name, error = %undo, "cannot undo a failed model snapshot");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn mount_model(&self, record: &SnapshotRecord, remote: &RemoteRecord) -> Result<Mounted, SnapshotError> {
+        let bad = |detail: String| SnapshotError::Remote { name: record.key.clone(), detail };
+        let json_digest: Digest =
+            remote.index.parse().map_err(|e: crate::modelpack::digest::DigestError| bad(e.to_string()))?;
+        let index = match self.cache.get_meta(&index_key(&json_digest)).map_err(|e| bad(e.to_string()))? {
+            Some(json) if Digest::of(&json) == json_digest => {
+                LazyIndex::parse(&json).map_err(|e| bad(e.to_string()))?
+            }
+            _ => {
+                let layer =
+                    remote.layer.as_deref().ok_or_else(|| bad("the lazy index is no longer cached".to_owned()))?;
+                let pinned = super::labels::pinned(crate::convert::labels::INDEX, layer)?;
+                self.load_index(&pinned)?.0
+            }
+        };
+        self.mount_indexed(record, index)
+    }
+
+    fn mount_indexed(&self, record: &SnapshotRecord, index: VerifiedIndex) -> Result<Mounted, SnapshotError> {
+        let name = record.key.clone();
+        let model = self
+            .runtime
+            .block_on(Model::open_indexed(index, &self.settings, self.cache.clone()))
+            .map_err(|source| SnapshotError::Model { name: name.clone(), source: Box::new(source) })?;
+        let dir = self.base.fs_dir(record.id);
+        fs::mount(Arc::new(model), &dir, self.runtime.clone())
+            .map_err(|e| SnapshotError::Remote { name, detail: e.to_string() })
+    }
+
+    /// The verified lazy index in the layer `at`, and the digest of its JSON: from the
+    /// cache, else fetched (whole, digest-checked, size-capped), unpacked from its tar
+    /// and cached.
+    fn load_index(&self, at: &Pinned) -> Result<(VerifiedIndex, Digest), SnapshotError> {
+        let bad = |detail: String| SnapshotError::Remote { name: at.reference.clone(), detail };
+        if let Some(named) = self.cache.get_meta(&layer_key(&at.digest)).map_err(|e| bad(e.to_string()))? {
+            let json_digest = std::str::from_utf8(&named).ok().and_then(|s| s.parse::<Digest>().ok());
+            if let Some(json_digest) = json_digest {
+                if let Some(json) = self.cache.get_meta(&index_key(&json_digest)).map_err(|e| bad(e.to_string()))? {
+                    if Digest::of(&json) == json_digest {
+                        return Ok((LazyIndex::parse(&json).map_err(|e| bad(e.to_string()))?, json_digest));
+                    }
+                }
+            }
+        }
+        let reference = parse_reference(&at.reference).map_err(|e| bad(e.to_string()))?;
+        let registry = Registry::new(reference, self.settings.registry.clone());
+        let layer = self.runtime.block_on(async {
+            let mut stream = registry.stream_blob(&at.digest, 0).await.map_err(|e| bad(e.to_string()))?;
+            let mut data = Vec::new();
+            let mut hasher = Hasher::default();
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(|e| bad(format!("download: {e}")))?;
+                if (data.len() + piece.len()) as u64 > MAX_INDEX_BYTES {
+                    return Err(bad(format!("index layer exceeds {MAX_INDEX_BYTES} bytes")));
+                }
+                hasher.update(&piece);
+                data.extend_from_slice(&piece);
+            }
+            if hasher.finish() != at.digest {
+                return Err(bad("index layer does not match its digest".to_owned()));
+            }
+            Ok(data)
+        })?;
+        let json = index_from_tar(&layer).map_err(bad)?;
+        let index = LazyIndex::parse(&json).map_err(|e| bad(e.to_string()))?;
+        let json_digest = self.keep_index(&json).map_err(bad)?;
+        self.cache
+            .put_meta(&layer_key(&at.digest), json_digest.to_string().as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        Ok((index, json_digest))
+    }
+
+    /// Keeps an index JSON in the cache, by its digest.
+    fn keep_index(&self, json: &[u8]) -> Result<Digest, String> {
+        let digest = Digest::of(json);
+        self.cache.put_meta(&index_key(&digest), json).map_err(|e| e.to_string())?;
+        Ok(digest)
+    }
+
+    /// If the active snapshot `key` holds nothing but a lazy index (a companion layer
+    /// that containerd unpacked itself, as `ctr images pull` does), mounts the model over
+    /// it and commits it as a model snapshot. Returns false when it is not a companion.
+    fn commit_companion(
+        &self,
+        name: &str,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool, SnapshotError> {
+        let record = self.base.stat(key)?;
+        if record.kind != Kind::Active || record.parent.is_some() {
+            return Ok(false);
+        }
+        let dir = self.base.fs_dir(record.id);
+        let Some(json) = lone_index(&dir) else { return Ok(false) };
+        let bad = |detail: String| SnapshotError::Remote { name: name.to_owned(), detail };
+        let index = match LazyIndex::parse(&json) {
+            Ok(index) => index,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "a layer holding only {INDEX_PATH} is not a usable lazy index; committing it as is");
+                return Ok(false);
+            }
+        };
+        let json_digest = self.keep_index(&json).map_err(bad)?;
+        let remote =
+            RemoteRecord { source: index.index.source.reference.clone(), index: json_digest.to_string(), layer: None };
+        let files = index.index.files.len() as i64;
+        // Mount first: a model that cannot be served must fail the commit, not leave a
+        // committed snapshot holding only the index file.
+        let mounted = self.mount_indexed(&record, index)?;
+        let mut labels = labels.clone();
+        labels.insert(crate::convert::labels::SOURCE.to_owned(), remote.source.clone());
+        match self.base.commit(name, key, labels) {
+            Ok(_) => {}
+            Err(e) => {
+                mounted.unmount();
+                return Err(e);
+            }
+        }
+        self.base.metadata().set_remote(
+            name,
+            serde_json::to_string(&remote).expect("record serializes"),
+            Usage { size: 0, inodes: files },
+        )?;
+        tracing::info!(snapshot = %name, source = %remote.source, "companion layer committed as a lazily mounted model");
+        self.mounted.lock().expect("mounted lock").insert(name.to_owned(), mounted);
+        Ok(true)
+    }
+}
+
+/// The index JSON if `dir` holds exactly the companion layer's content: the directory
+/// of [`INDEX_PATH`] with the index in it, and nothing else.
+fn lone_index(dir: &std::path::Path) -> Option<Vec<u8>> {
+    let (sub, file) = INDEX_PATH.split_once('/')?;
+    let top: Vec<_> = std::fs::read_dir(dir).ok()?.collect::<Result<_, _>>().ok()?;
+    if top.len() != 1 || top[0].file_name() != sub {
+        return None;
+    }
+    let inner: Vec<_> = std::fs::read_dir(dir.join(sub)).ok()?.collect::<Result<_, _>>().ok()?;
+    if inner.len() != 1 || inner[0].file_name() != file {
+        return None;
+    }
+    let path = dir.join(INDEX_PATH);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > MAX_INDEX_BYTES {
+        return None;
+    }
+    std::fs::read(path).ok()
+}
+
+/// The index file inside the companion layer's tar.
+fn index_from_tar(layer: &[u8]) -> Result<Vec<u8>, String> {
+    let mut archive = tar::Archive::new(layer);
+    for entry in archive.entries().map_err(|e| format!("index layer is not a tar: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("index layer is not a tar: {e}"))?;
+        let path = entry.path_bytes().into_owned();
+        if path == INDEX_PATH.as_bytes() || path.strip_prefix(b"./") == Some(INDEX_PATH.as_bytes()) {
+            let mut json = Vec::new();
+            entry.read_to_end(&mut json).map_err(|e| format!("reading {INDEX_PATH}: {e}"))?;
+            return Ok(json);
+        }
+    }
+    Err(format!("index layer holds no {INDEX_PATH}"))
+}
+
+impl Service for RemoteSnapshotter {
+    fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        match model_labels(&labels)? {
+            Some(model) => self.prepare_model(key, parent, labels, model),
+            None => self.base.prepare(key, parent, labels),
+        }
+    }
+
+    fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        self.base.view(key, parent, labels)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        self.base.mounts(key)
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
+        if self.commit_companion(name, key, &labels)? {
+            return Ok(());
+        }
+        self.base.commit(name, key, labels).map(drop)
+    }
+
+    fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        let record = self.base.stat(key)?;
+        if record.remote.is_some() {
+            if self.base.metadata().has_children(key)? {
+                return Err(crate::metadata::MetadataError::HasChildren { key: key.to_owned() }.into());
+            }
+            if let Some(mounted) = self.mounted.lock().expect("mounted lock").remove(key) {
+                mounted.unmount();
+            }
+        }
+        self.base.remove(key).map(drop)
+    }
+
+    fn stat(&self, key: &str) -> Result<SnapshotRecord, SnapshotError> {
+        self.base.stat(key)
+    }
+
+    fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<SnapshotRecord, SnapshotError> {
+        self.base.update(key, labels, paths)
+    }
+
+    fn list(&self, filters: &[String]) -> Result<Vec<SnapshotRecord>, SnapshotError> {
+        self.base.list(filters)
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
+        self.base.usage(key)
+    }
+
+    fn cleanup(&self) -> Result<(), SnapshotError> {
+        self.base.cleanup()
+    }
+}
