@@ -4,7 +4,7 @@
 set -eu
 
 need_apt=""
-for pkg in fuse3 docker-registry curl containerd runc busybox-static; do
+for pkg in fuse3 docker-registry curl containerd runc busybox-static protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt $pkg"
 done
 if [ -n "$need_apt" ]; then
@@ -17,6 +17,9 @@ if ! python3 -c 'import safetensors, numpy' >/dev/null 2>&1; then
     echo "setup: installing Python packages safetensors and numpy"
     python3 -m pip install -q safetensors numpy
 fi
+
+# containerd 2.x for the CRI tests, unpacked beside the system's 1.6.
+"$(dirname "$0")/fetch-containerd2.sh"
 
 if [ ! -e /dev/fuse ]; then
     echo "setup: /dev/fuse is missing; FUSE mounts will not work on this machine" >&2

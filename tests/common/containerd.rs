@@ -18,7 +18,166 @@ pub struct Containerd {
     pub namespace: String,
 }
 
+/// Which containerd, and with which configuration format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Debian bookworm's containerd 1.6, config `version = 2`.
+    V16,
+    /// containerd 2.x unpacked into `tools/containerd2` by `scripts/fetch-containerd2.sh`,
+    /// config `version = 3`.
+    V2,
+}
+
+/// The containerd 2.x binary directory, if it was fetched.
+pub fn containerd2_bin() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/containerd2/usr/bin");
+    dir.join("containerd").is_file().then_some(dir)
+}
+
+/// Writes `certs.d/<host>/hosts.toml` files that send each loopback registry over plain HTTP.
+fn write_hosts(dir: &Path, registries: &[String]) -> PathBuf {
+    let certs = dir.join("certs.d");
+    for host in registries {
+        std::fs::create_dir_all(certs.join(host)).unwrap();
+        std::fs::write(
+            certs.join(host).join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .unwrap();
+    }
+    certs
+}
+
 impl Containerd {
+    /// Starts containerd with the CRI plugin, our snapshotter as the CRI snapshotter
+    /// with snapshot annotations on, `sandbox` as the pod sandbox image, and plain HTTP
+    /// for `registries`.
+    pub fn start_cri(
+        flavor: Flavor,
+        dir: &Path,
+        snapshotter_socket: &Path,
+        sandbox: &str,
+        registries: &[String],
+    ) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("containerd.sock");
+        let certs = write_hosts(dir, registries);
+        let common = format!(
+            r#"root = "{root}"
+state = "{state}"
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  address = "{dir}/debug.sock"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+            dir = dir.display(),
+        );
+        let config = match flavor {
+            Flavor::V16 => format!(
+                r#"version = 2
+{common}
+[proxy_plugins]
+  [proxy_plugins.modelpack]
+    type = "snapshot"
+    address = "{snapshotter}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox}"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "modelpack"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{dir}/cni/bin"
+    conf_dir = "{dir}/cni/conf"
+"#,
+                snapshotter = snapshotter_socket.display(),
+                certs = certs.display(),
+                dir = dir.display(),
+            ),
+            Flavor::V2 => format!(
+                r#"version = 3
+{common}
+[proxy_plugins]
+  [proxy_plugins.modelpack]
+    type = "snapshot"
+    address = "{snapshotter}"
+    [proxy_plugins.modelpack.exports]
+      enable_remote_snapshot_annotations = "true"
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "modelpack"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "{sandbox}"
+  [plugins.'io.containerd.cri.v1.images'.registry]
+    config_path = "{certs}"
+
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+      BinaryName = "{runc}"
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["{dir}/cni/bin"]
+    conf_dir = "{dir}/cni/conf"
+
+[plugins.'io.containerd.transfer.v1.local']
+  config_path = "{certs}"
+  unpack_config = [{{ platform = "linux/{arch}", snapshotter = "modelpack" }}]
+"#,
+                snapshotter = snapshotter_socket.display(),
+                certs = certs.display(),
+                dir = dir.display(),
+                runc = super::which("runc").expect("runc installed").display(),
+                arch = oci_arch(),
+            ),
+        };
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let (binary, path) = match flavor {
+            Flavor::V16 => (PathBuf::from("containerd"), std::env::var("PATH").unwrap_or_default()),
+            Flavor::V2 => {
+                let bin = containerd2_bin().expect("containerd 2.x fetched by scripts/fetch-containerd2.sh");
+                (bin.join("containerd"), format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+            }
+        };
+        Self::spawn(dir, socket, &binary, &path)
+    }
+
+    fn spawn(dir: &Path, socket: PathBuf, binary: &Path, path: &str) -> Self {
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start; log:\n{}",
+                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child: Some(child), dir: dir.to_owned(), socket, namespace: "k8s.io".to_owned() }
+    }
+
     /// Starts containerd (1.6 config format, `version = 2`) under `dir`, with the CRI
     /// plugin disabled, talking to the snapshotter at `snapshotter_socket`.
     pub fn start_v2(dir: &Path, snapshotter_socket: &Path) -> Self {
@@ -51,24 +210,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             snapshotter = snapshotter_socket.display(),
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start; log:\n{}",
-                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child: Some(child), dir: dir.to_owned(), socket, namespace: "modelpack-test".to_owned() }
+        let mut c = Self::spawn(dir, socket, Path::new("containerd"), &std::env::var("PATH").unwrap_or_default());
+        c.namespace = "modelpack-test".to_owned();
+        c
     }
 
     /// Runs `ctr` against this containerd; returns (success, stdout, stderr).
@@ -137,6 +281,12 @@ pub fn oci_arch() -> &'static str {
 /// Pushes a one-layer image holding the static busybox binary and a few applet links,
 /// with `/bin/sh` as its command.
 pub fn push_busybox_image(reference: &str) {
+    push_busybox_image_with(reference, &["/bin/sh"]);
+}
+
+/// Like [`push_busybox_image`], with `cmd` as the image's command (a pod sandbox image
+/// runs `sleep`).
+pub fn push_busybox_image_with(reference: &str, cmd: &[&str]) {
     let busybox = std::fs::read(super::which("busybox").expect("busybox installed")).unwrap();
     let mut builder = tar::Builder::new(Vec::new());
     let mut dir = tar::Header::new_gnu();
@@ -162,7 +312,7 @@ pub fn push_busybox_image(reference: &str) {
     let config = json!({
         "architecture": oci_arch(),
         "os": "linux",
-        "config": { "Cmd": ["/bin/sh"], "Env": ["PATH=/bin"] },
+        "config": { "Cmd": cmd, "Env": ["PATH=/bin"] },
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
     });
     let spec =

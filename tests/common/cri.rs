@@ -1,0 +1,154 @@
+//! A CRI client (the `k8s-cri` crate's generated API) over containerd's socket, doing
+//! what kubelet does for one pod: pull, run a host-network sandbox, run a container,
+//! wait for it and read its log.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{self as cri, ImageSpec};
+use tonic::transport::Channel;
+
+/// Both CRI services on one connection.
+pub struct Cri {
+    pub images: ImageServiceClient<Channel>,
+    pub runtime: RuntimeServiceClient<Channel>,
+}
+
+impl Cri {
+    /// Connects to containerd's CRI over its socket.
+    pub async fn connect(socket: &Path) -> Self {
+        let socket = socket.to_owned();
+        let channel = tonic::transport::Endpoint::try_from("http://localhost")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
+            }))
+            .await
+            .expect("connecting to CRI");
+        Self { images: ImageServiceClient::new(channel.clone()), runtime: RuntimeServiceClient::new(channel) }
+    }
+
+    /// `PullImage`, returning the image ref containerd reports.
+    pub async fn pull(&mut self, image: &str) -> String {
+        let request = cri::PullImageRequest { image: Some(spec(image)), auth: None, sandbox_config: None };
+        self.images
+            .pull_image(request)
+            .await
+            .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
+            .into_inner()
+            .image_ref
+    }
+
+    /// Runs a host-network pod sandbox logging under `log_dir`; returns its id and config.
+    pub async fn run_sandbox(&mut self, name: &str, log_dir: &Path) -> (String, cri::PodSandboxConfig) {
+        std::fs::create_dir_all(log_dir).unwrap();
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("{name}-uid"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            log_directory: log_dir.display().to_string(),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request = cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
+        let id = self
+            .runtime
+            .run_pod_sandbox(request)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
+            .into_inner()
+            .pod_sandbox_id;
+        (id, config)
+    }
+
+    /// Creates and starts a container running `command`, with `mounts`; waits for it to
+    /// exit and returns (exit code, log text without CRI prefixes).
+    pub async fn run_to_exit(
+        &mut self,
+        sandbox: &(String, cri::PodSandboxConfig),
+        name: &str,
+        image: &str,
+        command: &[&str],
+        mounts: Vec<cri::Mount>,
+        log_dir: &Path,
+    ) -> (i32, String) {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
+            image: Some(spec(image)),
+            command: command.iter().map(|c| (*c).to_owned()).collect(),
+            mounts,
+            log_path: format!("{name}.log"),
+            ..Default::default()
+        };
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.0.clone(),
+            config: Some(config),
+            sandbox_config: Some(sandbox.1.clone()),
+        };
+        let id = self
+            .runtime
+            .create_container(request)
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}"))
+            .into_inner()
+            .container_id;
+        self.runtime
+            .start_container(cri::StartContainerRequest { container_id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let exit_code = loop {
+            let status = self
+                .runtime
+                .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                break status.exit_code;
+            }
+            assert!(Instant::now() < deadline, "container {name} did not exit: {status:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        (exit_code, read_cri_log(&log_dir.join(format!("{name}.log"))))
+    }
+
+    /// Stops and removes a sandbox and its containers.
+    pub async fn remove_sandbox(&mut self, id: &str) {
+        let _ = self.runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.into() }).await;
+        let _ = self.runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() }).await;
+    }
+}
+
+/// An image spec naming `image`.
+pub fn spec(image: &str) -> ImageSpec {
+    ImageSpec { image: image.into(), ..Default::default() }
+}
+
+/// A CRI image-volume mount of `image` at `path`, read-only.
+pub fn image_volume(image: &str, path: &str) -> cri::Mount {
+    cri::Mount { container_path: path.into(), readonly: true, image: Some(spec(image)), ..Default::default() }
+}
+
+/// The messages of a CRI log file (`<time> <stream> <tag> <message>` lines).
+pub fn read_cri_log(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).map(|m| format!("{m}\n")).collect()
+}
