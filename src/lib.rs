@@ -10,6 +10,7 @@
 
 pub mod blob;
 pub mod cache;
+pub mod companion;
 pub mod config;
 pub mod convert;
 pub mod daemon;

@@ -5,7 +5,8 @@
 //! [`crate::blob::BlobStore`]. Compressed tar layers have no random access: each is
 //! fetched once, verified, and unpacked into the cache, then served from there.
 //! Resolved manifests and configs are kept in the cache, so a model opened before opens
-//! again while its registry is unreachable.
+//! again while its registry is unreachable. A companion reference (made by `convert`)
+//! opens the model its lazy index describes, with every chunk checked against the index.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,6 +19,7 @@ use tokio::runtime::Handle;
 
 use crate::blob::{BlobError, BlobInfo, BlobStore};
 use crate::cache::{CacheError, ChunkCache};
+use crate::companion;
 use crate::config::Settings;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::{ChunkDigests, VerifiedIndex};
@@ -52,6 +54,9 @@ pub enum ModelError {
     /// The cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// A companion image's lazy index could not be loaded.
+    #[error("{reference}: {detail}")]
+    Companion { reference: String, detail: String },
     /// The lazy index's digests cannot check chunks of the configured size.
     #[error("chunk size {chunk_size} is not a multiple of the lazy index's {piece}-byte pieces")]
     ChunkSize { chunk_size: u64, piece: u64 },
@@ -126,6 +131,15 @@ impl Model {
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some(at) = companion_of(reference, &registry, &cache, &manifest_bytes, offline).await? {
+            let pinned = crate::snapshotter::labels::pinned(crate::convert::labels::INDEX, &at)
+                .map_err(|e| ModelError::Companion { reference: reference.to_owned(), detail: e.to_string() })?;
+            let (index, _) = companion::load_index(&at, &pinned.digest, &cache, &settings.registry)
+                .await
+                .map_err(|e| ModelError::Companion { reference: reference.to_owned(), detail: e.to_string() })?;
+            tracing::info!(reference, source = %index.index.source.reference, "serving the model of a companion image");
+            return Self::open_indexed(index, settings, cache).await;
+        }
         let manifest_err = |source| ModelError::Manifest { reference: reference.to_owned(), source };
         let artifact = manifest::parse_manifest(&manifest_bytes).map_err(manifest_err)?;
         let config = fetch_config(&registry, &cache, &artifact).await?;
@@ -223,6 +237,26 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// If `manifest` is a companion image (or an index of them), the pinned location of its
+/// lazy index layer; remembered in the cache for when the registry is unreachable.
+async fn companion_of(
+    reference: &str,
+    registry: &Registry,
+    cache: &ChunkCache,
+    manifest: &[u8],
+    offline: bool,
+) -> Result<Option<String>, ModelError> {
+    let key = format!("companion-for:{reference}");
+    if offline {
+        return Ok(cache.get_meta(&key)?.and_then(|v| String::from_utf8(v).ok()));
+    }
+    let found = companion::index_location(registry, manifest).await?;
+    if let Some(at) = &found {
+        cache.put_meta(&key, at.as_bytes())?;
+    }
+    Ok(found)
 }
 
 /// The config blob, from the cache or the registry (then cached).

@@ -505,3 +505,28 @@ fn a_mount_left_by_a_killed_process_is_replaced() {
     drop(first);
     assert!(!modelpack_snapshotter::fs::is_mountpoint(&tmp.path().join("mnt")), "nothing left mounted");
 }
+
+#[test]
+fn a_companion_reference_mounts_its_model_with_every_chunk_verified() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 3 << 20);
+    let source = format!("{}/models/companion:v1", proxy.addr());
+    push_dir(&src, &source, "raw");
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "{stderr}");
+    let m = mount(&format!("{source}-lazy"), tmp.path(), &["--chunk-size", "1048576", "--retries", "1"]);
+
+    // A registry that corrupts bytes of a multi-chunk blob gets EIO, never wrong bytes.
+    proxy.set_fault(Fault::Corrupt, u32::MAX);
+    let err = std::fs::read(m.mountpoint.join("model-00001-of-00002.safetensors"))
+        .expect_err("corrupt chunks must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    proxy.clear_fault();
+    assert_same_tree(&src, &m.mountpoint);
+}

@@ -12,10 +12,8 @@
 //! mounts them again (from the cache when the registry is unreachable).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
@@ -23,14 +21,13 @@ use super::grpc::Service;
 use super::labels::{model_labels, ModelLabels, Pinned};
 use super::{Mount, SnapshotError, Snapshotter};
 use crate::cache::ChunkCache;
+use crate::companion;
 use crate::config::Settings;
 use crate::fs::{self, Mounted};
 use crate::metadata::{Kind, SnapshotRecord, Usage};
 use crate::model::Model;
-use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
 use crate::modelpack::Digest;
-use crate::registry::{parse_reference, Registry};
 
 /// What a model snapshot's record remembers, to mount it again after a restart.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,16 +52,6 @@ pub struct RemoteSnapshotter {
     /// Model prepares run one at a time: a second `Prepare` of one chain ID must find it
     /// committed and mounted, not half made.
     prepare_lock: Mutex<()>,
-}
-
-/// Cache record of an index JSON, by the JSON's digest.
-fn index_key(digest: &Digest) -> String {
-    format!("lazy-index:{digest}")
-}
-
-/// Cache record naming the index JSON digest of an index layer.
-fn layer_key(digest: &Digest) -> String {
-    format!("lazy-index-layer:{digest}")
 }
 
 impl RemoteSnapshotter {
@@ -170,11 +157,9 @@ impl RemoteSnapshotter {
         let bad = |detail: String| SnapshotError::Remote { name: record.key.clone(), detail };
         let json_digest: Digest =
             remote.index.parse().map_err(|e: crate::modelpack::digest::DigestError| bad(e.to_string()))?;
-        let index = match self.cache.get_meta(&index_key(&json_digest)).map_err(|e| bad(e.to_string()))? {
-            Some(json) if Digest::of(&json) == json_digest => {
-                LazyIndex::parse(&json).map_err(|e| bad(e.to_string()))?
-            }
-            _ => {
+        let index = match companion::cached_index(&self.cache, &json_digest).map_err(bad)? {
+            Some(index) => index,
+            None => {
                 let layer =
                     remote.layer.as_deref().ok_or_else(|| bad("the lazy index is no longer cached".to_owned()))?;
                 let pinned = super::labels::pinned(crate::convert::labels::INDEX, layer)?;
@@ -195,54 +180,11 @@ impl RemoteSnapshotter {
             .map_err(|e| SnapshotError::Remote { name, detail: e.to_string() })
     }
 
-    /// The verified lazy index in the layer `at`, and the digest of its JSON: from the
-    /// cache, else fetched (whole, digest-checked, size-capped), unpacked from its tar
-    /// and cached.
+    /// The verified lazy index in the layer `at`, and the digest of its JSON.
     fn load_index(&self, at: &Pinned) -> Result<(VerifiedIndex, Digest), SnapshotError> {
-        let bad = |detail: String| SnapshotError::Remote { name: at.reference.clone(), detail };
-        if let Some(named) = self.cache.get_meta(&layer_key(&at.digest)).map_err(|e| bad(e.to_string()))? {
-            let json_digest = std::str::from_utf8(&named).ok().and_then(|s| s.parse::<Digest>().ok());
-            if let Some(json_digest) = json_digest {
-                if let Some(json) = self.cache.get_meta(&index_key(&json_digest)).map_err(|e| bad(e.to_string()))? {
-                    if Digest::of(&json) == json_digest {
-                        return Ok((LazyIndex::parse(&json).map_err(|e| bad(e.to_string()))?, json_digest));
-                    }
-                }
-            }
-        }
-        let reference = parse_reference(&at.reference).map_err(|e| bad(e.to_string()))?;
-        let registry = Registry::new(reference, self.settings.registry.clone());
-        let layer = self.runtime.block_on(async {
-            let mut stream = registry.stream_blob(&at.digest, 0).await.map_err(|e| bad(e.to_string()))?;
-            let mut data = Vec::new();
-            let mut hasher = Hasher::default();
-            while let Some(piece) = stream.next().await {
-                let piece = piece.map_err(|e| bad(format!("download: {e}")))?;
-                if (data.len() + piece.len()) as u64 > MAX_INDEX_BYTES {
-                    return Err(bad(format!("index layer exceeds {MAX_INDEX_BYTES} bytes")));
-                }
-                hasher.update(&piece);
-                data.extend_from_slice(&piece);
-            }
-            if hasher.finish() != at.digest {
-                return Err(bad("index layer does not match its digest".to_owned()));
-            }
-            Ok(data)
-        })?;
-        let json = index_from_tar(&layer).map_err(bad)?;
-        let index = LazyIndex::parse(&json).map_err(|e| bad(e.to_string()))?;
-        let json_digest = self.keep_index(&json).map_err(bad)?;
-        self.cache
-            .put_meta(&layer_key(&at.digest), json_digest.to_string().as_bytes())
-            .map_err(|e| bad(e.to_string()))?;
-        Ok((index, json_digest))
-    }
-
-    /// Keeps an index JSON in the cache, by its digest.
-    fn keep_index(&self, json: &[u8]) -> Result<Digest, String> {
-        let digest = Digest::of(json);
-        self.cache.put_meta(&index_key(&digest), json).map_err(|e| e.to_string())?;
-        Ok(digest)
+        self.runtime
+            .block_on(companion::load_index(&at.reference, &at.digest, &self.cache, &self.settings.registry))
+            .map_err(|e| SnapshotError::Remote { name: at.reference.clone(), detail: e.to_string() })
     }
 
     /// If the active snapshot `key` holds nothing but a lazy index (a companion layer
@@ -268,7 +210,7 @@ impl RemoteSnapshotter {
                 return Ok(false);
             }
         };
-        let json_digest = self.keep_index(&json).map_err(bad)?;
+        let json_digest = companion::keep_index(&self.cache, &json).map_err(|e| bad(e.to_string()))?;
         let remote =
             RemoteRecord { source: index.index.source.reference.clone(), index: json_digest.to_string(), layer: None };
         let files = index.index.files.len() as i64;
@@ -313,21 +255,6 @@ fn lone_index(dir: &std::path::Path) -> Option<Vec<u8>> {
         return None;
     }
     std::fs::read(path).ok()
-}
-
-/// The index file inside the companion layer's tar.
-fn index_from_tar(layer: &[u8]) -> Result<Vec<u8>, String> {
-    let mut archive = tar::Archive::new(layer);
-    for entry in archive.entries().map_err(|e| format!("index layer is not a tar: {e}"))? {
-        let mut entry = entry.map_err(|e| format!("index layer is not a tar: {e}"))?;
-        let path = entry.path_bytes().into_owned();
-        if path == INDEX_PATH.as_bytes() || path.strip_prefix(b"./") == Some(INDEX_PATH.as_bytes()) {
-            let mut json = Vec::new();
-            entry.read_to_end(&mut json).map_err(|e| format!("reading {INDEX_PATH}: {e}"))?;
-            return Ok(json);
-        }
-    }
-    Err(format!("index layer holds no {INDEX_PATH}"))
 }
 
 impl Service for RemoteSnapshotter {
