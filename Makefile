@@ -15,7 +15,7 @@ setup:
 	./scripts/setup.sh
 
 test: setup
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked
 
 lint:
 	$(CARGO) fmt --check
