@@ -8,7 +8,6 @@
 //! size (default 1 GiB), `BENCH_RUNS` the repetitions (default 3).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::path::Path;
