@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/modelpack-snapshotter
 
-.PHONY: all build setup test demo lint clean
+.PHONY: all build setup test demo bench lint clean
 
 all: build
 
@@ -20,6 +20,11 @@ test: setup
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# Benchmarks against a local registry (not part of `make test`); see docs/benchmarks.md.
+bench: setup
+	$(CARGO) bench --locked --bench bench
+	$(CARGO) bench --locked --bench cri_pull
 
 demo: setup build
 	./scripts/demo.sh $(RELEASE_BIN)
