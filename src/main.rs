@@ -126,6 +126,9 @@ struct CacheArgs {
     /// Chunks fetched ahead of a sequential reader.
     #[arg(long, default_value_t = FetchSettings::default().readahead_chunks)]
     readahead_chunks: u64,
+    /// Chunks fetched by one ranged request when reading ahead of a stream.
+    #[arg(long, default_value_t = FetchSettings::default().stream_request_chunks)]
+    stream_request_chunks: u64,
     /// Parallel requests of the background prefetch.
     #[arg(long, default_value_t = FetchSettings::default().prefetch_concurrency)]
     prefetch_concurrency: usize,
@@ -134,9 +137,11 @@ struct CacheArgs {
 impl CacheArgs {
     fn fetch(&self) -> Result<FetchSettings> {
         anyhow::ensure!(self.chunk_size >= 4096, "--chunk-size must be at least 4096 bytes");
+        anyhow::ensure!(self.stream_request_chunks >= 1, "--stream-request-chunks must be at least 1");
         Ok(FetchSettings {
             chunk_size: self.chunk_size,
             readahead_chunks: self.readahead_chunks,
+            stream_request_chunks: self.stream_request_chunks,
             prefetch_concurrency: self.prefetch_concurrency,
             cache_budget: self.cache_budget,
         })

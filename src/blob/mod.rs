@@ -240,16 +240,59 @@ impl BlobStore {
         }
         let cs = self.settings.chunk_size;
         let last = (blob.size.min(offset.saturating_add(len)) - 1) / cs;
-        for index in offset / cs..=last {
-            let key = ChunkKey { blob: blob.digest, index };
-            if self.cache.contains(&key) || self.inflight.lock().expect("inflight lock").contains_key(&key) {
-                continue;
-            }
+        let per_request = self.settings.stream_request_chunks.max(1);
+        let mut index = offset / cs;
+        while index <= last {
+            // A run of missing chunks, registered as in flight under one lock so that
+            // readers arriving meanwhile join it instead of fetching again.
+            let run = {
+                let mut inflight = self.inflight.lock().expect("inflight lock");
+                let mut run = Vec::new();
+                while index <= last && (run.len() as u64) < per_request {
+                    let key = ChunkKey { blob: blob.digest, index };
+                    if self.cache.contains(&key) || inflight.contains_key(&key) {
+                        if run.is_empty() {
+                            index += 1;
+                            continue;
+                        }
+                        break;
+                    }
+                    run.push(index);
+                    index += 1;
+                }
+                if run.is_empty() {
+                    break;
+                }
+                let first = run[0];
+                let count = run.len() as u64;
+                let this = self.clone();
+                let b = *blob;
+                let whole = async move {
+                    let _guard = this.on_demand_guard();
+                    let chunks = this.fetch_verified(&b, first, count).await.map_err(Arc::new)?;
+                    for (i, data) in chunks.iter().enumerate() {
+                        this.store_chunk(&b, first + i as u64, data.clone()).await;
+                    }
+                    Ok::<_, Arc<BlobError>>(Arc::new(chunks))
+                }
+                .boxed()
+                .shared();
+                for (i, index) in run.iter().enumerate() {
+                    let part = whole.clone().map(move |r| r.map(|chunks| chunks[i].clone())).boxed().shared();
+                    inflight.insert(ChunkKey { blob: blob.digest, index: *index }, part);
+                }
+                (whole, run)
+            };
+            let (whole, run) = run;
             let this = self.clone();
-            let blob = *blob;
+            let digest = blob.digest;
             tokio::spawn(async move {
-                if let Err(e) = this.chunk(&blob, index, Priority::OnDemand).await {
+                if let Err(e) = whole.await {
                     tracing::debug!(error = %e, "read-ahead failed");
+                }
+                let mut inflight = this.inflight.lock().expect("inflight lock");
+                for index in run {
+                    inflight.remove(&ChunkKey { blob: digest, index });
                 }
             });
         }
@@ -324,45 +367,64 @@ impl BlobStore {
         if let Some(data) = cached {
             return Ok(Bytes::from(data));
         }
-        let _guard = (priority == Priority::OnDemand).then(|| {
-            self.on_demand.fetch_add(1, Ordering::SeqCst);
-            OnDemandGuard(&self.on_demand)
-        });
-        let data = self.fetch_verified(blob, index).await?;
-        let cache = self.cache.clone();
-        let stored = data.clone();
-        let put = tokio::task::spawn_blocking(move || cache.put(&key, &stored))
-            .await
-            .map_err(|e| BlobError::Task(e.to_string()))?;
-        match put {
-            Ok(()) => self.verify_if_complete(blob),
-            // The bytes are as good as a cached copy would be; serve them regardless.
-            Err(e) => tracing::warn!(error = %e, "cannot cache chunk"),
-        }
+        let _guard = (priority == Priority::OnDemand).then(|| self.on_demand_guard());
+        let data = self.fetch_verified(blob, index, 1).await?.remove(0);
+        self.store_chunk(blob, index, data.clone()).await;
         Ok(data)
     }
 
-    /// Fetches a chunk; when it is the whole blob, checks it against the blob digest and
-    /// fetches once more on mismatch.
-    async fn fetch_verified(&self, blob: &BlobInfo, index: u64) -> Result<Bytes, BlobError> {
-        let offset = index * self.settings.chunk_size;
-        let len = self.chunk_len(blob, index);
+    /// Counts an on-demand fetch until the guard drops.
+    fn on_demand_guard(&self) -> OnDemandGuard<'_> {
+        self.on_demand.fetch_add(1, Ordering::SeqCst);
+        OnDemandGuard(&self.on_demand)
+    }
+
+    /// Caches a fetched, checked chunk; a cache failure is logged, since the bytes are
+    /// as good as a cached copy would be.
+    async fn store_chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, data: Bytes) {
+        let key = ChunkKey { blob: blob.digest, index };
+        let cache = self.cache.clone();
+        let put = tokio::task::spawn_blocking(move || cache.put(&key, &data)).await;
+        match put {
+            Ok(Ok(())) => self.verify_if_complete(blob),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot cache chunk"),
+            Err(e) => tracing::warn!(error = %e, "cache worker failed"),
+        }
+    }
+
+    /// Fetches `count` consecutive chunks from `first` with one ranged request and checks
+    /// each: against the blob digest when a chunk is the whole blob, and against the lazy
+    /// index's piece digests when known. A failing check fetches the range once more,
+    /// then fails.
+    async fn fetch_verified(&self, blob: &BlobInfo, first: u64, count: u64) -> Result<Vec<Bytes>, BlobError> {
+        let cs = self.settings.chunk_size;
+        let offset = first * cs;
+        let len: u64 = (first..first + count).map(|i| self.chunk_len(blob, i)).sum();
         let whole = self.chunk_count(blob) == 1;
         let mut attempts_left = 2;
         loop {
             let data = self.source.read_range(&blob.digest, offset, len).await.map_err(|source| BlobError::Fetch {
                 blob: blob.digest,
-                index,
+                index: first,
                 source,
             })?;
             self.stats.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-            let problem = if whole && Digest::of(&data) != blob.digest {
-                Some("content does not match the blob digest".to_owned())
-            } else {
-                self.check_pieces(blob, offset, &data)
-            };
-            let Some(detail) = problem else { return Ok(data) };
+            self.stats.fetched_chunks.fetch_add(count, Ordering::Relaxed);
+            let chunks: Vec<Bytes> = (0..count)
+                .map(|i| {
+                    let start = (i * cs) as usize;
+                    data.slice(start..start + self.chunk_len(blob, first + i) as usize)
+                })
+                .collect();
+            let problem = chunks.iter().enumerate().find_map(|(i, chunk)| {
+                let index = first + i as u64;
+                if whole && Digest::of(chunk) != blob.digest {
+                    Some((index, "content does not match the blob digest".to_owned()))
+                } else {
+                    self.check_pieces(blob, index * cs, chunk).map(|d| (index, d))
+                }
+            });
+            let Some((index, detail)) = problem else { return Ok(chunks) };
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
             self.cache.record_verify_failure();
             attempts_left -= 1;
@@ -606,5 +668,25 @@ mod tests {
         assert!(!store.cache().contains(&ChunkKey { blob: blob.digest, index: 1 }));
         source.lie.store(false, Ordering::SeqCst);
         assert_eq!(store.read(&blob, 3000, 10).await.unwrap(), data[3000..3010]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_ahead_fetches_a_run_of_chunks_in_one_request_that_readers_join() {
+        let data: Vec<u8> = (0..16_384u32).map(|i| (i % 251) as u8).collect();
+        let (store, source, _dir) = store(&[&data], 1024);
+        let blob = info(&data);
+        // Chunk 0 read on demand; then read-ahead of chunks 1..=8 in runs of 4.
+        assert_eq!(store.read(&blob, 0, 10).await.unwrap(), data[..10]);
+        store.read_ahead(&blob, 1024, 8 * 1024);
+        // A reader arriving while the run is in flight joins it.
+        assert_eq!(store.read(&blob, 2048 + 5, 100).await.unwrap(), data[2053..2153]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(1..=8).all(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i })) {
+            assert!(std::time::Instant::now() < deadline, "read-ahead did not complete");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 2, "one request per run of four chunks");
+        assert_eq!(store.read(&blob, 1024, 8 * 1024).await.unwrap(), data[1024..9216]);
+        assert_eq!(source.requests.load(Ordering::SeqCst), 3);
     }
 }

@@ -16,9 +16,11 @@
 //! # Durability
 //!
 //! Chunks and metadata records are written to a file in `tmp/`, flushed with `fsync`,
-//! renamed into place, and the directory is flushed. A chunk counts as present only once
-//! all of that has succeeded, so a crash never leaves a torn chunk that a later read
-//! would serve: after a crash a chunk is either whole or absent. `open` deletes whatever
+//! and renamed into place. A chunk counts as present only once all of that has
+//! succeeded, so a crash never leaves a torn chunk that a later read would serve: after a
+//! crash a chunk is either whole or absent. Chunk directories are flushed once per blob,
+//! before its verified marker is written, not once per chunk; metadata directories on
+//! every write. `open` deletes whatever
 //! is left in `tmp/` and rebuilds the index by scanning the chunk directories; an empty
 //! chunk file is never valid and is treated as absent.
 //!
@@ -302,9 +304,11 @@ impl ChunkCache {
         self.lock().lru.contains(key)
     }
 
-    /// Stores a chunk durably: write to a temp file in the cache dir, fsync, rename into
-    /// place, fsync the directory. Only then does it count as present, so a crash never
-    /// leaves a torn chunk that is later served. Then evicts least-recently-used chunks
+    /// Stores a chunk: write to a temp file in the cache dir, fsync it, rename it into
+    /// place. Only then does it count as present, so a crash never leaves a torn chunk that
+    /// is later served: after a crash a chunk is whole or absent. The directory is not
+    /// flushed per chunk (a lost rename only means the chunk is fetched again);
+    /// [`Self::mark_verified`] flushes it once per blob before vouching for the blob. Then evicts least-recently-used chunks
     /// until within budget, never evicting the chunk just written nor any chunk of a blob
     /// currently pinned (see [`Self::pin_blob`]). Storing a chunk that is already present
     /// replaces it. Failures to evict are logged, not returned: the chunk is stored.
@@ -319,38 +323,21 @@ impl ChunkCache {
         let path = self.layout.chunk(key);
         // Under the lock so that neither `remove_blob` nor an eviction emptying the blob
         // can remove the directory between its creation and the rename.
-        let created_dir = {
+        {
             let mut inner = self.lock();
-            let placed =
-                ensure_dir(&blob_dir).map_err(io_error("create blob chunk directory", &blob_dir)).and_then(|created| {
-                    fs::rename(&tmp, &path).map_err(io_error("rename chunk into place", &path))?;
-                    Ok(created)
-                });
-            let created = match placed {
-                Ok(created) => created,
-                Err(e) => {
-                    drop(inner);
-                    let _ = fs::remove_file(&tmp);
-                    return Err(e);
-                }
-            };
-            // A replaced chunk leaves the index until its successor is durable, so that
+            let placed = ensure_dir(&blob_dir)
+                .map_err(io_error("create blob chunk directory", &blob_dir))
+                .and_then(|_| fs::rename(&tmp, &path).map_err(io_error("rename chunk into place", &path)));
+            if let Err(e) = placed {
+                drop(inner);
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            // A replaced chunk leaves the index until its successor is in place, so that
             // no eviction deletes the new file on the old entry's behalf meanwhile.
             if let Some(old) = inner.lru.pop(key) {
                 inner.used_bytes -= old.size;
             }
-            created
-        };
-
-        match sync_dir(&blob_dir) {
-            Ok(()) => {}
-            // `remove_blob` took the directory away; the check below sees the chunk gone.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("flush directory", &blob_dir)(e)),
-        }
-        if created_dir {
-            let chunks = self.layout.chunks();
-            sync_dir(&chunks).map_err(io_error("flush directory", &chunks))?;
         }
 
         let mut inner = self.lock();
@@ -414,6 +401,14 @@ impl ChunkCache {
     pub fn mark_verified(&self, blob: &Digest) -> Result<(), CacheError> {
         let blob_dir = self.layout.blob_dir(blob);
         let marker = self.layout.marker(blob);
+        // The chunks' renames must be durable before a marker vouches for them.
+        match sync_dir(&blob_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("flush directory", &blob_dir)(e)),
+        }
+        let chunks = self.layout.chunks();
+        sync_dir(&chunks).map_err(io_error("flush directory", &chunks))?;
         let created_dir = {
             let mut inner = self.lock();
             let created = ensure_dir(&blob_dir).map_err(io_error("create blob chunk directory", &blob_dir))?;

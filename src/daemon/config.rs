@@ -50,6 +50,8 @@ pub struct CacheConfig {
     pub chunk_size: u64,
     /// Chunks fetched ahead of a sequential reader.
     pub readahead_chunks: u64,
+    /// Chunks fetched by one ranged request when reading ahead of a stream.
+    pub stream_request_chunks: u64,
     /// Parallel requests of background prefetch.
     pub prefetch_concurrency: usize,
 }
@@ -86,6 +88,7 @@ impl Default for CacheConfig {
             budget_bytes: 0,
             chunk_size: f.chunk_size,
             readahead_chunks: f.readahead_chunks,
+            stream_request_chunks: f.stream_request_chunks,
             prefetch_concurrency: f.prefetch_concurrency,
         }
     }
@@ -124,6 +127,9 @@ impl DaemonConfig {
         if self.cache.chunk_size < 4096 {
             return Err(invalid("cache.chunk_size", "must be at least 4096"));
         }
+        if self.cache.stream_request_chunks == 0 {
+            return Err(invalid("cache.stream_request_chunks", "must be at least 1"));
+        }
         if self.cache.prefetch_concurrency == 0 {
             return Err(invalid("cache.prefetch_concurrency", "must be at least 1"));
         }
@@ -157,6 +163,7 @@ impl DaemonConfig {
             fetch: FetchSettings {
                 chunk_size: self.cache.chunk_size,
                 readahead_chunks: self.cache.readahead_chunks,
+                stream_request_chunks: self.cache.stream_request_chunks,
                 prefetch_concurrency: self.cache.prefetch_concurrency,
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
             },

@@ -40,10 +40,37 @@ pub enum FsError {
     Mount { path: String, source: std::io::Error },
 }
 
-/// Per open file: where the last read ended, to recognise sequential readers.
-#[derive(Debug)]
+/// Per open file: where the last read ended and how many bytes the reader has read
+/// contiguously up to there, to recognise sequential readers.
+#[derive(Debug, Default)]
 struct OpenFile {
     next_offset: AtomicU64,
+    streak: AtomicU64,
+}
+
+impl OpenFile {
+    /// Records a read of `size` bytes at `offset`; returns how many contiguous bytes the
+    /// reader has now read in a row.
+    fn record(&self, offset: u64, size: u64) -> u64 {
+        let end = offset + size;
+        if self.next_offset.swap(end, Ordering::Relaxed) == offset && offset > 0 {
+            self.streak.fetch_add(size, Ordering::Relaxed) + size
+        } else {
+            self.streak.store(size, Ordering::Relaxed);
+            size
+        }
+    }
+}
+
+/// How far ahead of a reader to fetch: nothing until it has read a whole chunk in a row
+/// (a header, a small tensor or a random read fetches only what it needs), then the full
+/// window, so that a stream keeps several ranged requests in flight.
+fn read_ahead_window(streak: u64, chunk_size: u64, max: u64) -> u64 {
+    if streak < chunk_size {
+        0
+    } else {
+        max
+    }
 }
 
 /// The filesystem served for one model.
@@ -170,10 +197,7 @@ impl Filesystem for ModelFs {
             return reply.error(Errno::EROFS);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.open_files
-            .lock()
-            .expect("open files lock")
-            .insert(fh, Arc::new(OpenFile { next_offset: AtomicU64::new(0) }));
+        self.open_files.lock().expect("open files lock").insert(fh, Arc::new(OpenFile::default()));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -194,16 +218,16 @@ impl Filesystem for ModelFs {
         let source = *source;
         let open = self.open_files.lock().expect("open files lock").get(&fh.0).cloned();
         let model = self.model.clone();
-        let readahead_bytes = self.readahead_bytes;
+        // Recorded here, in the order the kernel sent the reads: the tasks below may run
+        // in any order.
+        let ahead = open.map_or(0, |open| {
+            read_ahead_window(open.record(offset, u64::from(size)), model.store.chunk_size(), self.readahead_bytes)
+        });
         self.runtime.spawn(async move {
             let end = offset + u64::from(size);
-            if let Some(open) = open {
-                let sequential = open.next_offset.swap(end, Ordering::Relaxed) == offset;
-                if sequential && readahead_bytes > 0 && end < source.size {
-                    if let LayerData::Remote(blob) = &model.layers[source.layer] {
-                        let ahead = readahead_bytes.min(source.size - end);
-                        model.store.read_ahead(blob, source.offset + end, ahead);
-                    }
+            if ahead > 0 && end < source.size {
+                if let LayerData::Remote(blob) = &model.layers[source.layer] {
+                    model.store.read_ahead(blob, source.offset + end, ahead.min(source.size - end));
                 }
             }
             match read_file(&model, &source, offset, u64::from(size)).await {
@@ -355,5 +379,28 @@ pub fn detach(path: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_ahead_starts_after_a_chunk_in_a_row() {
+        let open = OpenFile::default();
+        let chunk = 4 << 20;
+        let max = 16 << 20;
+        // A header read at the start, then a jump: no read-ahead.
+        assert_eq!(read_ahead_window(open.record(0, 4096), chunk, max), 0);
+        assert_eq!(read_ahead_window(open.record(1 << 30, 1 << 20), chunk, max), 0);
+        // A sequential stream: full read-ahead once a chunk was read in a row.
+        let mut offset = 1 << 30;
+        let mut windows = Vec::new();
+        for _ in 0..8 {
+            offset += 1 << 20;
+            windows.push(read_ahead_window(open.record(offset, 1 << 20), chunk, max));
+        }
+        assert_eq!(windows, [0, 0, max, max, max, max, max, max]);
     }
 }
