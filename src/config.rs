@@ -53,8 +53,8 @@ impl Default for FetchSettings {
     fn default() -> Self {
         Self {
             chunk_size: 4 << 20,
-            readahead_chunks: 8,
-            stream_request_chunks: 4,
+            readahead_chunks: 4,
+            stream_request_chunks: 2,
             prefetch_concurrency: 4,
             cache_budget: None,
         }
