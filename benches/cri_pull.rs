@@ -111,21 +111,8 @@ async fn one_run(
         .container_id;
     let t = Instant::now();
     client.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
-    loop {
-        let status = client
-            .runtime
-            .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        if status.state == cri::ContainerState::ContainerExited as i32 {
-            assert_eq!(status.exit_code, 0, "reader failed: {}", read_cri_log(&logs.join("first-byte.log")));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let code = client.wait_exited(&id, Duration::from_millis(1)).await;
+    assert_eq!(code, 0, "reader failed: {}", read_cri_log(&logs.join("first-byte.log")));
     let first_byte = t.elapsed();
     client.remove_sandbox(&sandbox.0).await;
     Run { pull_companion, pull_ordinary, first_byte }

@@ -45,29 +45,8 @@ fn containerd_pulls_and_runs_an_ordinary_image_through_the_snapshotter() {
 
 /// The one committed model snapshot's backend name, from our snapshotter's own API.
 async fn model_snapshot(socket: &std::path::Path) -> String {
-    use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
-    let mut client = snapshots_client(socket).await;
-    let mut stream = client
-        .list(pb::ListSnapshotsRequest { snapshotter: "modelpack".into(), filters: vec!["kind==committed".into()] })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut names = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        names.extend(batch.info.into_iter().map(|i| i.name));
-    }
-    if names.len() != 1 {
-        let mut stream = client
-            .list(pb::ListSnapshotsRequest { snapshotter: "modelpack".into(), filters: vec![] })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut all = Vec::new();
-        while let Some(batch) = stream.message().await.unwrap() {
-            all.extend(batch.info.into_iter().map(|i| (i.name, i.labels)));
-        }
-        panic!("one model snapshot expected, found {names:?} among {all:?}");
-    }
+    let mut names = snapshot_names(socket, "kind==committed").await;
+    assert_eq!(names.len(), 1, "one committed snapshot expected, found {names:?}");
     names.remove(0)
 }
 

@@ -86,18 +86,7 @@ async fn containerd_16_cri_pulls_a_model_companion_lazily() {
     // The model is mounted as the companion's layer snapshot.
     let mut client = snapshots_client(&serve.socket).await;
     use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
-    let mut stream = client
-        .list(pb::ListSnapshotsRequest {
-            snapshotter: "modelpack".into(),
-            filters: vec!["labels.\"containerd.io/snapshot/modelpack.source\"".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut names = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        names.extend(batch.info.into_iter().map(|i| i.name));
-    }
+    let names = snapshot_names(&serve.socket, "labels.\"containerd.io/snapshot/modelpack.source\"").await;
     assert_eq!(names.len(), 1, "one model snapshot, made from labels: {names:?}\n{}", containerd.log());
     let mounts = client
         .view(pb::ViewSnapshotRequest {

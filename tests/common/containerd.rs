@@ -248,14 +248,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 impl Drop for Containerd {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling a child we spawned and have not reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            super::terminate(&mut child);
         }
         // Shims outlive containerd; end the ones of this instance and their mounts.
         let _ = Command::new("pkill").arg("-f").arg(format!("containerd-shim.*{}", self.dir.display())).status();

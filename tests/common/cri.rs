@@ -19,15 +19,7 @@ pub struct Cri {
 impl Cri {
     /// Connects to containerd's CRI over its socket.
     pub async fn connect(socket: &Path) -> Self {
-        let socket = socket.to_owned();
-        let channel = tonic::transport::Endpoint::try_from("http://localhost")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
-            }))
-            .await
-            .expect("connecting to CRI");
+        let channel = super::unix_channel(socket).await;
         Self { images: ImageServiceClient::new(channel.clone()), runtime: RuntimeServiceClient::new(channel) }
     }
 
@@ -111,23 +103,22 @@ impl Cri {
             .start_container(cri::StartContainerRequest { container_id: id.clone() })
             .await
             .unwrap_or_else(|e| panic!("StartContainer: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let exit_code = loop {
-            let status = self
-                .runtime
-                .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
-                .await
-                .unwrap()
-                .into_inner()
-                .status
-                .unwrap();
-            if status.state == cri::ContainerState::ContainerExited as i32 {
-                break status.exit_code;
-            }
-            assert!(Instant::now() < deadline, "container {name} did not exit: {status:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let exit_code = self.wait_exited(&id, Duration::from_millis(100)).await;
         (exit_code, read_cri_log(&log_dir.join(format!("{name}.log"))))
+    }
+
+    /// Polls a container every `every` until it has exited (60 s at most); its exit code.
+    pub async fn wait_exited(&mut self, id: &str, every: Duration) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let request = cri::ContainerStatusRequest { container_id: id.to_owned(), verbose: false };
+            let status = self.runtime.container_status(request).await.unwrap().into_inner().status.unwrap();
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                return status.exit_code;
+            }
+            assert!(Instant::now() < deadline, "container {id} did not exit: {status:?}");
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// Stops and removes a sandbox and its containers.

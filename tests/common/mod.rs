@@ -241,17 +241,7 @@ impl MountProcess {
     pub fn stop(&mut self) -> String {
         let mut last = String::new();
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling a child we spawned and have not reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child);
             while let Ok(line) = self.lines.try_recv() {
                 last = line;
             }
@@ -418,14 +408,7 @@ impl SnapshotterProcess {
     /// Stops the process with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling a child we spawned and have not reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child);
         }
     }
 }
@@ -439,18 +422,47 @@ impl Drop for SnapshotterProcess {
 pub type SnapshotsClient =
     modelpack_snapshotter::snapshotter::proto::snapshots::snapshots_client::SnapshotsClient<tonic::transport::Channel>;
 
-/// A gRPC client of the snapshots API over a Unix socket.
-pub async fn snapshots_client(socket: &Path) -> SnapshotsClient {
+/// A gRPC channel over a Unix socket.
+pub async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
     let socket = socket.to_owned();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+    tonic::transport::Endpoint::try_from("http://localhost")
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move { tokio::net::UnixStream::connect(socket).await.map(hyper_util::rt::TokioIo::new) }
         }))
         .await
-        .expect("connecting to the snapshotter");
-    SnapshotsClient::new(channel)
+        .unwrap_or_else(|e| panic!("connecting over a Unix socket: {e}"))
+}
+
+/// A gRPC client of the snapshots API over a Unix socket.
+pub async fn snapshots_client(socket: &Path) -> SnapshotsClient {
+    SnapshotsClient::new(unix_channel(socket).await)
+}
+
+/// The names of the snapshots matching `filter`, from our snapshotter's own API.
+pub async fn snapshot_names(socket: &Path, filter: &str) -> Vec<String> {
+    use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
+    let mut client = snapshots_client(socket).await;
+    let request = pb::ListSnapshotsRequest { snapshotter: "modelpack".into(), filters: vec![filter.to_owned()] };
+    let mut stream = client.list(request).await.unwrap().into_inner();
+    let mut names = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        names.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    names
+}
+
+/// Sends SIGTERM to a child we spawned, waits up to 20 s for it to exit, then kills it.
+pub fn terminate(child: &mut Child) {
+    // SAFETY: signalling a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Mounts what a snapshotter returned at `target` (as containerd would), returning a
