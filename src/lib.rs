@@ -1,10 +1,12 @@
 //! modelpack-snapshotter: lazy, verified access to CNCF ModelPack artifacts in OCI
-//! registries.
+//! registries, for any host (`mount`) and for containerd (`serve`).
 //!
 //! The data path runs one way: [`fs`] (FUSE) asks [`blob`] for bytes, which serves them
 //! from [`cache`] or fetches them through [`registry`]. [`modelpack`] is the pure model
-//! of the artifact format used by all layers; [`model`] ties a reference to a tree of
-//! files; [`push`] builds artifacts.
+//! of the artifact format used by all layers; [`model`] ties a reference (or a
+//! [`companion`] image's lazy index) to a tree of files; [`push`] builds artifacts and
+//! [`convert`] builds companion images. [`daemon`] serves [`snapshotter`], containerd's
+//! snapshots API, whose records live in [`metadata`]; [`config`] holds every tunable.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
