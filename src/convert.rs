@@ -15,7 +15,9 @@ use crate::cache::ChunkCache;
 use crate::config::Settings;
 use crate::model::{Model, ModelError};
 use crate::modelpack::digest::Hasher;
-use crate::modelpack::index::{IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH, INDEX_VERSION};
+use crate::modelpack::index::{
+    IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH, INDEX_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
 use crate::modelpack::media;
 use crate::modelpack::tree::NodeKind;
 use crate::modelpack::Digest;
@@ -51,6 +53,9 @@ pub enum ConvertError {
     /// A blob's bytes do not match its digest or size.
     #[error("blob {digest} of {reference}: {detail}")]
     Blob { reference: String, digest: Digest, detail: String },
+    /// The digested chunk size is out of range.
+    #[error("--chunk-size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    ChunkSize(u64),
     /// The target reference cannot be derived or parsed.
     #[error("target: {0}")]
     Target(String),
@@ -164,6 +169,9 @@ pub async fn convert(
     chunk_size: u64,
     settings: &Settings,
 ) -> Result<Converted, ConvertError> {
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(ConvertError::ChunkSize(chunk_size));
+    }
     let src = Registry::new(registry::parse_reference(source)?, settings.registry.clone());
     let target_ref = registry::parse_reference(target)?;
     let dst = Registry::new(target_ref.clone(), settings.registry.clone());
