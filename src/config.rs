@@ -45,6 +45,10 @@ pub struct FetchSettings {
     pub stream_request_chunks: u64,
     /// Parallel ranged requests of the background prefetch.
     pub prefetch_concurrency: usize,
+    /// Keep each fully fetched and verified raw-layer blob as one file too (twice its
+    /// size on disk), so that the kernel reads it directly (FUSE passthrough, Linux
+    /// ≥ 6.9) instead of through this process.
+    pub passthrough: bool,
     /// Most bytes of chunk data the cache keeps; `None` is unlimited.
     pub cache_budget: Option<u64>,
 }
@@ -56,6 +60,7 @@ impl Default for FetchSettings {
             readahead_chunks: 4,
             stream_request_chunks: 2,
             prefetch_concurrency: 4,
+            passthrough: true,
             cache_budget: None,
         }
     }

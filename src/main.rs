@@ -129,6 +129,9 @@ struct CacheArgs {
     /// Chunks fetched by one ranged request when reading ahead of a stream.
     #[arg(long, default_value_t = FetchSettings::default().stream_request_chunks)]
     stream_request_chunks: u64,
+    /// Do not keep complete blobs as single files for FUSE passthrough reads.
+    #[arg(long)]
+    no_passthrough: bool,
     /// Parallel requests of the background prefetch.
     #[arg(long, default_value_t = FetchSettings::default().prefetch_concurrency)]
     prefetch_concurrency: usize,
@@ -143,6 +146,7 @@ impl CacheArgs {
             readahead_chunks: self.readahead_chunks,
             stream_request_chunks: self.stream_request_chunks,
             prefetch_concurrency: self.prefetch_concurrency,
+            passthrough: !self.no_passthrough,
             cache_budget: self.cache_budget,
         })
     }
@@ -301,11 +305,12 @@ async fn mount(
     mounted.unmount();
     let stats = model.store.stats();
     println!(
-        "unmounted: fetched {} of {} bytes in {} requests, {} verification failures",
+        "unmounted: fetched {} of {} bytes ({} chunks), {} verification failures, {} passthrough opens",
         stats.fetched_bytes.load(Ordering::Relaxed),
         model.tree.total_file_bytes(),
         stats.fetched_chunks.load(Ordering::Relaxed),
         stats.verify_failures.load(Ordering::Relaxed),
+        stats.passthrough_opens.load(Ordering::Relaxed),
     );
     Ok(())
 }

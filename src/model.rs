@@ -190,6 +190,9 @@ impl Model {
             match layer.media_type.format {
                 LayerFormat::Raw => {
                     builder.add_raw_layer(layer).map_err(tree_err)?;
+                    if settings.fetch.passthrough {
+                        store.keep_whole(&blob);
+                    }
                     layers.push(LayerData::Remote(blob));
                 }
                 LayerFormat::Tar => {

@@ -111,6 +111,22 @@ async fn containerd_pulls_a_model_companion_lazily_and_serves_it_across_restarts
     let serve = SnapshotterProcess::start(&serve.root.clone());
     assert_eq!(model_snapshot(&serve.socket).await, name);
     assert_view_matches(&serve.socket, &name, "view-2", &tmp.path().join("view-2"), &src).await;
+    // A writable overlay child (a container rootfs) over the model, whose complete blobs
+    // are read by the kernel directly (passthrough) by now.
+    {
+        use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
+        let mut client = snapshots_client(&serve.socket).await;
+        let request = pb::PrepareSnapshotRequest {
+            snapshotter: "modelpack".into(),
+            key: "rootfs".into(),
+            parent: name.clone(),
+            labels: Default::default(),
+        };
+        let mounts = client.prepare(request).await.unwrap().into_inner().mounts;
+        let target = tmp.path().join("rootfs");
+        let _m = mount_all(&mounts, &target);
+        assert_same_tree(&src, &target);
+    }
     // containerd still knows the image and its snapshot (once its gRPC connection to the
     // restarted snapshotter has reconnected, which takes a backoff of a second or so).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

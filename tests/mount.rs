@@ -530,3 +530,46 @@ fn a_companion_reference_mounts_its_model_with_every_chunk_verified() {
     proxy.clear_fault();
     assert_same_tree(&src, &m.mountpoint);
 }
+
+/// Whether the running kernel has FUSE passthrough (Linux 6.9 and later).
+fn kernel_has_passthrough() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 9)
+}
+
+#[test]
+fn complete_blobs_are_read_through_kernel_passthrough() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 3 << 20);
+    let reference = format!("{}/models/passthrough:v1", registry.addr());
+    push_dir(&src, &reference, "raw");
+    let mut m = mount(&reference, tmp.path(), &["--chunk-size", "1048576"]);
+    assert_same_tree(&src, &m.mountpoint);
+    // Once verified, each multi-chunk raw blob is kept whole.
+    let complete = tmp.path().join("cache/complete/sha256");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(&complete).map_or(0, |d| d.count()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "complete blobs were not kept");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // New opens are served by the kernel from those files, with the same bytes,
+    // including through mmap.
+    assert_same_tree(&src, &m.mountpoint);
+    let f = std::fs::File::open(m.mountpoint.join("model-00001-of-00002.safetensors")).unwrap();
+    let mut buf = vec![0u8; 100];
+    f.read_exact_at(&mut buf, (1 << 20) - 50).unwrap();
+    assert_eq!(buf, pseudo_random(3 << 20, 1)[(1 << 20) - 50..(1 << 20) + 50]);
+    drop(f);
+    let last = m.stop();
+    let opens: u64 =
+        last.rsplit(", ").next().and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    if kernel_has_passthrough() {
+        assert!(opens > 0, "no passthrough opens: {last}");
+    }
+}

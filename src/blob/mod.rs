@@ -97,6 +97,8 @@ pub struct FetchStats {
     pub fetched_chunks: AtomicU64,
     /// Chunks or blobs that failed verification.
     pub verify_failures: AtomicU64,
+    /// Files opened for kernel passthrough reads of a complete, verified blob.
+    pub passthrough_opens: AtomicU64,
 }
 
 type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Arc<BlobError>>>>;
@@ -110,6 +112,9 @@ pub struct BlobStore {
     digests: HashMap<Digest, ChunkDigests>,
     inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
     verifying: Mutex<HashSet<Digest>>,
+    /// Blobs served as whole files, kept as one verified file once complete (for
+    /// passthrough reads).
+    whole: Mutex<HashSet<Digest>>,
     on_demand: AtomicUsize,
     stats: FetchStats,
 }
@@ -149,9 +154,27 @@ impl BlobStore {
             digests,
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
+            whole: Mutex::new(HashSet::new()),
             on_demand: AtomicUsize::new(0),
             stats: FetchStats::default(),
         })
+    }
+
+    /// Whether complete blobs are kept for passthrough reads.
+    pub fn passthrough_wanted(&self) -> bool {
+        self.settings.passthrough
+    }
+
+    /// Asks for `blob` to be kept as one verified file once all its chunks are cached
+    /// (a raw layer, whose file is the blob); assembles it now if it already is.
+    pub fn keep_whole(self: &Arc<Self>, blob: &BlobInfo) {
+        if self.chunk_count(blob) <= 1 {
+            return;
+        }
+        self.whole.lock().expect("whole lock").insert(blob.digest);
+        if self.cache.complete_path(&blob.digest).is_none() {
+            self.verify_if_complete(blob);
+        }
     }
 
     /// Whether chunk digests of piece size `piece` can check chunks of `chunk_size`
@@ -455,7 +478,9 @@ impl BlobStore {
     /// a mismatch evicts the blob so that the next read fetches it again.
     fn verify_if_complete(self: &Arc<Self>, blob: &BlobInfo) {
         let count = self.chunk_count(blob);
-        if count <= 1 || self.cache.is_verified(&blob.digest) {
+        let wants_whole = self.whole.lock().expect("whole lock").contains(&blob.digest)
+            && self.cache.complete_path(&blob.digest).is_none();
+        if count <= 1 || (self.cache.is_verified(&blob.digest) && !wants_whole) {
             if count == 1 && !self.cache.is_verified(&blob.digest) {
                 if let Err(e) = self.cache.mark_verified(&blob.digest) {
                     tracing::warn!(error = %e, "cannot record verification");
@@ -478,6 +503,13 @@ impl BlobStore {
                 Ok(Some(actual)) if actual == blob.digest => {
                     if let Err(e) = this.cache.mark_verified(&blob.digest) {
                         tracing::warn!(error = %e, "cannot record verification");
+                    }
+                    if wants_whole {
+                        match this.cache.assemble_complete(&blob.digest, count) {
+                            Ok(true) => tracing::debug!(blob = %blob.digest, "whole blob kept for passthrough"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot keep the whole blob"),
+                        }
                     }
                 }
                 Ok(Some(actual)) => {

@@ -70,18 +70,28 @@ impl Layout {
         self.unpacked_dir().join(format!("{}.tar", blob.hex()))
     }
 
+    pub(super) fn complete_dir(&self) -> PathBuf {
+        self.root.join("complete").join("sha256")
+    }
+
+    pub(super) fn complete(&self, blob: &Digest) -> PathBuf {
+        self.complete_dir().join(blob.hex())
+    }
+
     pub(super) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
     /// Every directory below the root that `open` makes sure exists, parents first.
-    pub(super) fn dirs(&self) -> [PathBuf; 6] {
+    pub(super) fn dirs(&self) -> [PathBuf; 8] {
         [
             self.root.join("chunks"),
             self.chunks(),
             self.meta_dir(),
             self.root.join("unpacked"),
             self.unpacked_dir(),
+            self.root.join("complete"),
+            self.complete_dir(),
             self.tmp_dir(),
         ]
     }

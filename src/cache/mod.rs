@@ -10,6 +10,7 @@
 //! <dir>/chunks/sha256/<hex>/verified     marker: the whole blob was hashed and matched
 //! <dir>/meta/<sha256 hex of the name>    a named metadata record
 //! <dir>/unpacked/sha256/<hex>.tar        decompressed copy of a compressed layer
+//! <dir>/complete/sha256/<hex>            a whole blob in one file, verified (for passthrough)
 //! <dir>/tmp/                             files being written, before their rename
 //! ```
 //!
@@ -382,6 +383,11 @@ impl ChunkCache {
                 Err(e) => return Err(io_error("move blob chunk directory to", &graveyard)(e)),
             }
         };
+        match fs::remove_file(self.layout.complete(blob)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove complete blob", &self.layout.complete(blob))(e)),
+        }
         if !moved {
             return Ok(());
         }
@@ -483,6 +489,50 @@ impl ChunkCache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("read metadata", &path)(e)),
         }
+    }
+
+    /// The verified whole-blob file of `blob`, if one was assembled.
+    pub fn complete_path(&self, blob: &Digest) -> Option<PathBuf> {
+        let path = self.layout.complete(blob);
+        path.is_file().then_some(path)
+    }
+
+    /// Concatenates chunks `0..count` of `blob` into one file while hashing them, and
+    /// keeps the file (renamed into place after an fsync) only if the hash is `blob`
+    /// itself: the file is then a verified copy of the whole blob, which the FUSE layer
+    /// can hand to the kernel for passthrough reads. Returns false, keeping nothing, when
+    /// a chunk is missing or the hash differs. Complete files are outside the chunk
+    /// budget; [`Self::remove_blob`] removes them too.
+    pub fn assemble_complete(&self, blob: &Digest, count: u64) -> Result<bool, CacheError> {
+        let tmp = self.temp_path();
+        let result = (|| -> Result<bool, CacheError> {
+            let mut out = File::create_new(&tmp).map_err(io_error("create complete blob", &tmp))?;
+            let mut hasher = crate::modelpack::digest::Hasher::default();
+            let mut buf = vec![0u8; 1 << 20];
+            for index in 0..count {
+                let key = ChunkKey { blob: *blob, index };
+                let Some((mut chunk, path)) = self.open_present(&key)? else { return Ok(false) };
+                loop {
+                    let n = chunk.read(&mut buf).map_err(io_error("read chunk", &path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                    io::Write::write_all(&mut out, &buf[..n]).map_err(io_error("write complete blob", &tmp))?;
+                }
+            }
+            if hasher.finish() != *blob {
+                return Ok(false);
+            }
+            out.sync_data().map_err(io_error("flush complete blob", &tmp))?;
+            let path = self.layout.complete(blob);
+            fs::rename(&tmp, &path).map_err(io_error("rename complete blob into place", &path))?;
+            Ok(true)
+        })();
+        if !matches!(result, Ok(true)) {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Where an unpacked (decompressed) copy of a compressed layer lives. Write it at a

@@ -54,6 +54,8 @@ pub struct CacheConfig {
     pub stream_request_chunks: u64,
     /// Parallel requests of background prefetch.
     pub prefetch_concurrency: usize,
+    /// Keep complete raw-layer blobs as one file for FUSE passthrough reads.
+    pub passthrough: bool,
 }
 
 /// `[registry]`
@@ -90,6 +92,7 @@ impl Default for CacheConfig {
             readahead_chunks: f.readahead_chunks,
             stream_request_chunks: f.stream_request_chunks,
             prefetch_concurrency: f.prefetch_concurrency,
+            passthrough: f.passthrough,
         }
     }
 }
@@ -165,6 +168,7 @@ impl DaemonConfig {
                 readahead_chunks: self.cache.readahead_chunks,
                 stream_request_chunks: self.cache.stream_request_chunks,
                 prefetch_concurrency: self.cache.prefetch_concurrency,
+                passthrough: self.cache.passthrough,
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
             },
         }

@@ -41,11 +41,13 @@ pub enum FsError {
 }
 
 /// Per open file: where the last read ended and how many bytes the reader has read
-/// contiguously up to there, to recognise sequential readers.
+/// contiguously up to there, to recognise sequential readers; and whether the kernel
+/// reads it directly (passthrough).
 #[derive(Debug, Default)]
 struct OpenFile {
     next_offset: AtomicU64,
     streak: AtomicU64,
+    passthrough: bool,
 }
 
 impl OpenFile {
@@ -81,13 +83,35 @@ pub struct ModelFs {
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
     readahead_bytes: u64,
+    /// Whether the kernel accepted FUSE passthrough at init.
+    passthrough: bool,
+    /// Per inode: open files served by us (cached) and by the kernel (passthrough), and
+    /// the backing file of the latter. The kernel refuses to mix the two modes on one
+    /// inode, so an inode switches to passthrough only when no cached open remains.
+    modes: Mutex<HashMap<u64, InodeMode>>,
+}
+
+/// See [`ModelFs::modes`].
+#[derive(Debug, Default)]
+struct InodeMode {
+    cached: usize,
+    passthrough: usize,
+    backing: Option<fuser::BackingId>,
 }
 
 impl ModelFs {
     /// A filesystem for `model`, running reads on `runtime`.
     pub fn new(model: Arc<Model>, runtime: Handle) -> Self {
         let readahead_bytes = model.store.chunk_size() * model.store.readahead_chunks();
-        Self { model, runtime, open_files: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), readahead_bytes }
+        Self {
+            model,
+            runtime,
+            open_files: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            readahead_bytes,
+            passthrough: false,
+            modes: Mutex::new(HashMap::new()),
+        }
     }
 
     fn attr(&self, node: &Node) -> FileAttr {
@@ -119,6 +143,20 @@ impl ModelFs {
             blksize: BLOCK_SIZE,
             flags: 0,
         }
+    }
+}
+
+impl ModelFs {
+    /// The complete, verified blob file behind inode `ino`, if it is a whole raw-layer
+    /// blob that has one.
+    fn complete_file(&self, ino: u64) -> Option<std::fs::File> {
+        let Some(NodeKind::File(source)) = self.model.tree.get(ino).map(|n| &n.kind) else { return None };
+        let LayerData::Remote(blob) = &self.model.layers[source.layer] else { return None };
+        if source.offset != 0 || source.size != blob.size {
+            return None;
+        }
+        let path = self.model.store.cache().complete_path(&blob.digest)?;
+        std::fs::File::open(path).ok()
     }
 }
 
@@ -160,6 +198,14 @@ impl Filesystem for ModelFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Older kernels offer less; take what they give.
         let _ = config.set_max_readahead(MAX_READAHEAD);
+        // Passthrough backing files live on a plain file system (depth 0); depth 1 leaves
+        // room for an overlay mounted on top of this one (container rootfs, volumes).
+        if self.model.store.passthrough_wanted()
+            && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough = true;
+        }
         Ok(())
     }
 
@@ -197,6 +243,28 @@ impl Filesystem for ModelFs {
             return reply.error(Errno::EROFS);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut modes = self.modes.lock().expect("modes lock");
+        let mode = modes.entry(ino.0).or_default();
+        if self.passthrough && mode.cached == 0 {
+            if mode.backing.is_none() {
+                mode.backing = self.complete_file(ino.0).and_then(|file| match reply.open_backing(&file) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::debug!(ino = ino.0, error = %e, "passthrough unavailable; serving reads");
+                        None
+                    }
+                });
+            }
+            if let Some(backing) = &mode.backing {
+                mode.passthrough += 1;
+                let open = OpenFile { passthrough: true, ..OpenFile::default() };
+                self.open_files.lock().expect("open files lock").insert(fh, Arc::new(open));
+                self.model.store.stats().passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
+            }
+        }
+        mode.cached += 1;
+        drop(modes);
         self.open_files.lock().expect("open files lock").insert(fh, Arc::new(OpenFile::default()));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -247,14 +315,26 @@ impl Filesystem for ModelFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.open_files.lock().expect("open files lock").remove(&fh.0);
+        let open = self.open_files.lock().expect("open files lock").remove(&fh.0);
+        let mut modes = self.modes.lock().expect("modes lock");
+        if let (Some(open), Some(mode)) = (open, modes.get_mut(&ino.0)) {
+            if open.passthrough {
+                mode.passthrough = mode.passthrough.saturating_sub(1);
+            } else {
+                mode.cached = mode.cached.saturating_sub(1);
+            }
+            if mode.passthrough == 0 && mode.cached == 0 {
+                // Dropping the backing id closes it in the kernel.
+                modes.remove(&ino.0);
+            }
+        }
         reply.ok();
     }
 
