@@ -244,6 +244,15 @@ fn random_reads(file: &Path, count: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
+/// Waits (up to a minute) until the cache at `cache` keeps `count` complete blobs.
+fn wait_complete(cache: &Path, count: usize) {
+    let dir = cache.join("complete/sha256");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&dir).map_or(0, |d| d.count()) < count && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn python(args: &[&str]) -> Duration {
     let t = Instant::now();
     let out = Command::new("python3").args(args).output().unwrap();
@@ -338,6 +347,8 @@ fn main() {
             let files = mounted_weights(model, &m);
             cold.push(mbps(model.weight_bytes, read_all(&files, 1)));
             rss = rss.max(m.peak_rss());
+            // Steady state after a full read: each verified blob also kept whole.
+            wait_complete(&dir, model.weights.len());
             m.stop();
             let m = Mount::start(model, work.path(), &dir, &[]);
             drop_caches();
@@ -379,6 +390,7 @@ fn main() {
     let file = mounted_weights(&small, &m)[0].clone();
     let cold = random_reads(&file, 200, 11);
     read_all(std::slice::from_ref(&file), 1);
+    wait_complete(&dir, 1);
     m.stop();
     let m = Mount::start(&small, work.path(), &dir, &["--readahead-chunks", "0"]);
     drop_caches();
