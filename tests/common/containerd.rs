@@ -50,6 +50,28 @@ fn write_hosts(dir: &Path, registries: &[String]) -> PathBuf {
     certs
 }
 
+/// The config lines every test containerd shares: its own root, state and sockets.
+fn state_and_sockets(dir: &Path, socket: &Path) -> String {
+    format!(
+        r#"root = "{root}"
+state = "{state}"
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  address = "{dir}/debug.sock"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        socket = socket.display(),
+        dir = dir.display(),
+    )
+}
+
 impl Containerd {
     /// Starts containerd with the CRI plugin, our snapshotter as the CRI snapshotter
     /// with snapshot annotations on, `sandbox` as the pod sandbox image, and plain HTTP
@@ -64,24 +86,7 @@ impl Containerd {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
         let certs = write_hosts(dir, registries);
-        let common = format!(
-            r#"root = "{root}"
-state = "{state}"
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[debug]
-  address = "{dir}/debug.sock"
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            socket = socket.display(),
-            dir = dir.display(),
-        );
+        let common = state_and_sockets(dir, &socket);
         let config = match flavor {
             Flavor::V16 => format!(
                 r#"version = 2
@@ -185,28 +190,14 @@ state = "{state}"
         let socket = dir.join("containerd.sock");
         let config = format!(
             r#"version = 2
-root = "{root}"
-state = "{state}"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[debug]
-  address = "{dir}/debug.sock"
-
+{common}
 [proxy_plugins]
   [proxy_plugins.modelpack]
     type = "snapshot"
     address = "{snapshotter}"
 "#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            socket = socket.display(),
-            dir = dir.display(),
+            common = state_and_sockets(dir, &socket),
             snapshotter = snapshotter_socket.display(),
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
