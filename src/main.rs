@@ -13,7 +13,7 @@ use modelpack_snapshotter::daemon::{self, DaemonConfig};
 use modelpack_snapshotter::model::Model;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
-use modelpack_snapshotter::{convert, fs, registry};
+use modelpack_snapshotter::{convert, fs};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Lazy mounts of CNCF ModelPack models from OCI registries")]
@@ -279,7 +279,6 @@ async fn mount(
     prefetch: bool,
 ) -> Result<()> {
     let started = Instant::now();
-    registry::parse_reference(reference)?;
     let model = Arc::new(Model::open(reference, settings, cache).await?);
     let mounted = fs::mount(model.clone(), mountpoint, tokio::runtime::Handle::current())?;
     println!(

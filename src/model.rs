@@ -132,8 +132,10 @@ impl Model {
             Err(e) => return Err(e.into()),
         };
         if let Some(at) = companion_of(reference, &registry, &cache, &manifest_bytes, offline).await? {
-            let pinned = crate::snapshotter::labels::pinned(crate::convert::labels::INDEX, &at)
-                .map_err(|e| ModelError::Companion { reference: reference.to_owned(), detail: e.to_string() })?;
+            let pinned = companion::Pinned::parse(&at).map_err(|reason| ModelError::Companion {
+                reference: reference.to_owned(),
+                detail: format!("index location {at:?}: {reason}"),
+            })?;
             let (index, _) = companion::load_index(&at, &pinned.digest, &cache, &settings.registry)
                 .await
                 .map_err(|e| ModelError::Companion { reference: reference.to_owned(), detail: e.to_string() })?;

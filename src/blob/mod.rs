@@ -212,47 +212,52 @@ impl BlobStore {
         self.settings.chunk_size.min(blob.size - start)
     }
 
-    /// Reads `len` bytes of `blob` at `offset` (clamped to the blob's end).
+    /// Reads `len` bytes of `blob` at `offset` (clamped to the blob's end). Cached pieces
+    /// are read straight into the result on one blocking thread; missing chunks are then
+    /// fetched (or joined, if in flight).
     pub async fn read(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
         if offset > blob.size {
             return Err(BlobError::OutOfRange { blob: blob.digest, offset, len, size: blob.size });
         }
         let end = blob.size.min(offset.saturating_add(len));
-        let mut out = vec![0u8; (end - offset) as usize];
         let cs = self.settings.chunk_size;
+        // (chunk index, offset within the chunk, offset in the result, length)
+        let mut pieces = Vec::new();
         let mut pos = offset;
         while pos < end {
             let index = pos / cs;
             let within = pos - index * cs;
-            let take = (cs - within).min(end - pos) as usize;
-            let dst = (pos - offset) as usize;
-            let key = ChunkKey { blob: blob.digest, index };
-            if !self.read_cached(key, within, &mut out[dst..dst + take]).await? {
-                let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
-                out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
-            }
-            pos += take as u64;
+            let take = (cs - within).min(end - pos);
+            pieces.push((index, within, (pos - offset) as usize, take as usize));
+            pos += take;
+        }
+        let size = (end - offset) as usize;
+        let (mut out, missing) =
+            if pieces.iter().any(|p| self.cache.contains(&ChunkKey { blob: blob.digest, index: p.0 })) {
+                let cache = self.cache.clone();
+                let digest = blob.digest;
+                tokio::task::spawn_blocking(move || -> Result<_, CacheError> {
+                    let mut out = vec![0u8; size];
+                    let mut missing = Vec::new();
+                    for piece @ (index, within, dst, take) in pieces {
+                        let key = ChunkKey { blob: digest, index };
+                        match cache.read_into(&key, within, &mut out[dst..dst + take])? {
+                            Some(n) if n == take => {}
+                            _ => missing.push(piece),
+                        }
+                    }
+                    Ok((out, missing))
+                })
+                .await
+                .map_err(|e| BlobError::Task(e.to_string()))??
+            } else {
+                (vec![0u8; size], pieces)
+            };
+        for (index, within, dst, take) in missing {
+            let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
+            out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
         }
         Ok(out)
-    }
-
-    /// Copies a part of a cached chunk into `buf`; false when the chunk is absent.
-    async fn read_cached(&self, key: ChunkKey, within: u64, buf: &mut [u8]) -> Result<bool, BlobError> {
-        let cache = self.cache.clone();
-        let mut tmp = vec![0u8; buf.len()];
-        let (tmp, got) = tokio::task::spawn_blocking(move || {
-            let got = cache.read_into(&key, within, &mut tmp);
-            (tmp, got)
-        })
-        .await
-        .map_err(|e| BlobError::Task(e.to_string()))?;
-        match got? {
-            Some(n) if n == buf.len() => {
-                buf.copy_from_slice(&tmp);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 
     /// Starts fetching the chunks covering `len` bytes from `offset` that are neither
@@ -478,17 +483,21 @@ impl BlobStore {
     /// a mismatch evicts the blob so that the next read fetches it again.
     fn verify_if_complete(self: &Arc<Self>, blob: &BlobInfo) {
         let count = self.chunk_count(blob);
-        let wants_whole = self.whole.lock().expect("whole lock").contains(&blob.digest)
-            && self.cache.complete_path(&blob.digest).is_none();
-        if count <= 1 || (self.cache.is_verified(&blob.digest) && !wants_whole) {
-            if count == 1 && !self.cache.is_verified(&blob.digest) {
+        if count <= 1 {
+            if !self.cache.is_verified(&blob.digest) {
                 if let Err(e) = self.cache.mark_verified(&blob.digest) {
                     tracing::warn!(error = %e, "cannot record verification");
                 }
             }
             return;
         }
+        // In-memory checks first: this runs after every chunk stored.
         if !(0..count).all(|i| self.cache.contains(&ChunkKey { blob: blob.digest, index: i })) {
+            return;
+        }
+        let wants_whole = self.whole.lock().expect("whole lock").contains(&blob.digest)
+            && self.cache.complete_path(&blob.digest).is_none();
+        if self.cache.is_verified(&blob.digest) && !wants_whole {
             return;
         }
         if !self.verifying.lock().expect("verifying lock").insert(blob.digest) {

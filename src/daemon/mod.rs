@@ -26,6 +26,9 @@ pub enum DaemonError {
     /// Opening the snapshotter state failed.
     #[error(transparent)]
     Snapshotter(#[from] SnapshotError),
+    /// A worker thread died.
+    #[error("restoring model snapshots: {0}")]
+    Task(String),
     /// The chunk cache could not be opened.
     #[error(transparent)]
     Cache {
@@ -82,11 +85,7 @@ pub async fn serve(
         Arc::new(RemoteSnapshotter::new(base, Arc::new(cache), settings, tokio::runtime::Handle::current()));
     // Models committed before a restart are mounted again before containerd can ask.
     let restoring = snapshotter.clone();
-    tokio::task::spawn_blocking(move || restoring.restore()).await.map_err(|e| DaemonError::Io {
-        what: "restoring",
-        path: e.to_string(),
-        source: std::io::Error::other("task failed"),
-    })??;
+    tokio::task::spawn_blocking(move || restoring.restore()).await.map_err(|e| DaemonError::Task(e.to_string()))??;
     let listener = bind(&config.address)?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
     println!("serving: {}", config.address.display());

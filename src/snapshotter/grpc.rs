@@ -17,8 +17,8 @@ use crate::metadata::{Kind, MetadataError, SnapshotRecord};
 /// How many records one `List` response message carries.
 const LIST_BATCH: usize = 100;
 
-/// What the gRPC adapter serves. [`super::Snapshotter`] implements it for ordinary
-/// layers; the remote layer wraps it to intercept model snapshots.
+/// What the gRPC adapter serves: [`super::remote::RemoteSnapshotter`], the overlay
+/// snapshotter with model snapshots on top.
 pub trait Service: Send + Sync + 'static {
     /// See [`super::Snapshotter::prepare`].
     fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError>;
@@ -45,44 +45,6 @@ pub trait Service: Send + Sync + 'static {
     fn usage(&self, key: &str) -> Result<crate::metadata::Usage, SnapshotError>;
     /// See [`super::Snapshotter::cleanup`].
     fn cleanup(&self) -> Result<(), SnapshotError>;
-}
-
-impl Service for super::Snapshotter {
-    fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
-        super::Snapshotter::prepare(self, key, parent, labels)
-    }
-    fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
-        super::Snapshotter::view(self, key, parent, labels)
-    }
-    fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
-        super::Snapshotter::mounts(self, key)
-    }
-    fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
-        super::Snapshotter::commit(self, name, key, labels).map(drop)
-    }
-    fn remove(&self, key: &str) -> Result<(), SnapshotError> {
-        super::Snapshotter::remove(self, key).map(drop)
-    }
-    fn stat(&self, key: &str) -> Result<SnapshotRecord, SnapshotError> {
-        super::Snapshotter::stat(self, key)
-    }
-    fn update(
-        &self,
-        key: &str,
-        labels: BTreeMap<String, String>,
-        paths: &[String],
-    ) -> Result<SnapshotRecord, SnapshotError> {
-        super::Snapshotter::update(self, key, labels, paths)
-    }
-    fn list(&self, filters: &[String]) -> Result<Vec<SnapshotRecord>, SnapshotError> {
-        super::Snapshotter::list(self, filters)
-    }
-    fn usage(&self, key: &str) -> Result<crate::metadata::Usage, SnapshotError> {
-        super::Snapshotter::usage(self, key)
-    }
-    fn cleanup(&self) -> Result<(), SnapshotError> {
-        super::Snapshotter::cleanup(self)
-    }
 }
 
 /// The one mapping from snapshot errors to gRPC status codes.

@@ -4,10 +4,9 @@
 
 use std::collections::BTreeMap;
 
+pub use crate::companion::Pinned;
 use crate::convert::labels as keys;
 use crate::modelpack::index::INDEX_VERSION;
-use crate::modelpack::Digest;
-use crate::registry::parse_reference;
 
 /// containerd's label naming the chain ID a remote snapshotter should commit.
 pub const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
@@ -28,15 +27,6 @@ pub enum LabelError {
     Invalid { key: &'static str, value: String, reason: String },
 }
 
-/// Where a piece of content is: a repository and a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pinned {
-    /// `registry/repository@sha256:...`, as given.
-    pub reference: String,
-    /// The digest.
-    pub digest: Digest,
-}
-
 /// What a model snapshot needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelLabels {
@@ -50,11 +40,7 @@ pub struct ModelLabels {
 
 /// Parses a pinned (`name@sha256:...`) reference held in label `key`.
 pub fn pinned(key: &'static str, value: &str) -> Result<Pinned, LabelError> {
-    let invalid = |reason: String| LabelError::Invalid { key, value: value.to_owned(), reason };
-    let r = parse_reference(value).map_err(|e| invalid(e.to_string()))?;
-    let digest = r.digest().ok_or_else(|| invalid("must be pinned by digest (name@sha256:...)".to_owned()))?;
-    let digest = digest.parse::<Digest>().map_err(|e| invalid(e.to_string()))?;
-    Ok(Pinned { reference: value.to_owned(), digest })
+    Pinned::parse(value).map_err(|reason| LabelError::Invalid { key, value: value.to_owned(), reason })
 }
 
 /// The model request in `labels`, if any. Labels without our prefix are not ours and
@@ -90,6 +76,7 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modelpack::Digest;
 
     fn good() -> BTreeMap<String, String> {
         let d = Digest::of(b"x");
