@@ -43,6 +43,10 @@ pub struct FetchSettings {
     /// registry spends ~4 ms of CPU per request whatever its size, so streams fetch in
     /// larger units than random reads (one chunk).
     pub stream_request_chunks: u64,
+    /// Most chunks fetched but not yet written to the cache. Readers get a chunk as soon
+    /// as it is fetched and checked, and the cache write follows; when the disk falls
+    /// this far behind, new fetches wait, so memory stays bounded.
+    pub pending_store_chunks: u64,
     /// Parallel ranged requests of the background prefetch.
     pub prefetch_concurrency: usize,
     /// Keep each fully fetched and verified raw-layer blob as one file too (twice its
@@ -59,6 +63,7 @@ impl Default for FetchSettings {
             chunk_size: 4 << 20,
             readahead_chunks: 4,
             stream_request_chunks: 2,
+            pending_store_chunks: 16,
             prefetch_concurrency: 4,
             passthrough: true,
             cache_budget: None,

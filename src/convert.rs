@@ -190,8 +190,18 @@ pub async fn convert(
         source: std::io::Error::other(e.to_string()),
     })?);
     let opened = Model::open(&pinned, settings, cache).await;
-    std::fs::remove_dir_all(&scratch).map_err(scratch_err)?;
-    let model = opened.map_err(|e| ConvertError::Model(Box::new(e)))?;
+    let model = match opened {
+        Ok(model) => {
+            model.store.settle().await;
+            std::fs::remove_dir_all(&scratch).map_err(scratch_err)?;
+            model
+        }
+        Err(e) => {
+            // Best effort: the model's error is the one worth reporting.
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(ConvertError::Model(Box::new(e)));
+        }
+    };
     let config = src.fetch_small_blob(&model.artifact.config.digest, model.artifact.config.size).await?;
 
     let mut blobs = Vec::with_capacity(model.artifact.layers.len());

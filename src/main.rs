@@ -15,6 +15,9 @@ use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
 use modelpack_snapshotter::{convert, fs};
 
+/// How long `mount` waits at exit for cache writes of chunks it already fetched.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Lazy mounts of CNCF ModelPack models from OCI registries")]
 struct Cli {
@@ -129,6 +132,9 @@ struct CacheArgs {
     /// Chunks fetched by one ranged request when reading ahead of a stream.
     #[arg(long, default_value_t = FetchSettings::default().stream_request_chunks)]
     stream_request_chunks: u64,
+    /// Most chunks fetched but not yet written to the cache before fetches wait.
+    #[arg(long, default_value_t = FetchSettings::default().pending_store_chunks)]
+    pending_store_chunks: u64,
     /// Do not keep complete blobs as single files for FUSE passthrough reads.
     #[arg(long)]
     no_passthrough: bool,
@@ -145,6 +151,7 @@ impl CacheArgs {
             chunk_size: self.chunk_size,
             readahead_chunks: self.readahead_chunks,
             stream_request_chunks: self.stream_request_chunks,
+            pending_store_chunks: self.pending_store_chunks,
             prefetch_concurrency: self.prefetch_concurrency,
             passthrough: !self.no_passthrough,
             cache_budget: self.cache_budget,
@@ -302,6 +309,10 @@ async fn mount(
     }
     wait_for_shutdown(mountpoint).await?;
     mounted.unmount();
+    // Chunks already fetched are worth keeping: let their cache writes finish.
+    if tokio::time::timeout(SETTLE_TIMEOUT, model.store.settle()).await.is_err() {
+        tracing::warn!("cache writes still pending at exit; those chunks will be fetched again");
+    }
     let stats = model.store.stats();
     println!(
         "unmounted: fetched {} of {} bytes ({} chunks), {} verification failures, {} passthrough opens",

@@ -20,8 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio::sync::Semaphore;
 
-use crate::cache::{CacheError, ChunkCache, ChunkKey};
+use crate::cache::{Assembled, CacheError, ChunkCache, ChunkKey};
 use crate::config::FetchSettings;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::ChunkDigests;
@@ -112,10 +114,16 @@ pub struct BlobStore {
     digests: HashMap<Digest, ChunkDigests>,
     inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
     verifying: Mutex<HashSet<Digest>>,
+    /// Chunks of blobs with known piece digests that this store fetched and checked:
+    /// when they are all of a blob, the blob needs no hashing of its own.
+    checked: Mutex<HashMap<Digest, HashSet<u64>>>,
     /// Blobs served as whole files, kept as one verified file once complete (for
     /// passthrough reads).
     whole: Mutex<HashSet<Digest>>,
     on_demand: AtomicUsize,
+    /// One permit per chunk fetched but not yet cached (see [`Self::start_run`]).
+    store_permits: Arc<Semaphore>,
+    permits: usize,
     stats: FetchStats,
 }
 
@@ -147,6 +155,8 @@ impl BlobStore {
         settings: FetchSettings,
         digests: HashMap<Digest, ChunkDigests>,
     ) -> Arc<Self> {
+        // A run takes a permit per chunk: there must be enough for the longest run.
+        let permits = settings.pending_store_chunks.max(settings.stream_request_chunks).max(1) as usize;
         Arc::new(Self {
             source,
             cache,
@@ -154,10 +164,22 @@ impl BlobStore {
             digests,
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
+            checked: Mutex::new(HashMap::new()),
             whole: Mutex::new(HashSet::new()),
             on_demand: AtomicUsize::new(0),
+            store_permits: Arc::new(Semaphore::new(permits)),
+            permits,
             stats: FetchStats::default(),
         })
+    }
+
+    /// Waits until every fetched chunk has been written to the cache and no blob is being
+    /// verified: the cache on disk then holds everything fetched so far.
+    pub async fn settle(&self) {
+        drop(self.store_permits.acquire_many(self.permits as u32).await);
+        while !self.verifying.lock().expect("verifying lock").is_empty() {
+            tokio::time::sleep(PREFETCH_YIELD).await;
+        }
     }
 
     /// Whether complete blobs are kept for passthrough reads.
@@ -270,80 +292,129 @@ impl BlobStore {
         let last = (blob.size.min(offset.saturating_add(len)) - 1) / cs;
         let per_request = self.settings.stream_request_chunks.max(1);
         let mut index = offset / cs;
+        // Runs of missing chunks, registered as in flight under one lock so that readers
+        // arriving meanwhile join them instead of fetching again.
+        let mut inflight = self.inflight.lock().expect("inflight lock");
         while index <= last {
-            // A run of missing chunks, registered as in flight under one lock so that
-            // readers arriving meanwhile join it instead of fetching again.
-            let run = {
-                let mut inflight = self.inflight.lock().expect("inflight lock");
-                let mut run = Vec::new();
-                while index <= last && (run.len() as u64) < per_request {
-                    let key = ChunkKey { blob: blob.digest, index };
-                    if self.cache.contains(&key) || inflight.contains_key(&key) {
-                        if run.is_empty() {
-                            index += 1;
-                            continue;
-                        }
-                        break;
-                    }
-                    run.push(index);
-                    index += 1;
-                }
-                if run.is_empty() {
-                    break;
-                }
-                let first = run[0];
-                let count = run.len() as u64;
-                let this = self.clone();
-                let b = *blob;
-                let whole = async move {
-                    let _guard = this.on_demand_guard();
-                    let chunks = this.fetch_verified(&b, first, count).await.map_err(Arc::new)?;
-                    for (i, data) in chunks.iter().enumerate() {
-                        this.store_chunk(&b, first + i as u64, data.clone()).await;
-                    }
-                    Ok::<_, Arc<BlobError>>(Arc::new(chunks))
-                }
-                .boxed()
-                .shared();
-                for (i, index) in run.iter().enumerate() {
-                    let part = whole.clone().map(move |r| r.map(|chunks| chunks[i].clone())).boxed().shared();
-                    inflight.insert(ChunkKey { blob: blob.digest, index: *index }, part);
-                }
-                (whole, run)
-            };
-            let (whole, run) = run;
-            let this = self.clone();
-            let digest = blob.digest;
-            tokio::spawn(async move {
-                if let Err(e) = whole.await {
-                    tracing::debug!(error = %e, "read-ahead failed");
-                }
-                let mut inflight = this.inflight.lock().expect("inflight lock");
-                for index in run {
-                    inflight.remove(&ChunkKey { blob: digest, index });
-                }
-            });
+            let key = ChunkKey { blob: blob.digest, index };
+            if self.cache.contains(&key) || inflight.contains_key(&key) {
+                index += 1;
+                continue;
+            }
+            let first = index;
+            while index <= last
+                && index - first < per_request
+                && !inflight.contains_key(&ChunkKey { blob: blob.digest, index })
+                && !self.cache.contains(&ChunkKey { blob: blob.digest, index })
+            {
+                index += 1;
+            }
+            self.start_run(&mut inflight, blob, first, index - first, Priority::OnDemand);
         }
     }
 
-    /// Fetches every chunk of `blobs` not yet cached, `prefetch_concurrency` at a time,
-    /// yielding to on-demand reads. Returns the first error after trying every chunk.
+    /// Registers chunks `first..first + count` of `blob` as in flight and starts one task
+    /// that fetches them with one ranged request, checks them, hands them to every
+    /// waiter, and only then writes them to the cache: readers never wait for the disk.
+    /// The chunks stay registered until they are cached, so no reader fetches them again
+    /// meanwhile. The task holds `count` store permits from before its request until its
+    /// chunks are cached, which bounds the memory of chunks not yet written.
+    fn start_run(
+        self: &Arc<Self>,
+        inflight: &mut HashMap<ChunkKey, ChunkFuture>,
+        blob: &BlobInfo,
+        first: u64,
+        count: u64,
+        priority: Priority,
+    ) {
+        let (tx, rx) = oneshot::channel::<Result<Arc<Vec<Bytes>>, Arc<BlobError>>>();
+        let run = rx
+            .map(|r| r.unwrap_or_else(|_| Err(Arc::new(BlobError::Task("fetch task ended early".to_owned())))))
+            .boxed()
+            .shared();
+        for i in 0..count {
+            let part = run.clone().map(move |r| r.map(|chunks| chunks[i as usize].clone())).boxed().shared();
+            inflight.insert(ChunkKey { blob: blob.digest, index: first + i }, part);
+        }
+        let this = self.clone();
+        let blob = *blob;
+        tokio::spawn(async move {
+            let guard = (priority == Priority::OnDemand).then(|| this.on_demand_guard());
+            let permits = this.store_permits.clone().acquire_many_owned(count as u32).await;
+            let result = this.fetch_verified(&blob, first, count).await.map(Arc::new).map_err(Arc::new);
+            drop(guard);
+            let forget = || {
+                let mut inflight = this.inflight.lock().expect("inflight lock");
+                for index in first..first + count {
+                    inflight.remove(&ChunkKey { blob: blob.digest, index });
+                }
+            };
+            match result {
+                Ok(chunks) => {
+                    let _ = tx.send(Ok(chunks.clone()));
+                    this.store_chunks(&blob, first, chunks).await;
+                    drop(permits);
+                    forget();
+                }
+                Err(e) => {
+                    // Forgotten first, so that a reader told of the failure can try again.
+                    drop(permits);
+                    forget();
+                    tracing::debug!(error = %e, "fetch failed");
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+    }
+
+    /// Fetches every chunk of `blobs` not yet cached, in runs of `stream_request_chunks`
+    /// chunks per request, `prefetch_concurrency` requests at a time, waiting while
+    /// on-demand reads are in flight. Returns the first error after trying every chunk.
     pub async fn prefetch(self: &Arc<Self>, blobs: Vec<BlobInfo>) -> Result<(), BlobError> {
-        let work: Vec<(BlobInfo, u64)> =
-            blobs.iter().flat_map(|b| (0..self.chunk_count(b)).map(move |i| (*b, i))).collect();
+        let per_request = self.settings.stream_request_chunks.max(1);
+        let work: Vec<(BlobInfo, u64, u64)> = blobs
+            .iter()
+            .flat_map(|b| {
+                let count = self.chunk_count(b);
+                (0..count).step_by(per_request as usize).map(move |i| (*b, i, per_request.min(count - i)))
+            })
+            .collect();
         let first_error = Mutex::new(None);
         futures_util::stream::iter(work)
-            .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, index)| {
+            .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, first, count)| {
                 let first_error = &first_error;
                 async move {
                     while self.on_demand.load(Ordering::SeqCst) > 0 {
                         tokio::time::sleep(PREFETCH_YIELD).await;
                     }
-                    if self.cache.contains(&ChunkKey { blob: blob.digest, index }) {
-                        return;
-                    }
-                    if let Err(e) = self.chunk(&blob, index, Priority::Prefetch).await {
-                        first_error.lock().expect("error lock").get_or_insert(e);
+                    // Missing chunks become runs of their own; chunks already in flight
+                    // (a reader got there first) are waited for, not fetched again.
+                    let waits: Vec<ChunkFuture> = {
+                        let mut inflight = self.inflight.lock().expect("inflight lock");
+                        let mut index = first;
+                        while index < first + count {
+                            let missing = |i| {
+                                let key = ChunkKey { blob: blob.digest, index: i };
+                                !self.cache.contains(&key) && !inflight.contains_key(&key)
+                            };
+                            let start = index;
+                            while index < first + count && missing(index) {
+                                index += 1;
+                            }
+                            if index > start {
+                                self.start_run(&mut inflight, &blob, start, index - start, Priority::Prefetch);
+                            } else {
+                                index += 1;
+                            }
+                        }
+                        (first..first + count)
+                            .filter_map(|i| inflight.get(&ChunkKey { blob: blob.digest, index: i }).cloned())
+                            .collect()
+                    };
+                    for wait in waits {
+                        if let Err(e) = wait.await {
+                            first_error.lock().expect("error lock").get_or_insert(unshare(&e));
+                        }
                     }
                 }
             })
@@ -357,48 +428,30 @@ impl BlobStore {
     /// One whole chunk, from the cache or fetched once however many callers ask.
     pub async fn chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, priority: Priority) -> Result<Bytes, BlobError> {
         let key = ChunkKey { blob: blob.digest, index };
-        let (fut, leader) = {
-            let mut inflight = self.inflight.lock().expect("inflight lock");
-            match inflight.get(&key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let this = self.clone();
-                    let blob = *blob;
-                    let f =
-                        async move { this.load_chunk(&blob, index, priority).await.map_err(Arc::new) }.boxed().shared();
-                    inflight.insert(key, f.clone());
-                    (f, true)
+        loop {
+            let pending = {
+                let mut inflight = self.inflight.lock().expect("inflight lock");
+                if let Some(f) = inflight.get(&key) {
+                    Some(f.clone())
+                } else if self.cache.contains(&key) {
+                    None
+                } else {
+                    self.start_run(&mut inflight, blob, index, 1, priority);
+                    inflight.get(&key).cloned()
                 }
+            };
+            if let Some(fut) = pending {
+                return fut.await.map_err(|e| unshare(&e));
             }
-        };
-        let result = fut.await;
-        if leader {
-            self.inflight.lock().expect("inflight lock").remove(&key);
+            let cache = self.cache.clone();
+            let cached = tokio::task::spawn_blocking(move || cache.get(&key))
+                .await
+                .map_err(|e| BlobError::Task(e.to_string()))??;
+            if let Some(data) = cached {
+                return Ok(Bytes::from(data));
+            }
+            // Evicted between the check and the read: look again.
         }
-        result.map_err(|e| match &*e {
-            BlobError::Fetch { blob, index, source } => {
-                BlobError::Fetch { blob: *blob, index: *index, source: clone_registry_error(source) }
-            }
-            BlobError::Corrupt { blob, index, detail } => {
-                BlobError::Corrupt { blob: *blob, index: *index, detail: detail.clone() }
-            }
-            other => BlobError::Task(other.to_string()),
-        })
-    }
-
-    async fn load_chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, priority: Priority) -> Result<Bytes, BlobError> {
-        let key = ChunkKey { blob: blob.digest, index };
-        let cache = self.cache.clone();
-        let cached = tokio::task::spawn_blocking(move || cache.get(&key))
-            .await
-            .map_err(|e| BlobError::Task(e.to_string()))??;
-        if let Some(data) = cached {
-            return Ok(Bytes::from(data));
-        }
-        let _guard = (priority == Priority::OnDemand).then(|| self.on_demand_guard());
-        let data = self.fetch_verified(blob, index, 1).await?.remove(0);
-        self.store_chunk(blob, index, data.clone()).await;
-        Ok(data)
     }
 
     /// Counts an on-demand fetch until the guard drops.
@@ -407,12 +460,18 @@ impl BlobStore {
         OnDemandGuard(&self.on_demand)
     }
 
-    /// Caches a fetched, checked chunk; a cache failure is logged, since the bytes are
-    /// as good as a cached copy would be.
-    async fn store_chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, data: Bytes) {
-        let key = ChunkKey { blob: blob.digest, index };
+    /// Caches fetched, checked chunks from `first` on, in one blocking task; a cache
+    /// failure is logged, since the bytes are as good as a cached copy would be.
+    async fn store_chunks(self: &Arc<Self>, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>) {
         let cache = self.cache.clone();
-        let put = tokio::task::spawn_blocking(move || cache.put(&key, &data)).await;
+        let digest = blob.digest;
+        let put = tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, data)| cache.put(&ChunkKey { blob: digest, index: first + i as u64 }, data))
+        })
+        .await;
         match put {
             Ok(Ok(())) => self.verify_if_complete(blob),
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot cache chunk"),
@@ -452,7 +511,17 @@ impl BlobStore {
                     self.check_pieces(blob, index * cs, chunk).map(|d| (index, d))
                 }
             });
-            let Some((index, detail)) = problem else { return Ok(chunks) };
+            let Some((index, detail)) = problem else {
+                if self.digests.contains_key(&blob.digest) {
+                    self.checked
+                        .lock()
+                        .expect("checked lock")
+                        .entry(blob.digest)
+                        .or_default()
+                        .extend(first..first + count);
+                }
+                return Ok(chunks);
+            };
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
             self.cache.record_verify_failure();
             attempts_left -= 1;
@@ -497,28 +566,43 @@ impl BlobStore {
         }
         let wants_whole = self.whole.lock().expect("whole lock").contains(&blob.digest)
             && self.cache.complete_path(&blob.digest).is_none();
-        if self.cache.is_verified(&blob.digest) && !wants_whole {
+        let verified = self.cache.is_verified(&blob.digest);
+        if verified && !wants_whole {
             return;
         }
         if !self.verifying.lock().expect("verifying lock").insert(blob.digest) {
             return;
         }
+        // Every chunk checked against the lazy index on arrival (or the whole blob hashed
+        // before) makes the blob verified without hashing it again.
+        let indexed =
+            self.checked.lock().expect("checked lock").get(&blob.digest).is_some_and(|c| c.len() as u64 == count);
+        let trusted = verified || indexed;
         let this = self.clone();
         let blob = *blob;
         self.cache.pin_blob(&blob.digest);
         tokio::task::spawn_blocking(move || {
-            let outcome = this.hash_cached_blob(&blob, count);
+            // One pass over the bytes at most: the copy for passthrough hashes as it goes.
+            let outcome = if wants_whole {
+                this.cache.assemble_complete(&blob.digest, count, !trusted).map(|done| match done {
+                    Assembled::Kept => Some(blob.digest),
+                    Assembled::Mismatch(actual) => Some(actual),
+                    Assembled::Missing => None,
+                })
+            } else if trusted {
+                Ok(Some(blob.digest))
+            } else {
+                this.hash_cached_blob(&blob, count)
+            };
             match outcome {
                 Ok(Some(actual)) if actual == blob.digest => {
-                    if let Err(e) = this.cache.mark_verified(&blob.digest) {
-                        tracing::warn!(error = %e, "cannot record verification");
+                    if !verified {
+                        if let Err(e) = this.cache.mark_verified(&blob.digest) {
+                            tracing::warn!(error = %e, "cannot record verification");
+                        }
                     }
                     if wants_whole {
-                        match this.cache.assemble_complete(&blob.digest, count) {
-                            Ok(true) => tracing::debug!(blob = %blob.digest, "whole blob kept for passthrough"),
-                            Ok(false) => {}
-                            Err(e) => tracing::warn!(error = %e, "cannot keep the whole blob"),
-                        }
+                        tracing::debug!(blob = %blob.digest, "whole blob kept for passthrough");
                     }
                 }
                 Ok(Some(actual)) => {
@@ -528,6 +612,7 @@ impl BlobStore {
                     if let Err(e) = this.cache.remove_blob(&blob.digest) {
                         tracing::warn!(error = %e, "cannot evict corrupt blob");
                     }
+                    this.checked.lock().expect("checked lock").remove(&blob.digest);
                 }
                 // A chunk was evicted meanwhile: verification waits for the next completion.
                 Ok(None) => {}
@@ -547,6 +632,19 @@ impl BlobStore {
             }
         }
         Ok(Some(hasher.finish()))
+    }
+}
+
+/// A copy of an error shared by every waiter on one fetch.
+fn unshare(e: &BlobError) -> BlobError {
+    match e {
+        BlobError::Fetch { blob, index, source } => {
+            BlobError::Fetch { blob: *blob, index: *index, source: clone_registry_error(source) }
+        }
+        BlobError::Corrupt { blob, index, detail } => {
+            BlobError::Corrupt { blob: *blob, index: *index, detail: detail.clone() }
+        }
+        other => BlobError::Task(other.to_string()),
     }
 }
 

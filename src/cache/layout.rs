@@ -14,6 +14,8 @@ pub(super) const VERIFIED_MARKER: &str = "verified";
 
 /// File name of the lock that keeps a second process out of the same cache root.
 const LOCK_FILE: &str = "lock";
+/// File name of the record of the boot during which the cache was last opened.
+const BOOT_FILE: &str = "boot-id";
 
 /// The paths of one cache root.
 #[derive(Debug, Clone)]
@@ -32,6 +34,10 @@ impl Layout {
 
     pub(super) fn lock_file(&self) -> PathBuf {
         self.root.join(LOCK_FILE)
+    }
+
+    pub(super) fn boot_file(&self) -> PathBuf {
+        self.root.join(BOOT_FILE)
     }
 
     /// Parent of the per-blob chunk directories.

@@ -16,14 +16,18 @@
 //!
 //! # Durability
 //!
-//! Chunks and metadata records are written to a file in `tmp/`, flushed with `fsync`,
-//! and renamed into place. A chunk counts as present only once all of that has
-//! succeeded, so a crash never leaves a torn chunk that a later read would serve: after a
-//! crash a chunk is either whole or absent. Chunk directories are flushed once per blob,
-//! before its verified marker is written, not once per chunk; metadata directories on
-//! every write. `open` deletes whatever
-//! is left in `tmp/` and rebuilds the index by scanning the chunk directories; an empty
-//! chunk file is never valid and is treated as absent.
+//! Chunks are written to a file in `tmp/` and renamed into place, so a reader on this
+//! boot sees a chunk whole or not at all, even if the process dies mid-write. Chunk data
+//! is not flushed with `fsync` when it is stored: flushing every chunk made cold reads
+//! wait for the disk. Only a power loss or kernel crash can then tear a chunk, so the
+//! cache records the boot it was opened in (`boot-id`), and an `open` in a later boot
+//! deletes the chunks of every blob without a verified marker. [`ChunkCache::mark_verified`]
+//! flushes the blob's chunk files and directories before it writes the marker, so a
+//! marker always vouches for durable chunks; a chunk replaced in a verified blob is
+//! flushed before its rename. Metadata records, unpacked layers and complete blobs are
+//! flushed before their rename, and metadata directories on every write. `open` deletes
+//! whatever is left in `tmp/` and rebuilds the index by scanning the chunk directories;
+//! an empty chunk file is never valid and is treated as absent.
 //!
 //! # Eviction
 //!
@@ -61,7 +65,7 @@ use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
 
-use self::fsutil::{ensure_dir, sync_dir, try_lock_exclusive, write_synced};
+use self::fsutil::{boot_id, ensure_dir, sync_dir, sync_file, try_lock_exclusive, write_new, write_synced};
 use self::layout::Layout;
 use crate::modelpack::Digest;
 
@@ -106,6 +110,17 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> C
 pub struct ChunkKey {
     pub blob: Digest,
     pub index: u64,
+}
+
+/// What [`ChunkCache::assemble_complete`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Assembled {
+    /// The whole blob is kept in one file.
+    Kept,
+    /// A chunk was missing (evicted meanwhile); nothing is kept.
+    Missing,
+    /// The chunks hash to this other digest; nothing is kept.
+    Mismatch(Digest),
 }
 
 /// A snapshot of the cache's counters. `hits`, `misses`, `evictions` and
@@ -189,7 +204,23 @@ impl ChunkCache {
             }
         }
         scan::clear_tmp(&layout)?;
-        let recovered = scan::scan(&layout)?;
+        let boot = boot_id();
+        let boot_file = layout.boot_file();
+        let last_boot = match fs::read_to_string(&boot_file) {
+            Ok(id) => Some(id.trim().to_owned()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_error("read", &boot_file)(e)),
+        };
+        // No record: a new cache (or one whose chunks were all flushed when written).
+        let rebooted = last_boot.is_some() && (boot.is_none() || last_boot != boot);
+        let recovered = scan::scan(&layout, rebooted)?;
+        if boot.is_none() || last_boot != boot {
+            let tmp = layout.tmp_dir().join("boot-id");
+            let id = boot.unwrap_or_default();
+            write_synced(&tmp, id.as_bytes()).map_err(io_error("write temporary boot record", &tmp))?;
+            fs::rename(&tmp, &boot_file).map_err(io_error("rename boot record into place", &boot_file))?;
+            sync_dir(dir).map_err(io_error("flush directory", dir))?;
+        }
 
         let mut inner =
             Inner { lru: LruCache::unbounded(), used_bytes: 0, pins: HashMap::new(), verified: recovered.verified };
@@ -305,12 +336,10 @@ impl ChunkCache {
         self.lock().lru.contains(key)
     }
 
-    /// Stores a chunk: write to a temp file in the cache dir, fsync it, rename it into
-    /// place. Only then does it count as present, so a crash never leaves a torn chunk that
-    /// is later served: after a crash a chunk is whole or absent. The directory is not
-    /// flushed per chunk (a lost rename only means the chunk is fetched again);
-    /// [`Self::mark_verified`] flushes it once per blob before vouching for the blob. Then evicts least-recently-used chunks
-    /// until within budget, never evicting the chunk just written nor any chunk of a blob
+    /// Stores a chunk: write to a temp file in the cache dir and rename it into place. Only
+    /// then does it count as present, so a reader never sees a torn chunk; neither the
+    /// data nor the directory is flushed here (see the module documentation on
+    /// durability). Then evicts least-recently-used chunks until within budget, never evicting the chunk just written nor any chunk of a blob
     /// currently pinned (see [`Self::pin_blob`]). Storing a chunk that is already present
     /// replaces it. Failures to evict are logged, not returned: the chunk is stored.
     pub fn put(&self, key: &ChunkKey, data: &[u8]) -> Result<(), CacheError> {
@@ -318,7 +347,9 @@ impl ChunkCache {
             return Err(CacheError::EmptyChunk { key: *key });
         }
         let tmp = self.temp_path();
-        write_synced(&tmp, data).map_err(io_error("write temporary chunk", &tmp))?;
+        // A verified marker vouches for durable chunks (see the module documentation).
+        let write = if self.is_verified(&key.blob) { write_synced } else { write_new };
+        write(&tmp, data).map_err(io_error("write temporary chunk", &tmp))?;
 
         let blob_dir = self.layout.blob_dir(&key.blob);
         let path = self.layout.chunk(key);
@@ -407,7 +438,17 @@ impl ChunkCache {
     pub fn mark_verified(&self, blob: &Digest) -> Result<(), CacheError> {
         let blob_dir = self.layout.blob_dir(blob);
         let marker = self.layout.marker(blob);
-        // The chunks' renames must be durable before a marker vouches for them.
+        // The chunks' bytes and renames must be durable before a marker vouches for them.
+        let keys: Vec<ChunkKey> = self.lock().lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
+        for key in keys {
+            let path = self.layout.chunk(&key);
+            match sync_file(&path) {
+                Ok(()) => {}
+                // Evicted meanwhile: the marker is then dropped again with it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("flush chunk", &path)(e)),
+            }
+        }
         match sync_dir(&blob_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -497,21 +538,28 @@ impl ChunkCache {
         path.is_file().then_some(path)
     }
 
-    /// Concatenates chunks `0..count` of `blob` into one file while hashing them, and
-    /// keeps the file (renamed into place after an fsync) only if the hash is `blob`
-    /// itself: the file is then a verified copy of the whole blob, which the FUSE layer
-    /// can hand to the kernel for passthrough reads. Returns false, keeping nothing, when
-    /// a chunk is missing or the hash differs. Complete files are outside the chunk
+    /// Concatenates chunks `0..count` of `blob` into one file and keeps it (renamed into
+    /// place after an fsync) as a verified copy of the whole blob, which the FUSE layer
+    /// can hand to the kernel for passthrough reads. With `hash`, the chunks are hashed
+    /// while copied and the file is kept only if the hash is `blob` itself; without, the
+    /// caller vouches for every chunk (each was checked against a lazy index) and the
+    /// kernel copies the bytes without them passing through this process. Keeps nothing
+    /// when a chunk is missing or the hash differs. Complete files are outside the chunk
     /// budget; [`Self::remove_blob`] removes them too.
-    pub fn assemble_complete(&self, blob: &Digest, count: u64) -> Result<bool, CacheError> {
+    pub fn assemble_complete(&self, blob: &Digest, count: u64, hash: bool) -> Result<Assembled, CacheError> {
         let tmp = self.temp_path();
-        let result = (|| -> Result<bool, CacheError> {
+        let result = (|| -> Result<Assembled, CacheError> {
             let mut out = File::create_new(&tmp).map_err(io_error("create complete blob", &tmp))?;
             let mut hasher = crate::modelpack::digest::Hasher::default();
-            let mut buf = vec![0u8; 1 << 20];
+            let mut buf = if hash { vec![0u8; 1 << 20] } else { Vec::new() };
             for index in 0..count {
                 let key = ChunkKey { blob: *blob, index };
-                let Some((mut chunk, path)) = self.open_present(&key)? else { return Ok(false) };
+                let Some((mut chunk, path)) = self.open_present(&key)? else { return Ok(Assembled::Missing) };
+                if !hash {
+                    // `io::copy` between files is `copy_file_range`: no copy through here.
+                    io::copy(&mut chunk, &mut out).map_err(io_error("copy chunk into complete blob", &path))?;
+                    continue;
+                }
                 loop {
                     let n = chunk.read(&mut buf).map_err(io_error("read chunk", &path))?;
                     if n == 0 {
@@ -521,15 +569,18 @@ impl ChunkCache {
                     io::Write::write_all(&mut out, &buf[..n]).map_err(io_error("write complete blob", &tmp))?;
                 }
             }
-            if hasher.finish() != *blob {
-                return Ok(false);
+            if hash {
+                let actual = hasher.finish();
+                if actual != *blob {
+                    return Ok(Assembled::Mismatch(actual));
+                }
             }
             out.sync_data().map_err(io_error("flush complete blob", &tmp))?;
             let path = self.layout.complete(blob);
             fs::rename(&tmp, &path).map_err(io_error("rename complete blob into place", &path))?;
-            Ok(true)
+            Ok(Assembled::Kept)
         })();
-        if !matches!(result, Ok(true)) {
+        if !matches!(result, Ok(Assembled::Kept)) {
             let _ = fs::remove_file(&tmp);
         }
         result

@@ -40,8 +40,10 @@ pub(super) fn clear_tmp(layout: &Layout) -> Result<(), CacheError> {
 
 /// Lists every chunk and verified marker under the chunk directory. Empty chunk files
 /// (never valid) and empty blob directories are deleted; names the cache would not have
-/// written are left alone and logged.
-pub(super) fn scan(layout: &Layout) -> Result<Recovered, CacheError> {
+/// written are left alone and logged. With `drop_unverified` (the machine rebooted since
+/// the cache was last open, so chunks written without `fsync` may be torn) the chunks of
+/// every blob without a verified marker are deleted.
+pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, CacheError> {
     let mut found = Recovered::default();
     let chunks = layout.chunks();
     for entry in fs::read_dir(&chunks).map_err(io_error("list chunk directory", &chunks))? {
@@ -50,7 +52,7 @@ pub(super) fn scan(layout: &Layout) -> Result<Recovered, CacheError> {
         let blob = entry.file_name().to_str().and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
         match blob {
             Some(blob) if entry.file_type().is_ok_and(|t| t.is_dir()) => {
-                scan_blob(blob, &path, &mut found)?;
+                scan_blob(blob, &path, drop_unverified, &mut found)?;
             }
             _ => tracing::warn!(path = %path.display(), "ignoring unexpected entry in chunk cache"),
         }
@@ -59,8 +61,9 @@ pub(super) fn scan(layout: &Layout) -> Result<Recovered, CacheError> {
     Ok(found)
 }
 
-fn scan_blob(blob: Digest, dir: &Path, found: &mut Recovered) -> Result<(), CacheError> {
+fn scan_blob(blob: Digest, dir: &Path, drop_unverified: bool, found: &mut Recovered) -> Result<(), CacheError> {
     let mut empty = true;
+    let mut chunks = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_error("list blob chunk directory", dir))? {
         let entry = entry.map_err(io_error("list blob chunk directory", dir))?;
         empty = false;
@@ -86,8 +89,14 @@ fn scan_blob(blob: Digest, dir: &Path, found: &mut Recovered) -> Result<(), Cach
             continue;
         }
         let touched = meta.modified().map_err(io_error("read modification time of", &path))?;
-        found.chunks.push((ChunkKey { blob, index }, Entry { size: meta.len(), touched }));
+        chunks.push((ChunkKey { blob, index }, Entry { size: meta.len(), touched }));
     }
+    if drop_unverified && !found.verified.contains(&blob) && !chunks.is_empty() {
+        tracing::info!(%blob, chunks = chunks.len(), "dropping chunks of an unverified blob after a reboot");
+        fs::remove_dir_all(dir).map_err(io_error("remove unverified blob chunks", dir))?;
+        return Ok(());
+    }
+    found.chunks.extend(chunks);
     if empty {
         // Left by an eviction that emptied the blob just before a crash; harmless, but
         // tidy. A failure here only leaves the directory for the next open.

@@ -116,6 +116,29 @@ fn chunks_survive_reopen() {
 }
 
 #[test]
+fn after_a_reboot_only_verified_blobs_keep_their_unflushed_chunks() {
+    let dir = TempDir::new().unwrap();
+    {
+        let cache = open(&dir, None);
+        for k in [key("a", 0), key("a", 1), key("b", 0)] {
+            cache.put(&k, &bytes_for(&k, 100)).unwrap();
+        }
+        cache.mark_verified(&blob("b")).unwrap();
+    }
+    // Same boot: everything written is still in the page cache, so all of it counts.
+    assert_eq!(open(&dir, None).stats().chunks, 3);
+    // Another boot: chunks of the unverified blob may be torn and are dropped.
+    std::fs::write(dir.path().join("boot-id"), "an-earlier-boot").unwrap();
+    let cache = open(&dir, None);
+    assert_eq!(cache.get(&key("a", 0)).unwrap(), None);
+    assert_eq!(cache.get(&key("a", 1)).unwrap(), None);
+    assert_eq!(cache.get(&key("b", 0)).unwrap(), Some(bytes_for(&key("b", 0), 100)));
+    assert!(cache.is_verified(&blob("b")));
+    drop(cache);
+    assert_eq!(open(&dir, None).stats().chunks, 1, "the new boot is recorded");
+}
+
+#[test]
 fn a_second_open_of_the_same_dir_is_refused_while_the_first_lives() {
     let dir = TempDir::new().unwrap();
     let first = open(&dir, None);

@@ -52,6 +52,8 @@ pub struct CacheConfig {
     pub readahead_chunks: u64,
     /// Chunks fetched by one ranged request when reading ahead of a stream.
     pub stream_request_chunks: u64,
+    /// Most chunks fetched but not yet written to the cache before fetches wait.
+    pub pending_store_chunks: u64,
     /// Parallel requests of background prefetch.
     pub prefetch_concurrency: usize,
     /// Keep complete raw-layer blobs as one file for FUSE passthrough reads.
@@ -91,6 +93,7 @@ impl Default for CacheConfig {
             chunk_size: f.chunk_size,
             readahead_chunks: f.readahead_chunks,
             stream_request_chunks: f.stream_request_chunks,
+            pending_store_chunks: f.pending_store_chunks,
             prefetch_concurrency: f.prefetch_concurrency,
             passthrough: f.passthrough,
         }
@@ -167,6 +170,7 @@ impl DaemonConfig {
                 chunk_size: self.cache.chunk_size,
                 readahead_chunks: self.cache.readahead_chunks,
                 stream_request_chunks: self.cache.stream_request_chunks,
+                pending_store_chunks: self.cache.pending_store_chunks,
                 prefetch_concurrency: self.cache.prefetch_concurrency,
                 passthrough: self.cache.passthrough,
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),

@@ -97,6 +97,12 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
+    /// The registry process's PID.
+    #[allow(dead_code)] // used by the benchmarks only
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("registry running").id()
+    }
+
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
