@@ -289,8 +289,12 @@ impl BlobStore {
             return;
         }
         let cs = self.settings.chunk_size;
-        let last = (blob.size.min(offset.saturating_add(len)) - 1) / cs;
         let per_request = self.settings.stream_request_chunks.max(1);
+        // The window is widened to whole groups of `per_request` chunks, and runs never
+        // cross a group boundary: as a reader's window slides a chunk at a time, each new
+        // request still covers a whole group instead of the one chunk that just entered.
+        let last = (blob.size.min(offset.saturating_add(len)) - 1) / cs;
+        let last = ((last / per_request + 1) * per_request - 1).min(self.chunk_count(blob) - 1);
         let mut index = offset / cs;
         // Runs of missing chunks, registered as in flight under one lock so that readers
         // arriving meanwhile join them instead of fetching again.
@@ -303,7 +307,7 @@ impl BlobStore {
             }
             let first = index;
             while index <= last
-                && index - first < per_request
+                && (index == first || index % per_request != 0)
                 && !inflight.contains_key(&ChunkKey { blob: blob.digest, index })
                 && !self.cache.contains(&ChunkKey { blob: blob.digest, index })
             {
@@ -810,23 +814,41 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn read_ahead_fetches_a_run_of_chunks_in_one_request_that_readers_join() {
-        let data: Vec<u8> = (0..16_384u32).map(|i| (i % 251) as u8).collect();
-        let (store, source, _dir) = store(&[&data], 1024);
+    async fn read_ahead_fetches_whole_groups_of_chunks_in_one_request_that_readers_join() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let blob = info(&data);
-        // Chunk 0 read on demand; then read-ahead of chunks 1..=8 in runs.
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
+        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
+        let store = BlobStore::new(source.clone(), cache, settings, HashMap::new());
+        let cached = |range: std::ops::RangeInclusive<u64>| {
+            range.into_iter().all(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i }))
+        };
+        let settle = |range: std::ops::RangeInclusive<u64>| async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !cached(range.clone()) {
+                assert!(std::time::Instant::now() < deadline, "read-ahead did not complete");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // Chunk 0 on demand; then chunks 1..=8 ahead, widened to the end of their group
+        // of four: runs 1..=3, 4..=7 and 8..=11.
         assert_eq!(store.read(&blob, 0, 10).await.unwrap(), data[..10]);
         store.read_ahead(&blob, 1024, 8 * 1024);
-        // A reader arriving while the run is in flight joins it.
+        // A reader arriving while a run is in flight joins it.
         assert_eq!(store.read(&blob, 2048 + 5, 100).await.unwrap(), data[2053..2153]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !(1..=8).all(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i })) {
-            assert!(std::time::Instant::now() < deadline, "read-ahead did not complete");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let runs = 8u64.div_ceil(FetchSettings::default().stream_request_chunks);
-        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + runs, "one request per run of chunks");
-        assert_eq!(store.read(&blob, 1024, 8 * 1024).await.unwrap(), data[1024..9216]);
-        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + runs);
+        settle(1..=11).await;
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 3, "one request per group");
+        // The window slides one chunk further: the whole next group comes in one request.
+        store.read_ahead(&blob, 9 * 1024, 4 * 1024);
+        settle(12..=15).await;
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 4);
+        // The last group stops at the blob's end (chunks 16..=19).
+        store.read_ahead(&blob, 16 * 1024, 1);
+        settle(16..=19).await;
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 5);
+        assert_eq!(store.read(&blob, 1024, 18_000).await.unwrap(), data[1024..19_024]);
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 5, "all served from the cache");
     }
 }

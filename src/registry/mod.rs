@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
@@ -57,6 +58,12 @@ enum Attempt {
 /// A client for one repository of one registry.
 pub struct Registry {
     client: Client,
+    /// A client that never authenticates, for blob reads while the registry has asked
+    /// for no credentials: with anonymous access to a registry that issues no token,
+    /// `oci-client` probes `/v2/` before every request, which doubles the requests and
+    /// the registry's CPU per byte. A 401 turns `bare_reads` off for good.
+    bare: Client,
+    bare_reads: AtomicBool,
     reference: Reference,
     auth: RegistryAuth,
     settings: RegistrySettings,
@@ -109,14 +116,16 @@ impl Registry {
         } else {
             ClientProtocol::Https
         };
-        let config = ClientConfig {
-            protocol,
+        let config = || ClientConfig {
+            protocol: protocol.clone(),
             connect_timeout: Some(settings.connect_timeout),
             read_timeout: Some(settings.request_timeout),
             use_monolithic_push: true,
             ..Default::default()
         };
-        Self { client: Client::new(config), auth: credentials_for(&registry), reference, settings }
+        let auth = credentials_for(&registry);
+        let bare_reads = AtomicBool::new(matches!(auth, RegistryAuth::Anonymous));
+        Self { client: Client::new(config()), bare: Client::new(config()), bare_reads, auth, reference, settings }
     }
 
     /// The reference this client was made for.
@@ -240,11 +249,8 @@ impl Registry {
         let what = format!("bytes {offset}+{len} of blob {blob}");
         let digest = blob.to_string();
         self.with_retries(&what, || async {
-            let response = self
-                .client
-                .pull_blob_stream_partial(&self.reference, digest.as_str(), offset, Some(len))
-                .await
-                .map_err(|e| self.classify(&what, e))?;
+            let response =
+                self.pull_partial(digest.as_str(), offset, len).await.map_err(|e| self.classify(&what, e))?;
             // A registry that ignores Range sends the whole blob: skip to our window.
             let (mut stream, mut skip, whole) = match response {
                 BlobResponse::Partial(s) => (s.stream, 0u64, false),
@@ -274,6 +280,25 @@ impl Registry {
             Ok(out.freeze())
         })
         .await
+    }
+
+    /// One ranged GET, unauthenticated while the registry allows it (see `bare`).
+    async fn pull_partial(&self, digest: &str, offset: u64, len: u64) -> Result<BlobResponse, OciDistributionError> {
+        if self.bare_reads.load(Ordering::Relaxed) {
+            match self.bare.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await {
+                Err(
+                    OciDistributionError::UnauthorizedError { .. }
+                    | OciDistributionError::AuthenticationFailure(_)
+                    | OciDistributionError::ServerError { code: 401, .. },
+                ) => {
+                    tracing::debug!(registry = self.reference.resolve_registry(), "registry wants a token for blobs");
+                    self.bare_reads.store(false, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth).await;
+        self.client.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await
     }
 
     /// Streams a whole blob from `offset` to its end (for compressed layers, which are
