@@ -188,6 +188,28 @@ fn small_read_fetches_only_its_chunk() {
 }
 
 #[test]
+fn a_registry_that_wants_a_token_from_anonymous_clients_is_served() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = pseudo_random(12 << 20, 8);
+    std::fs::write(src.join("model.safetensors"), &data).unwrap();
+    push_dir(&src, &format!("{}/models/token:v1", registry.addr()), "raw");
+    proxy.require_token();
+
+    let m = mount(&format!("{}/models/token:v1", proxy.addr()), tmp.path(), &[]);
+    let read = std::fs::read(m.mountpoint.join("model.safetensors")).unwrap();
+    assert!(read == data, "the model read through a token-wanting registry differs");
+    assert!(proxy.unauthorized_count() >= 1, "the proxy never asked for a token");
+    assert!(proxy.blob_counts().0 >= 1, "no blob came through the proxy");
+}
+
+#[test]
 fn concurrent_readers_of_one_chunk_cause_one_fetch() {
     if !prerequisites(true) {
         return;

@@ -1,7 +1,8 @@
 //! A fault-injecting HTTP/1.1 proxy in front of the test registry. It serves one request
 //! per connection (answering `Connection: close`), counts blob bodies it forwards, and
 //! can break the next N blob GETs: reset the connection, answer 500, truncate the body,
-//! or corrupt it.
+//! or corrupt it. It can also stand for a registry that wants a bearer token even from
+//! anonymous clients (as public registries do), issuing one at its own `/token`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -28,8 +29,13 @@ struct State {
     faults_left: AtomicU32,
     blob_requests: AtomicU64,
     blob_bytes: AtomicU64,
+    require_token: AtomicBool,
+    unauthorized: AtomicU64,
     stop: AtomicBool,
 }
+
+/// The token the proxy issues and then expects.
+const TOKEN: &str = "test-token";
 
 /// The running proxy; stops on drop.
 pub struct FaultProxy {
@@ -82,6 +88,19 @@ impl FaultProxy {
     /// Blob GETs forwarded intact, and the body bytes they carried.
     pub fn blob_counts(&self) -> (u64, u64) {
         (self.state.blob_requests.load(Ordering::SeqCst), self.state.blob_bytes.load(Ordering::SeqCst))
+    }
+
+    /// From now on, answers requests without the bearer token with 401 and a challenge
+    /// pointing at its own token endpoint.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn require_token(&self) {
+        self.state.require_token.store(true, Ordering::SeqCst);
+    }
+
+    /// How many requests were refused for want of the token.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn unauthorized_count(&self) -> u64 {
+        self.state.unauthorized.load(Ordering::SeqCst)
     }
 
     /// Zeroes the counters.
@@ -155,6 +174,30 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
     }
     let request_line = head.lines().next().unwrap_or_default().to_owned();
     let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+    if state.require_token.load(Ordering::SeqCst) {
+        if request_line.starts_with("GET /token") {
+            let body = format!("{{\"token\":\"{TOKEN}\",\"access_token\":\"{TOKEN}\"}}");
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            client.write_all(reply.as_bytes())?;
+            client.shutdown(Shutdown::Write)?;
+            return Ok(());
+        }
+        if header_value(&head, "authorization") != Some(&format!("Bearer {TOKEN}")) {
+            state.unauthorized.fetch_add(1, Ordering::SeqCst);
+            let host = header_value(&head, "host").unwrap_or("127.0.0.1");
+            let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+            let reply = format!(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{host}/token\",service=\"proxy\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            client.write_all(reply.as_bytes())?;
+            client.shutdown(Shutdown::Write)?;
+            return Ok(());
+        }
+    }
 
     // Forward with Connection: close, so the upstream ends its answer with EOF.
     let mut rewritten = String::new();
