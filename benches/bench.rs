@@ -60,6 +60,8 @@ struct Model {
     reference: String,
     dir: PathBuf,
     weights: Vec<PathBuf>,
+    /// `sha256:<hex>` of each weight file, worked out once.
+    digests: Vec<String>,
     weight_bytes: u64,
 }
 
@@ -82,7 +84,8 @@ fn make_model(work: &Path, registry: &TestRegistry, name: &str, size: u64, tenso
         .collect();
     weights.sort();
     let weight_bytes = weights.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
-    Model { name: name.to_owned(), reference, dir, weights, weight_bytes }
+    let digests = weights.iter().map(|w| sha256_file(w)).collect();
+    Model { name: name.to_owned(), reference, dir, weights, digests, weight_bytes }
 }
 
 fn make_small_files_model(work: &Path, registry: &TestRegistry) -> Model {
@@ -97,7 +100,8 @@ fn make_small_files_model(work: &Path, registry: &TestRegistry) -> Model {
     push_dir(&dir, &reference, "raw");
     let files: Vec<PathBuf> = read_tree(&dir).keys().map(|k| dir.join(k)).collect();
     let bytes = files.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
-    Model { name: "many-files".into(), reference, dir, weights: files, weight_bytes: bytes }
+    let digests = files.iter().map(|w| sha256_file(w)).collect();
+    Model { name: "many-files".into(), reference, dir, weights: files, digests, weight_bytes: bytes }
 }
 
 /// A `mount` process for benchmarking: started, timed to the first successful `stat`.
@@ -198,10 +202,9 @@ fn read_all(files: &[PathBuf], threads: usize) -> Duration {
 }
 
 /// Four parallel ranged `curl` downloads per blob, blob after blob: the link's limit.
-/// The digests are worked out before the clock starts.
 fn curl_ranges(registry: &TestRegistry, model: &Model) -> Duration {
-    let blobs: Vec<(u64, String)> =
-        model.weights.iter().map(|w| (std::fs::metadata(w).unwrap().len(), sha256_file(w))).collect();
+    let blobs: Vec<(u64, &String)> =
+        model.weights.iter().zip(&model.digests).map(|(w, d)| (std::fs::metadata(w).unwrap().len(), d)).collect();
     let t = Instant::now();
     for (data_len, digest) in blobs {
         let quarter = data_len / 4;
@@ -257,11 +260,13 @@ fn random_reads(file: &Path, count: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-/// Waits (up to a minute) until the cache at `cache` keeps `count` complete blobs.
-fn wait_complete(cache: &Path, count: usize) {
-    let dir = cache.join("complete/sha256");
+/// Waits (up to a minute) until the cache at `cache` holds the blobs `digests`, verified.
+fn wait_complete(cache: &Path, digests: &[String]) {
+    let dir = cache.join("blobs/sha256");
+    let markers: Vec<PathBuf> =
+        digests.iter().map(|d| dir.join(format!("{}.verified", d.trim_start_matches("sha256:")))).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&dir).map_or(0, |d| d.count()) < count && Instant::now() < deadline {
+    while !markers.iter().all(|m| m.is_file()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -367,7 +372,7 @@ fn main() {
             cold_mount_cpu.push(cpu_seconds(m.pid()) - mount_cpu);
             rss = rss.max(m.peak_rss());
             // Steady state after a full read: each verified blob also kept whole.
-            wait_complete(&dir, model.weights.len());
+            wait_complete(&dir, &model.digests);
             m.stop();
             let m = Mount::start(model, work.path(), &dir, &[]);
             drop_caches();
@@ -425,7 +430,7 @@ fn main() {
     let file = mounted_weights(&small, &m)[0].clone();
     let cold = random_reads(&file, 200, 11);
     read_all(std::slice::from_ref(&file), 1);
-    wait_complete(&dir, 1);
+    wait_complete(&dir, &small.digests[..1]);
     m.stop();
     let m = Mount::start(&small, work.path(), &dir, &["--readahead-chunks", "0"]);
     drop_caches();
@@ -466,7 +471,6 @@ fn main() {
     // background prefetch a user loading everything would ask for), versus download then load.
     let load = scripts.join("load_tensors.py");
     let load = load.to_str().unwrap();
-    let digests: Vec<String> = small.weights.iter().map(|w| sha256_file(w)).collect();
     let (mut lazy, mut prefetched, mut pull_first) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         for (args, times) in [(&[][..], &mut lazy), (&["--prefetch"][..], &mut prefetched)] {
@@ -481,7 +485,7 @@ fn main() {
         std::fs::create_dir_all(&dl).unwrap();
         read_all(&small.weights, 1);
         let t = Instant::now();
-        for (w, digest) in small.weights.iter().zip(&digests) {
+        for (w, digest) in small.weights.iter().zip(&small.digests) {
             let target = dl.join(w.file_name().unwrap());
             let ok = Command::new("curl")
                 .args(["-fs", "-o"])

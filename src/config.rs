@@ -51,9 +51,8 @@ pub struct FetchSettings {
     pub pending_store_chunks: u64,
     /// Parallel ranged requests of the background prefetch.
     pub prefetch_concurrency: usize,
-    /// Keep each fully fetched and verified raw-layer blob as one file too (twice its
-    /// size on disk), so that the kernel reads it directly (FUSE passthrough, Linux
-    /// ≥ 6.9) instead of through this process.
+    /// Let the kernel read a fully fetched and verified raw-layer blob straight from its
+    /// cache file (FUSE passthrough, Linux ≥ 6.9) instead of through this process.
     pub passthrough: bool,
     /// Most bytes of chunk data the cache keeps; `None` is unlimited.
     pub cache_budget: Option<u64>,

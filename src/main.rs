@@ -135,7 +135,7 @@ struct CacheArgs {
     /// Most chunks fetched but not yet written to the cache before fetches wait.
     #[arg(long, default_value_t = FetchSettings::default().pending_store_chunks)]
     pending_store_chunks: u64,
-    /// Do not keep complete blobs as single files for FUSE passthrough reads.
+    /// Serve every read through this process, never by FUSE passthrough of verified blobs.
     #[arg(long)]
     no_passthrough: bool,
     /// Parallel requests of the background prefetch.

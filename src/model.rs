@@ -192,9 +192,7 @@ impl Model {
             match layer.media_type.format {
                 LayerFormat::Raw => {
                     builder.add_raw_layer(layer).map_err(tree_err)?;
-                    if settings.fetch.passthrough {
-                        store.keep_whole(&blob);
-                    }
+                    store.verify_cached(&blob);
                     layers.push(LayerData::Remote(blob));
                 }
                 LayerFormat::Tar => {

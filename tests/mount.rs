@@ -573,12 +573,21 @@ fn complete_blobs_are_read_through_kernel_passthrough() {
     push_dir(&src, &reference, "raw");
     let mut m = mount(&reference, tmp.path(), &["--chunk-size", "1048576"]);
     assert_same_tree(&src, &m.mountpoint);
-    // Once verified, each multi-chunk raw blob is kept whole.
-    let complete = tmp.path().join("cache/complete/sha256");
+    // Once every chunk is cached, each multi-chunk raw blob is verified: its data file,
+    // the one copy the cache keeps, is then the whole blob.
+    let blobs = tmp.path().join("cache/blobs/sha256");
+    let shards: Vec<_> = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        .iter()
+        .map(|name| modelpack_snapshotter::modelpack::Digest::of(&std::fs::read(src.join(name)).unwrap()))
+        .collect();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::fs::read_dir(&complete).map_or(0, |d| d.count()) < 2 {
-        assert!(std::time::Instant::now() < deadline, "complete blobs were not kept");
+    while !shards.iter().all(|d| blobs.join(format!("{}.verified", d.hex())).is_file()) {
+        assert!(std::time::Instant::now() < deadline, "complete blobs were not verified");
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for d in &shards {
+        let data = std::fs::read(blobs.join(d.hex())).unwrap();
+        assert_eq!(modelpack_snapshotter::modelpack::Digest::of(&data), *d, "the data file is the blob");
     }
     // New opens are served by the kernel from those files, with the same bytes,
     // including through mmap.

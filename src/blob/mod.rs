@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio::sync::Semaphore;
 
-use crate::cache::{Assembled, CacheError, ChunkCache, ChunkKey};
+use crate::cache::{CacheError, ChunkCache, ChunkKey};
 use crate::config::FetchSettings;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::ChunkDigests;
@@ -117,9 +117,6 @@ pub struct BlobStore {
     /// Chunks of blobs with known piece digests that this store fetched and checked:
     /// when they are all of a blob, the blob needs no hashing of its own.
     checked: Mutex<HashMap<Digest, HashSet<u64>>>,
-    /// Blobs served as whole files, kept as one verified file once complete (for
-    /// passthrough reads).
-    whole: Mutex<HashSet<Digest>>,
     on_demand: AtomicUsize,
     /// One permit per chunk fetched but not yet cached (see [`Self::start_run`]).
     store_permits: Arc<Semaphore>,
@@ -165,7 +162,6 @@ impl BlobStore {
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
             checked: Mutex::new(HashMap::new()),
-            whole: Mutex::new(HashSet::new()),
             on_demand: AtomicUsize::new(0),
             store_permits: Arc::new(Semaphore::new(permits)),
             permits,
@@ -187,14 +183,10 @@ impl BlobStore {
         self.settings.passthrough
     }
 
-    /// Asks for `blob` to be kept as one verified file once all its chunks are cached
-    /// (a raw layer, whose file is the blob); assembles it now if it already is.
-    pub fn keep_whole(self: &Arc<Self>, blob: &BlobInfo) {
-        if self.chunk_count(blob) <= 1 {
-            return;
-        }
-        self.whole.lock().expect("whole lock").insert(blob.digest);
-        if self.cache.complete_path(&blob.digest).is_none() {
+    /// Verifies `blob` now if every chunk of it is cached but it is not verified yet (an
+    /// earlier process stopped in between), so that its file can serve passthrough reads.
+    pub fn verify_cached(self: &Arc<Self>, blob: &BlobInfo) {
+        if self.chunk_count(blob) > 1 && !self.cache.is_verified(&blob.digest) {
             self.verify_if_complete(blob);
         }
     }
@@ -568,45 +560,25 @@ impl BlobStore {
         if !(0..count).all(|i| self.cache.contains(&ChunkKey { blob: blob.digest, index: i })) {
             return;
         }
-        let wants_whole = self.whole.lock().expect("whole lock").contains(&blob.digest)
-            && self.cache.complete_path(&blob.digest).is_none();
-        let verified = self.cache.is_verified(&blob.digest);
-        if verified && !wants_whole {
+        if self.cache.is_verified(&blob.digest) {
             return;
         }
         if !self.verifying.lock().expect("verifying lock").insert(blob.digest) {
             return;
         }
-        // Every chunk checked against the lazy index on arrival (or the whole blob hashed
-        // before) makes the blob verified without hashing it again.
+        // Every chunk checked against the lazy index on arrival makes the blob verified
+        // without hashing it again.
         let indexed =
             self.checked.lock().expect("checked lock").get(&blob.digest).is_some_and(|c| c.len() as u64 == count);
-        let trusted = verified || indexed;
         let this = self.clone();
         let blob = *blob;
         self.cache.pin_blob(&blob.digest);
         tokio::task::spawn_blocking(move || {
-            // One pass over the bytes at most: the copy for passthrough hashes as it goes.
-            let outcome = if wants_whole {
-                this.cache.assemble_complete(&blob.digest, count, !trusted).map(|done| match done {
-                    Assembled::Kept => Some(blob.digest),
-                    Assembled::Mismatch(actual) => Some(actual),
-                    Assembled::Missing => None,
-                })
-            } else if trusted {
-                Ok(Some(blob.digest))
-            } else {
-                this.hash_cached_blob(&blob, count)
-            };
+            let outcome = if indexed { Ok(Some(blob.digest)) } else { this.hash_cached_blob(&blob, count) };
             match outcome {
                 Ok(Some(actual)) if actual == blob.digest => {
-                    if !verified {
-                        if let Err(e) = this.cache.mark_verified(&blob.digest) {
-                            tracing::warn!(error = %e, "cannot record verification");
-                        }
-                    }
-                    if wants_whole {
-                        tracing::debug!(blob = %blob.digest, "whole blob kept for passthrough");
+                    if let Err(e) = this.cache.mark_verified(&blob.digest) {
+                        tracing::warn!(error = %e, "cannot record verification");
                     }
                 }
                 Ok(Some(actual)) => {
@@ -716,6 +688,7 @@ mod tests {
             ..FakeSource::default()
         });
         let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        cache.bind_chunk_size(chunk_size).unwrap();
         let settings = FetchSettings { chunk_size, ..FetchSettings::default() };
         (BlobStore::new(source.clone(), cache, settings, HashMap::new()), source, dir)
     }
@@ -801,6 +774,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
         let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        cache.bind_chunk_size(2048).unwrap();
         let pieces = ChunkDigests { chunk_size: 1024, digests: data.chunks(1024).map(Digest::of).collect() };
         let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
         let store = BlobStore::new(source.clone(), cache, settings, [(blob.digest, pieces)].into());
@@ -820,6 +794,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
         let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        cache.bind_chunk_size(1024).unwrap();
         let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
         let store = BlobStore::new(source.clone(), cache, settings, HashMap::new());
         let cached = |range: std::ops::RangeInclusive<u64>| {

@@ -20,18 +20,6 @@ pub(super) fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Writes `data` to a new file at `path` without flushing it: the page cache keeps it
-/// coherent for every reader on this boot, and the caller decides when (or whether) it
-/// must reach stable storage (see the cache's durability rules). The file must not exist
-/// yet. On failure the partial file is removed (best effort, as in [`write_synced`]).
-pub(super) fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
-    let result = File::create_new(path).and_then(|mut file| file.write_all(data));
-    if result.is_err() {
-        let _ = fs::remove_file(path);
-    }
-    result
-}
-
 /// Flushes a file's data to stable storage.
 pub(super) fn sync_file(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_data()

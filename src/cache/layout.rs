@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use super::ChunkKey;
 use crate::modelpack::Digest;
 
-/// File name of the marker saying a blob's chunks were hashed and matched its digest.
-/// Chunk files are named by decimal index, so this name cannot collide with one.
-pub(super) const VERIFIED_MARKER: &str = "verified";
+/// Suffix of a blob's presence map, next to its data file.
+pub(super) const MAP_SUFFIX: &str = ".map";
+/// Suffix of the marker saying a blob's chunks were all present, hashed and matched its
+/// digest.
+pub(super) const VERIFIED_SUFFIX: &str = ".verified";
 
 /// File name of the lock that keeps a second process out of the same cache root.
 const LOCK_FILE: &str = "lock";
@@ -40,21 +41,25 @@ impl Layout {
         self.root.join(BOOT_FILE)
     }
 
-    /// Parent of the per-blob chunk directories.
-    pub(super) fn chunks(&self) -> PathBuf {
-        self.root.join("chunks").join("sha256")
+    /// Parent of the blob data files, their presence maps and markers.
+    pub(super) fn blobs(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
     }
 
-    pub(super) fn blob_dir(&self, blob: &Digest) -> PathBuf {
-        self.chunks().join(blob.hex())
+    /// A blob's data file: chunk `i` at byte `i × chunk size`, holes where chunks are
+    /// absent.
+    pub(super) fn data(&self, blob: &Digest) -> PathBuf {
+        self.blobs().join(blob.hex())
     }
 
-    pub(super) fn chunk(&self, key: &ChunkKey) -> PathBuf {
-        self.blob_dir(&key.blob).join(key.index.to_string())
+    /// A blob's presence map: the length of chunk `i` as a little-endian `u32` at byte
+    /// `4 × i`, zero while absent.
+    pub(super) fn map(&self, blob: &Digest) -> PathBuf {
+        self.blobs().join(format!("{}{MAP_SUFFIX}", blob.hex()))
     }
 
     pub(super) fn marker(&self, blob: &Digest) -> PathBuf {
-        self.blob_dir(blob).join(VERIFIED_MARKER)
+        self.blobs().join(format!("{}{VERIFIED_SUFFIX}", blob.hex()))
     }
 
     pub(super) fn meta_dir(&self) -> PathBuf {
@@ -76,36 +81,25 @@ impl Layout {
         self.unpacked_dir().join(format!("{}.tar", blob.hex()))
     }
 
-    pub(super) fn complete_dir(&self) -> PathBuf {
-        self.root.join("complete").join("sha256")
-    }
-
-    pub(super) fn complete(&self, blob: &Digest) -> PathBuf {
-        self.complete_dir().join(blob.hex())
-    }
-
     pub(super) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
+    /// Directories of an earlier layout (one file per chunk, plus whole-blob copies),
+    /// deleted at `open`.
+    pub(super) fn obsolete_dirs(&self) -> [PathBuf; 2] {
+        [self.root.join("chunks"), self.root.join("complete")]
+    }
+
     /// Every directory below the root that `open` makes sure exists, parents first.
-    pub(super) fn dirs(&self) -> [PathBuf; 8] {
+    pub(super) fn dirs(&self) -> [PathBuf; 6] {
         [
-            self.root.join("chunks"),
-            self.chunks(),
+            self.root.join("blobs"),
+            self.blobs(),
             self.meta_dir(),
             self.root.join("unpacked"),
             self.unpacked_dir(),
-            self.root.join("complete"),
-            self.complete_dir(),
             self.tmp_dir(),
         ]
     }
-}
-
-/// The chunk index a chunk file name stands for, if it is one: canonical decimal only,
-/// so that each chunk has exactly one possible file name.
-pub(super) fn parse_chunk_name(name: &str) -> Option<u64> {
-    let index: u64 = name.parse().ok()?;
-    (index.to_string() == name).then_some(index)
 }

@@ -6,47 +6,57 @@
 //!
 //! ```text
 //! <dir>/lock                             advisory lock: one process per cache root
-//! <dir>/chunks/sha256/<hex>/<index>      chunk <index> (decimal) of blob sha256:<hex>
-//! <dir>/chunks/sha256/<hex>/verified     marker: the whole blob was hashed and matched
+//! <dir>/boot-id                          the boot in which the cache was last opened
+//! <dir>/blobs/sha256/<hex>               blob data: chunk i at byte i × chunk size, holes elsewhere
+//! <dir>/blobs/sha256/<hex>.map           presence map: chunk i's length (u32 LE) at byte 4i, 0 = absent
+//! <dir>/blobs/sha256/<hex>.verified      marker: every chunk present, and the whole blob matched
 //! <dir>/meta/<sha256 hex of the name>    a named metadata record
 //! <dir>/unpacked/sha256/<hex>.tar        decompressed copy of a compressed layer
-//! <dir>/complete/sha256/<hex>            a whole blob in one file, verified (for passthrough)
-//! <dir>/tmp/                             files being written, before their rename
+//! <dir>/tmp/                             files being written, or removed, before their rename/unlink
 //! ```
+//!
+//! A blob is one sparse file, so a blob whose chunks are all present *is* the blob: once
+//! verified, the FUSE layer hands that very file to the kernel for passthrough reads, with
+//! no second copy. A cache is bound to one chunk size ([`ChunkCache::bind_chunk_size`]),
+//! which places chunks in the file.
 //!
 //! # Durability
 //!
-//! Chunks are written to a file in `tmp/` and renamed into place, so a reader on this
-//! boot sees a chunk whole or not at all, even if the process dies mid-write. Chunk data
-//! is not flushed with `fsync` when it is stored: flushing every chunk made cold reads
-//! wait for the disk. Only a power loss or kernel crash can then tear a chunk, so the
-//! cache records the boot it was opened in (`boot-id`), and an `open` in a later boot
-//! deletes the chunks of every blob without a verified marker. [`ChunkCache::mark_verified`]
-//! flushes the blob's chunk files and directories before it writes the marker, so a
-//! marker always vouches for durable chunks; a chunk replaced in a verified blob is
-//! flushed before its rename. Metadata records, unpacked layers and complete blobs are
-//! flushed before their rename, and metadata directories on every write. `open` deletes
-//! whatever is left in `tmp/` and rebuilds the index by scanning the chunk directories;
-//! an empty chunk file is never valid and is treated as absent.
+//! A chunk's bytes are written into the data file first and its length into the presence
+//! map second, so a reader on this boot sees a chunk whole or not at all, even if the
+//! process dies mid-write. Chunk data is not flushed with `fsync` when it is stored:
+//! flushing every chunk made cold reads wait for the disk. Only a power loss or kernel
+//! crash can then tear a chunk, so the cache records the boot it was opened in
+//! (`boot-id`), and an `open` in a later boot deletes every blob without a verified
+//! marker. [`ChunkCache::mark_verified`] flushes the blob's data file and map before it
+//! writes the marker, so a marker always vouches for durable chunks. A present chunk is
+//! never written again (a verified blob's bytes never change under a passthrough reader).
+//! Metadata records and unpacked layers are flushed before their rename, and metadata
+//! directories on every write. `open` deletes whatever is left in `tmp/` and rebuilds the
+//! index from the presence maps.
 //!
 //! # Eviction
 //!
 //! Chunk data is kept within an optional byte budget. After each `put`, least recently
-//! used chunks are deleted until the total fits, skipping the chunk just written and
+//! used chunks are evicted until the total fits, skipping the chunk just written and
 //! every chunk of a pinned blob (a blob being read); if only those remain, the cache
-//! stays over budget until they are unpinned. Recency survives a restart through file
-//! modification times: reads refresh a chunk's mtime at most once per
-//! [`MTIME_REFRESH_INTERVAL`]. Evicting any chunk of a blob first deletes the blob's
-//! verified marker (durably), so the marker always means "every chunk was checked".
-//! Metadata records and unpacked layers are outside the budget; their owners manage
-//! them.
+//! stays over budget until they are unpinned. A chunk of an unverified blob is evicted by
+//! punching a hole in the data file; a verified blob is evicted whole, its marker first
+//! (durably) and then its files unlinked, so a file the kernel still reads for a
+//! passthrough open keeps its bytes until closed. Recency survives a restart through the
+//! data file's modification time, refreshed by reads at most once per
+//! [`MTIME_REFRESH_INTERVAL`]. Metadata records and unpacked layers are outside the
+//! budget; their owners manage them.
 //!
 //! # Concurrency
 //!
 //! [`ChunkCache`] is `Send + Sync` and meant to be shared through an `Arc` by blocking
 //! threads. One mutex guards the bookkeeping (index, sizes, pins, markers) and the
-//! renames and unlinks that must agree with it; reading and writing chunk data and
-//! `fsync` happen outside it, so readers of large chunks do not queue behind each other.
+//! renames, unlinks, holes and map entries that must agree with it; reading and writing
+//! chunk data and `fsync` happen outside it, so readers of large chunks do not queue
+//! behind each other. Every present chunk carries a generation number: a read checks,
+//! after reading, that its chunk is still the one it looked up, so a chunk evicted or
+//! removed meanwhile reads as absent rather than as the hole left behind.
 
 mod fsutil;
 mod layout;
@@ -56,8 +66,9 @@ mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -65,11 +76,11 @@ use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
 
-use self::fsutil::{boot_id, ensure_dir, sync_dir, sync_file, try_lock_exclusive, write_new, write_synced};
+use self::fsutil::{boot_id, ensure_dir, sync_dir, sync_file, try_lock_exclusive, write_synced};
 use self::layout::Layout;
 use crate::modelpack::Digest;
 
-/// How stale a chunk's recorded use may get before a read refreshes its file mtime.
+/// How stale a blob's recorded use may get before a read refreshes its data file's mtime.
 /// Refreshing on every read would add a metadata write to each hit; this bound keeps
 /// the LRU order rebuilt after a restart accurate to within a minute.
 pub const MTIME_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
@@ -80,7 +91,7 @@ pub enum CacheError {
     /// A file-system operation on a cache path failed.
     #[error("cannot {op} {path}: {cause}")]
     Io {
-        /// What was being done, e.g. "rename chunk into place".
+        /// What was being done, e.g. "write chunk".
         op: &'static str,
         path: PathBuf,
         cause: io::Error,
@@ -93,10 +104,15 @@ pub enum CacheError {
         "cache directory {path} holds {cached}-byte chunks, not {requested}-byte ones; use another cache directory"
     )]
     ChunkSizeMismatch { path: PathBuf, cached: u64, requested: u64 },
-    /// Chunks hold at least one byte; an empty one would be indistinguishable from a
-    /// chunk truncated behind the cache's back.
+    /// Chunks hold at least one byte: a zero length marks an absent chunk.
     #[error("refusing to store empty chunk {} of blob {}", key.index, key.blob)]
     EmptyChunk { key: ChunkKey },
+    /// A chunk longer than the chunk size would overlap the next one.
+    #[error("refusing to store chunk {} of blob {}: {len} bytes exceed the {chunk_size}-byte chunk size", key.index, key.blob)]
+    ChunkTooLong { key: ChunkKey, len: u64, chunk_size: u64 },
+    /// Chunks are placed by the chunk size, which is not known yet.
+    #[error("cache directory {path} is not bound to a chunk size yet")]
+    Unbound { path: PathBuf },
 }
 
 /// Builds the error for a failed operation `op` on `path`, for use with `map_err`.
@@ -104,23 +120,11 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> C
     move |cause| CacheError::Io { op, path: path.to_owned(), cause }
 }
 
-/// One chunk of one blob: bytes `[index * chunk_size, (index + 1) * chunk_size)`. The
-/// chunk size itself is the caller's business; the cache stores whatever it is given.
+/// One chunk of one blob: bytes `[index * chunk_size, (index + 1) * chunk_size)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkKey {
     pub blob: Digest,
     pub index: u64,
-}
-
-/// What [`ChunkCache::assemble_complete`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Assembled {
-    /// The whole blob is kept in one file.
-    Kept,
-    /// A chunk was missing (evicted meanwhile); nothing is kept.
-    Missing,
-    /// The chunks hash to this other digest; nothing is kept.
-    Mismatch(Digest),
 }
 
 /// A snapshot of the cache's counters. `hits`, `misses`, `evictions` and
@@ -140,8 +144,11 @@ pub struct CacheStats {
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     size: u64,
-    /// The chunk file's mtime as last set or read by the cache.
+    /// The data file's mtime as last set or read by the cache.
     touched: SystemTime,
+    /// Unique per stored chunk: a read that looked up one generation and finds another
+    /// (or none) afterwards read bytes that may have been evicted under it.
+    generation: u64,
 }
 
 /// Bookkeeping guarded by the mutex.
@@ -154,6 +161,10 @@ struct Inner {
     pins: HashMap<Digest, u64>,
     /// Blobs whose verified marker exists.
     verified: HashSet<Digest>,
+    /// Chunks whose bytes a `put` is writing: one writer per chunk, and none while it is
+    /// present, so no write can straddle the hole punched by an eviction.
+    writing: HashSet<ChunkKey>,
+    next_generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -173,15 +184,18 @@ pub struct ChunkCache {
     inner: Mutex<Inner>,
     counters: Counters,
     next_temp: AtomicU64,
+    /// The bound chunk size; 0 until [`Self::bind_chunk_size`].
+    chunk_size: AtomicU64,
     /// Holds the advisory lock on the root for as long as the cache is open.
     _lock: File,
 }
 
 impl ChunkCache {
     /// Opens (creating) a cache rooted at `dir`. `budget` is the most bytes of chunk data
-    /// kept; `None` means unlimited. Scans existing chunks to rebuild the size accounting
-    /// and the LRU order (by file mtime), deletes leftover temporary files. If the
-    /// existing chunks exceed the budget, the oldest are evicted straight away.
+    /// kept; `None` means unlimited. Rebuilds the size accounting and the LRU order (by
+    /// data file mtime) from the presence maps, deletes leftover temporary files and the
+    /// directories of an earlier layout, and, in a new boot, every unverified blob. If
+    /// the existing chunks exceed the budget, the oldest are evicted straight away.
     pub fn open(dir: &Path, budget: Option<u64>) -> Result<Self, CacheError> {
         fs::create_dir_all(dir).map_err(io_error("create cache directory", dir))?;
         let layout = Layout::new(dir);
@@ -204,6 +218,7 @@ impl ChunkCache {
             }
         }
         scan::clear_tmp(&layout)?;
+        scan::remove_obsolete(&layout)?;
         let boot = boot_id();
         let boot_file = layout.boot_file();
         let last_boot = match fs::read_to_string(&boot_file) {
@@ -211,7 +226,7 @@ impl ChunkCache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_error("read", &boot_file)(e)),
         };
-        // No record: a new cache (or one whose chunks were all flushed when written).
+        // No record: a new cache. An unreadable boot id counts as a new boot each time.
         let rebooted = last_boot.is_some() && (boot.is_none() || last_boot != boot);
         let recovered = scan::scan(&layout, rebooted)?;
         if boot.is_none() || last_boot != boot {
@@ -222,9 +237,17 @@ impl ChunkCache {
             sync_dir(dir).map_err(io_error("flush directory", dir))?;
         }
 
-        let mut inner =
-            Inner { lru: LruCache::unbounded(), used_bytes: 0, pins: HashMap::new(), verified: recovered.verified };
-        for (key, entry) in recovered.chunks {
+        let mut inner = Inner {
+            lru: LruCache::unbounded(),
+            used_bytes: 0,
+            pins: HashMap::new(),
+            verified: recovered.verified,
+            writing: HashSet::new(),
+            next_generation: 1,
+        };
+        for (key, mut entry) in recovered.chunks {
+            entry.generation = inner.next_generation;
+            inner.next_generation += 1;
             inner.used_bytes += entry.size;
             inner.lru.push(key, entry);
         }
@@ -242,6 +265,7 @@ impl ChunkCache {
             inner: Mutex::new(inner),
             counters: Counters::default(),
             next_temp: AtomicU64::new(0),
+            chunk_size: AtomicU64::new(0),
             _lock: lock,
         };
         {
@@ -253,29 +277,28 @@ impl ChunkCache {
 
     /// Binds the cache to one chunk size: the first call records it, later calls (in this
     /// or a later process) with another size fail, since a chunk index only names a byte
-    /// range together with the size.
+    /// range together with the size. Chunks can be stored and read once it is bound.
     pub fn bind_chunk_size(&self, chunk_size: u64) -> Result<(), CacheError> {
         const NAME: &str = "chunk-size";
         match self.get_meta(NAME)? {
             Some(raw) => {
                 let cached = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
                 match cached {
-                    Some(cached) if cached == chunk_size => Ok(()),
-                    Some(cached) => Err(CacheError::ChunkSizeMismatch {
-                        path: self.dir().to_owned(),
-                        cached,
-                        requested: chunk_size,
-                    }),
+                    Some(cached) if cached == chunk_size => {}
                     // An unreadable record cannot vouch for the chunks; start over.
-                    None => Err(CacheError::ChunkSizeMismatch {
-                        path: self.dir().to_owned(),
-                        cached: 0,
-                        requested: chunk_size,
-                    }),
+                    cached => {
+                        return Err(CacheError::ChunkSizeMismatch {
+                            path: self.dir().to_owned(),
+                            cached: cached.unwrap_or(0),
+                            requested: chunk_size,
+                        })
+                    }
                 }
             }
-            None => self.put_meta(NAME, chunk_size.to_string().as_bytes()),
+            None => self.put_meta(NAME, chunk_size.to_string().as_bytes())?,
         }
+        self.chunk_size.store(chunk_size, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The cache root.
@@ -283,48 +306,79 @@ impl ChunkCache {
         self.layout.root()
     }
 
+    fn bound_chunk_size(&self) -> Result<u64, CacheError> {
+        match self.chunk_size.load(Ordering::Relaxed) {
+            0 => Err(CacheError::Unbound { path: self.dir().to_owned() }),
+            size => Ok(size),
+        }
+    }
+
     /// The chunk's bytes if present (counts a hit or a miss, marks it recently used).
     pub fn get(&self, key: &ChunkKey) -> Result<Option<Vec<u8>>, CacheError> {
-        let Some((mut file, path)) = self.open_present(key)? else {
-            return Ok(None);
-        };
-        let mut data = Vec::new();
-        file.read_to_end(&mut data).map_err(io_error("read chunk", &path))?;
-        if data.is_empty() {
-            self.forget(key, &path);
+        let Some(size) = self.lock().lru.peek(key).map(|e| e.size) else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
-        }
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(data))
+        };
+        let mut data = vec![0u8; size as usize];
+        Ok(match self.read_into(key, 0, &mut data)? {
+            Some(n) if n == data.len() => Some(data),
+            _ => None,
+        })
     }
 
     /// Reads part of a present chunk into `buf` at `offset` within the chunk; returns
     /// bytes read, or None if absent. Fewer bytes than `buf.len()` means the chunk ends
-    /// first (zero when `offset` is at or past its end). Counts like [`Self::get`].
+    /// first (zero when `offset` is at or past its end). Counts a hit or a miss and
+    /// marks the chunk recently used.
     pub fn read_into(&self, key: &ChunkKey, offset: u64, buf: &mut [u8]) -> Result<Option<usize>, CacheError> {
-        let Some((file, path)) = self.open_present(key)? else {
+        let looked_up = self.lock().lru.get(key).copied();
+        let Some(entry) = looked_up else {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
+        let chunk_size = self.bound_chunk_size()?;
+        let path = self.layout.data(&key.blob);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(key, entry.generation);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(io_error("open blob data", &path)(e)),
+        };
+        let want = (entry.size.saturating_sub(offset)).min(buf.len() as u64) as usize;
+        let start = key.index * chunk_size + offset;
         let mut done = 0;
-        while done < buf.len() {
-            // No file extends past `i64::MAX`, and `pread` rejects such offsets outright.
-            let Some(at) = offset.checked_add(done as u64).filter(|&at| at <= i64::MAX as u64) else {
-                break;
-            };
-            match file.read_at(&mut buf[done..], at) {
+        while done < want {
+            match file.read_at(&mut buf[done..want], start + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error("read chunk", &path)(e)),
+                Err(e) => return Err(io_error("read chunk from", &path)(e)),
             }
         }
-        // A short read is normal at the end of a chunk; only then is it worth checking
-        // for the one invalid file, an empty one.
-        if done < buf.len() && file.metadata().map_err(io_error("stat chunk", &path))?.len() == 0 {
-            self.forget(key, &path);
+        let now = SystemTime::now();
+        // A touched time in the future (clock stepped back) counts as stale too.
+        let fresh = now.duration_since(entry.touched).is_ok_and(|age| age < MTIME_REFRESH_INTERVAL);
+        let mut inner = self.lock();
+        // Evicted (a hole punched) or removed while we read: what we read is not the chunk.
+        let current = inner.lru.peek(key).is_some_and(|e| e.generation == entry.generation);
+        if !current || done < want {
+            drop(inner);
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
+        }
+        if !fresh {
+            for (k, e) in inner.lru.iter_mut() {
+                if k.blob == key.blob {
+                    e.touched = now;
+                }
+            }
+            drop(inner);
+            if let Err(e) = file.set_modified(now) {
+                tracing::debug!(path = %path.display(), error = %e, "cannot refresh blob mtime");
+            }
         }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         Ok(Some(done))
@@ -336,145 +390,137 @@ impl ChunkCache {
         self.lock().lru.contains(key)
     }
 
-    /// Stores a chunk: write to a temp file in the cache dir and rename it into place. Only
-    /// then does it count as present, so a reader never sees a torn chunk; neither the
-    /// data nor the directory is flushed here (see the module documentation on
-    /// durability). Then evicts least-recently-used chunks until within budget, never evicting the chunk just written nor any chunk of a blob
-    /// currently pinned (see [`Self::pin_blob`]). Storing a chunk that is already present
-    /// replaces it. Failures to evict are logged, not returned: the chunk is stored.
+    /// Stores a chunk: its bytes go into the blob's data file at the chunk's place, then
+    /// its length into the presence map; only then does it count as present, so a reader
+    /// never sees a torn chunk. Nothing is flushed here (see the module documentation on
+    /// durability). A chunk already present is left as it is. Then evicts
+    /// least-recently-used chunks until within budget, never evicting the chunk just
+    /// written nor any chunk of a blob currently pinned (see [`Self::pin_blob`]).
+    /// Failures to evict are logged, not returned: the chunk is stored.
     pub fn put(&self, key: &ChunkKey, data: &[u8]) -> Result<(), CacheError> {
         if data.is_empty() {
             return Err(CacheError::EmptyChunk { key: *key });
         }
-        let tmp = self.temp_path();
-        // A verified marker vouches for durable chunks (see the module documentation).
-        let write = if self.is_verified(&key.blob) { write_synced } else { write_new };
-        write(&tmp, data).map_err(io_error("write temporary chunk", &tmp))?;
-
-        let blob_dir = self.layout.blob_dir(&key.blob);
-        let path = self.layout.chunk(key);
-        // Under the lock so that neither `remove_blob` nor an eviction emptying the blob
-        // can remove the directory between its creation and the rename.
+        let chunk_size = self.bound_chunk_size()?;
+        if data.len() as u64 > chunk_size || data.len() as u64 > u64::from(u32::MAX) {
+            return Err(CacheError::ChunkTooLong { key: *key, len: data.len() as u64, chunk_size });
+        }
         {
             let mut inner = self.lock();
-            let placed = ensure_dir(&blob_dir)
-                .map_err(io_error("create blob chunk directory", &blob_dir))
-                .and_then(|_| fs::rename(&tmp, &path).map_err(io_error("rename chunk into place", &path)));
-            if let Err(e) = placed {
-                drop(inner);
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
-            // A replaced chunk leaves the index until its successor is in place, so that
-            // no eviction deletes the new file on the old entry's behalf meanwhile.
-            if let Some(old) = inner.lru.pop(key) {
-                inner.used_bytes -= old.size;
-            }
-        }
-
-        let mut inner = self.lock();
-        match fs::symlink_metadata(&path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::debug!(blob = %key.blob, index = key.index, "chunk removed while being stored");
+            // Present, or being written by another put: its bytes are (about to be) in place.
+            if inner.lru.contains(key) || !inner.writing.insert(*key) {
                 return Ok(());
             }
-            Err(e) => return Err(io_error("stat chunk", &path)(e)),
         }
-        let entry = Entry { size: data.len() as u64, touched: SystemTime::now() };
+        let path = self.layout.data(&key.blob);
+        let written = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|file| {
+                file.write_all_at(data, key.index * chunk_size)?;
+                file.metadata()
+            })
+            .map_err(io_error("write chunk to", &path));
+
+        let mut inner = self.lock();
+        inner.writing.remove(key);
+        let written = written?;
+        // The file may have been removed (evicted, or failed verification) while we
+        // wrote: then our bytes went with it, and the chunk is not present.
+        match fs::metadata(&path) {
+            Ok(now) if now.ino() == written.ino() && now.dev() == written.dev() => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error("stat blob data", &path)(e)),
+        }
+        self.write_map_entry(&key.blob, key.index, data.len() as u32)?;
+        let entry = Entry { size: data.len() as u64, touched: SystemTime::now(), generation: inner.next_generation };
+        inner.next_generation += 1;
         inner.used_bytes += entry.size;
-        if let Some(old) = inner.lru.put(*key, entry) {
-            // Two puts of the same chunk raced; both wrote whole files, one remains.
-            inner.used_bytes -= old.size;
-        }
+        inner.lru.put(*key, entry);
         self.evict(&mut inner, Some(key));
         Ok(())
     }
 
+    /// Records chunk `index`'s length (0: absent) in the blob's presence map. Called with
+    /// the bookkeeping lock held, so the map agrees with the index.
+    fn write_map_entry(&self, blob: &Digest, index: u64, len: u32) -> Result<(), CacheError> {
+        let path = self.layout.map(blob);
+        let map = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_error("open presence map", &path))?;
+        map.write_all_at(&len.to_le_bytes(), index * 4).map_err(io_error("write presence map", &path))
+    }
+
     /// Removes every chunk of a blob and its verified marker (used when verification
     /// fails). Pins do not protect against this. The blob's unpacked copy, if any, is
-    /// left alone.
+    /// left alone. A file still open (a passthrough reader) keeps its bytes until closed.
     pub fn remove_blob(&self, blob: &Digest) -> Result<(), CacheError> {
-        let blob_dir = self.layout.blob_dir(blob);
-        let graveyard = self.temp_path();
-        let moved = {
-            let mut inner = self.lock();
-            let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
-            for key in keys {
-                if let Some(entry) = inner.lru.pop(&key) {
-                    inner.used_bytes -= entry.size;
-                }
+        let mut inner = self.lock();
+        let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
+        for key in keys {
+            if let Some(entry) = inner.lru.pop(&key) {
+                inner.used_bytes -= entry.size;
             }
-            inner.verified.remove(blob);
-            // One rename takes every file of the blob out of sight at once; the slow
-            // deletion of its contents then happens without the lock.
-            match fs::rename(&blob_dir, &graveyard) {
-                Ok(()) => true,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                Err(e) => return Err(io_error("move blob chunk directory to", &graveyard)(e)),
-            }
-        };
-        match fs::remove_file(self.layout.complete(blob)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("remove complete blob", &self.layout.complete(blob))(e)),
         }
-        if !moved {
-            return Ok(());
-        }
+        inner.verified.remove(blob);
+        self.unlink_blob_files(blob)?;
+        drop(inner);
         // Removed chunks must not come back after a crash: they may be the bad ones.
-        let chunks = self.layout.chunks();
-        sync_dir(&chunks).map_err(io_error("flush directory", &chunks))?;
-        if let Err(e) = fs::remove_dir_all(&graveyard) {
-            // Out of sight already; `open` empties the temporary directory.
-            tracing::warn!(path = %graveyard.display(), error = %e, "cannot delete removed blob chunks");
+        let dir = self.layout.blobs();
+        sync_dir(&dir).map_err(io_error("flush directory", &dir))
+    }
+
+    /// Unlinks a blob's marker, map and data file, in that order: a crash in between
+    /// leaves no marker vouching for missing chunks, nor a map naming chunks that are
+    /// gone. Called with the bookkeeping lock held.
+    fn unlink_blob_files(&self, blob: &Digest) -> Result<(), CacheError> {
+        for (op, path) in [
+            ("remove verified marker", self.layout.marker(blob)),
+            ("remove presence map", self.layout.map(blob)),
+            ("remove blob data", self.layout.data(blob)),
+        ] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(op, &path)(e)),
+            }
         }
         Ok(())
     }
 
-    /// Records that the whole blob was hashed and matched its digest (a marker file).
-    /// Evicting any chunk of the blob removes the marker. Call it while the blob is
-    /// pinned: a chunk evicted between the hashing and this call would go unnoticed.
+    /// Records that every chunk of the blob is present and the whole blob was hashed and
+    /// matched its digest (a marker file), after flushing the blob's data and map to
+    /// disk. Evicting any chunk of the blob removes the marker first. Call it while the
+    /// blob is pinned: a chunk evicted between the hashing and this call would go
+    /// unnoticed.
     pub fn mark_verified(&self, blob: &Digest) -> Result<(), CacheError> {
-        let blob_dir = self.layout.blob_dir(blob);
-        let marker = self.layout.marker(blob);
-        // The chunks' bytes and renames must be durable before a marker vouches for them.
-        let keys: Vec<ChunkKey> = self.lock().lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
-        for key in keys {
-            let path = self.layout.chunk(&key);
+        for path in [self.layout.data(blob), self.layout.map(blob)] {
             match sync_file(&path) {
                 Ok(()) => {}
-                // Evicted meanwhile: the marker is then dropped again with it.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error("flush chunk", &path)(e)),
+                // Removed meanwhile: nothing to vouch for.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_error("flush", &path)(e)),
             }
         }
-        match sync_dir(&blob_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("flush directory", &blob_dir)(e)),
-        }
-        let chunks = self.layout.chunks();
-        sync_dir(&chunks).map_err(io_error("flush directory", &chunks))?;
-        let created_dir = {
+        let marker = self.layout.marker(blob);
+        {
             let mut inner = self.lock();
-            let created = ensure_dir(&blob_dir).map_err(io_error("create blob chunk directory", &blob_dir))?;
+            if !inner.lru.iter().any(|(k, _)| k.blob == *blob) {
+                return Ok(());
+            }
             File::create(&marker).map_err(io_error("create verified marker", &marker))?;
             inner.verified.insert(*blob);
-            created
-        };
+        }
         // Flushing after publishing the marker is safe: a crash can only lose it, which
         // costs a re-verification, never a wrong answer.
-        match sync_dir(&blob_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("flush directory", &blob_dir)(e)),
-        }
-        if created_dir {
-            let chunks = self.layout.chunks();
-            sync_dir(&chunks).map_err(io_error("flush directory", &chunks))?;
-        }
-        Ok(())
+        let dir = self.layout.blobs();
+        sync_dir(&dir).map_err(io_error("flush directory", &dir))
     }
 
     /// Whether the blob's verified marker is present.
@@ -509,7 +555,7 @@ impl ChunkCache {
     }
 
     /// Stores a small named metadata record (a resolved manifest keyed by reference),
-    /// durably like a chunk. `name` is arbitrary text; the file is named by its sha256.
+    /// durably. `name` is arbitrary text; the file is named by its sha256.
     pub fn put_meta(&self, name: &str, data: &[u8]) -> Result<(), CacheError> {
         let tmp = self.temp_path();
         let path = self.layout.meta(name);
@@ -532,58 +578,10 @@ impl ChunkCache {
         }
     }
 
-    /// The verified whole-blob file of `blob`, if one was assembled.
+    /// The data file of a verified blob: the whole blob, every byte checked, which the
+    /// FUSE layer can hand to the kernel for passthrough reads.
     pub fn complete_path(&self, blob: &Digest) -> Option<PathBuf> {
-        let path = self.layout.complete(blob);
-        path.is_file().then_some(path)
-    }
-
-    /// Concatenates chunks `0..count` of `blob` into one file and keeps it (renamed into
-    /// place after an fsync) as a verified copy of the whole blob, which the FUSE layer
-    /// can hand to the kernel for passthrough reads. With `hash`, the chunks are hashed
-    /// while copied and the file is kept only if the hash is `blob` itself; without, the
-    /// caller vouches for every chunk (each was checked against a lazy index) and the
-    /// kernel copies the bytes without them passing through this process. Keeps nothing
-    /// when a chunk is missing or the hash differs. Complete files are outside the chunk
-    /// budget; [`Self::remove_blob`] removes them too.
-    pub fn assemble_complete(&self, blob: &Digest, count: u64, hash: bool) -> Result<Assembled, CacheError> {
-        let tmp = self.temp_path();
-        let result = (|| -> Result<Assembled, CacheError> {
-            let mut out = File::create_new(&tmp).map_err(io_error("create complete blob", &tmp))?;
-            let mut hasher = crate::modelpack::digest::Hasher::default();
-            let mut buf = if hash { vec![0u8; 1 << 20] } else { Vec::new() };
-            for index in 0..count {
-                let key = ChunkKey { blob: *blob, index };
-                let Some((mut chunk, path)) = self.open_present(&key)? else { return Ok(Assembled::Missing) };
-                if !hash {
-                    // `io::copy` between files is `copy_file_range`: no copy through here.
-                    io::copy(&mut chunk, &mut out).map_err(io_error("copy chunk into complete blob", &path))?;
-                    continue;
-                }
-                loop {
-                    let n = chunk.read(&mut buf).map_err(io_error("read chunk", &path))?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                    io::Write::write_all(&mut out, &buf[..n]).map_err(io_error("write complete blob", &tmp))?;
-                }
-            }
-            if hash {
-                let actual = hasher.finish();
-                if actual != *blob {
-                    return Ok(Assembled::Mismatch(actual));
-                }
-            }
-            out.sync_data().map_err(io_error("flush complete blob", &tmp))?;
-            let path = self.layout.complete(blob);
-            fs::rename(&tmp, &path).map_err(io_error("rename complete blob into place", &path))?;
-            Ok(Assembled::Kept)
-        })();
-        if !matches!(result, Ok(Assembled::Kept)) {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        self.is_verified(blob).then(|| self.layout.data(blob))
     }
 
     /// Where an unpacked (decompressed) copy of a compressed layer lives. Write it at a
@@ -617,74 +615,36 @@ impl ChunkCache {
     }
 
     /// The bookkeeping lock. A panic while holding it cannot leave the index describing
-    /// files that do not exist in a way later calls would trust blindly (reads re-check
-    /// the disk), so a poisoned lock is used as is rather than failing every caller.
+    /// chunks in a way later calls would trust blindly (reads check generations and the
+    /// disk), so a poisoned lock is used as is rather than failing every caller.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Looks a chunk up (marking it used) and opens its file. Counts a miss when absent.
-    fn open_present(&self, key: &ChunkKey) -> Result<Option<(File, PathBuf)>, CacheError> {
-        let touched = self.lock().lru.get(key).map(|entry| entry.touched);
-        let Some(touched) = touched else {
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        };
-        let path = self.layout.chunk(key);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget(key, &path);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            Err(e) => return Err(io_error("open chunk", &path)(e)),
-        };
-        let now = SystemTime::now();
-        // A touched time in the future (clock stepped back) counts as stale too.
-        let fresh = now.duration_since(touched).is_ok_and(|age| age < MTIME_REFRESH_INTERVAL);
-        if !fresh {
-            if let Err(e) = file.set_modified(now) {
-                tracing::debug!(path = %path.display(), error = %e, "cannot refresh chunk mtime");
-            }
-            if let Some(entry) = self.lock().lru.peek_mut(key) {
-                entry.touched = now;
-            }
-        }
-        Ok(Some((file, path)))
-    }
-
-    /// Drops a chunk from the index after its file turned out missing or empty, unless a
-    /// concurrent `put` has meanwhile placed a good copy.
-    fn forget(&self, key: &ChunkKey, path: &Path) {
+    /// Drops a chunk from the index after its data file turned out missing, unless it
+    /// was stored again meanwhile (another generation).
+    fn forget(&self, key: &ChunkKey, generation: u64) {
         let mut inner = self.lock();
-        match fs::symlink_metadata(path) {
-            Ok(meta) if meta.len() > 0 => return,
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "removing empty chunk file");
-                if let Err(e) = fs::remove_file(path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove empty chunk file");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::warn!(path = %path.display(), "chunk file disappeared");
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot stat chunk file");
-                return;
+        if inner.lru.peek(key).is_none_or(|e| e.generation != generation) {
+            return;
+        }
+        tracing::warn!(blob = %key.blob, "blob data file disappeared");
+        let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == key.blob).collect();
+        for k in keys {
+            if let Some(entry) = inner.lru.pop(&k) {
+                inner.used_bytes -= entry.size;
             }
         }
-        if let Some(entry) = inner.lru.pop(key) {
-            inner.used_bytes -= entry.size;
-        }
-        // The blob is no longer whole, so the marker no longer holds.
-        if inner.verified.contains(&key.blob) {
-            self.drop_marker(&mut inner, &key.blob);
+        // The blob is no longer whole, so neither marker nor map holds.
+        inner.verified.remove(&key.blob);
+        if let Err(e) = self.unlink_blob_files(&key.blob) {
+            tracing::warn!(error = %e, "cannot remove the rest of a vanished blob");
         }
     }
 
-    /// Deletes chunks, least recently used first, until the budget holds. `keep` and
-    /// chunks of pinned blobs are skipped.
+    /// Evicts chunks, least recently used first, until the budget holds. `keep` and
+    /// chunks of pinned blobs are skipped; a chunk of a verified blob takes the whole
+    /// blob with it.
     fn evict(&self, inner: &mut Inner, keep: Option<&ChunkKey>) {
         let Some(budget) = self.budget else { return };
         if inner.used_bytes <= budget {
@@ -703,56 +663,96 @@ impl ChunkCache {
             excess = excess.saturating_sub(entry.size);
         }
 
-        let mut emptied_blobs = Vec::new();
         for key in victims {
-            // Marker first: were the chunk to go first, a crash in between would leave a
-            // marker vouching for a blob with a missing chunk.
-            if inner.verified.contains(&key.blob) && !self.drop_marker(inner, &key.blob) {
-                continue;
+            if !inner.lru.contains(&key) {
+                continue; // went with its whole blob
             }
-            let path = self.layout.chunk(&key);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot evict chunk");
-                    continue;
-                }
+            if inner.verified.contains(&key.blob) {
+                self.evict_blob(inner, &key.blob);
+            } else {
+                self.evict_chunk(inner, &key);
             }
-            if let Some(entry) = inner.lru.pop(&key) {
-                inner.used_bytes -= entry.size;
-            }
-            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            if !emptied_blobs.contains(&key.blob) {
-                emptied_blobs.push(key.blob);
-            }
-        }
-        for blob in emptied_blobs {
-            // Succeeds only if that was the blob's last chunk; otherwise it is a no-op.
-            let _ = fs::remove_dir(self.layout.blob_dir(&blob));
         }
         if inner.used_bytes > budget {
             tracing::debug!(used_bytes = inner.used_bytes, budget, "cache over budget: remaining chunks are pinned");
         }
     }
 
-    /// Deletes a blob's verified marker, durably. Returns whether it is gone for good.
-    fn drop_marker(&self, inner: &mut Inner, blob: &Digest) -> bool {
+    /// Evicts a verified blob whole: the marker goes first and durably (were a chunk to
+    /// go first, a crash in between would leave a marker vouching for a blob with a
+    /// missing chunk), then the files are unlinked.
+    fn evict_blob(&self, inner: &mut Inner, blob: &Digest) {
         let marker = self.layout.marker(blob);
         match fs::remove_file(&marker) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(path = %marker.display(), error = %e, "cannot remove verified marker");
-                return false;
+                return;
             }
         }
         inner.verified.remove(blob);
-        let dir = self.layout.blob_dir(blob);
+        let dir = self.layout.blobs();
         if let Err(e) = sync_dir(&dir) {
             tracing::warn!(path = %dir.display(), error = %e, "cannot flush removal of verified marker");
-            return false;
+            return;
         }
-        true
+        if let Err(e) = self.unlink_blob_files(blob) {
+            tracing::warn!(error = %e, "cannot evict blob");
+            return;
+        }
+        let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
+        for key in keys {
+            if let Some(entry) = inner.lru.pop(&key) {
+                inner.used_bytes -= entry.size;
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Evicts one chunk of an unverified blob: absent in the map first, then a hole
+    /// punched where its bytes were. A blob left with no chunk loses its files.
+    fn evict_chunk(&self, inner: &mut Inner, key: &ChunkKey) {
+        let Some(entry) = inner.lru.peek(key).copied() else { return };
+        if let Err(e) = self.write_map_entry(&key.blob, key.index, 0) {
+            tracing::warn!(error = %e, "cannot evict chunk");
+            return;
+        }
+        inner.lru.pop(key);
+        inner.used_bytes -= entry.size;
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        if !inner.lru.iter().any(|(k, _)| k.blob == key.blob) {
+            if let Err(e) = self.unlink_blob_files(&key.blob) {
+                tracing::warn!(error = %e, "cannot remove an emptied blob");
+            }
+            return;
+        }
+        let chunk_size = self.chunk_size.load(Ordering::Relaxed);
+        let path = self.layout.data(&key.blob);
+        let punched = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|file| punch_hole(&file, key.index * chunk_size, entry.size));
+        if let Err(e) = punched {
+            // The chunk is absent either way; only its disk space is not given back yet.
+            tracing::warn!(path = %path.display(), error = %e, "cannot free an evicted chunk's space");
+        }
+    }
+}
+
+/// Deallocates `len` bytes at `offset` of `file`, which then read as zeros.
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: `fallocate` only reads its arguments; the descriptor is valid for the
+    // duration of the call because `file` is borrowed.
+    let rc = unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

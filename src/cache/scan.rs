@@ -1,19 +1,19 @@
-//! Recovery at `open`: empty the temporary directory and rebuild the in-memory index
-//! from the chunk files on disk.
+//! Recovery at `open`: empty the temporary directory, delete an earlier on-disk layout,
+//! and rebuild the in-memory index from the blobs' presence maps.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::Path;
 
-use super::layout::{parse_chunk_name, Layout, VERIFIED_MARKER};
+use super::layout::{Layout, MAP_SUFFIX, VERIFIED_SUFFIX};
 use super::{io_error, CacheError, ChunkKey, Entry};
 use crate::modelpack::Digest;
 
-/// What a scan of the chunk directories found.
+/// What a scan of the blob directory found.
 #[derive(Debug, Default)]
 pub(super) struct Recovered {
-    /// Chunks with their sizes, least recently used (oldest mtime) first.
+    /// Chunks with their sizes, least recently used (oldest data file mtime) first.
     pub(super) chunks: Vec<(ChunkKey, Entry)>,
     /// Blobs with a verified marker.
     pub(super) verified: HashSet<Digest>,
@@ -21,7 +21,7 @@ pub(super) struct Recovered {
 
 /// Deletes everything in the temporary directory. Only this process writes there (the
 /// root is locked), so anything present was abandoned by an earlier run: a half-written
-/// chunk, metadata record or unpacked layer, or a removed blob awaiting deletion.
+/// metadata record or unpacked layer, or a removed blob awaiting deletion.
 pub(super) fn clear_tmp(layout: &Layout) -> Result<(), CacheError> {
     let tmp = layout.tmp_dir();
     for entry in fs::read_dir(&tmp).map_err(io_error("list temporary directory", &tmp))? {
@@ -38,69 +38,111 @@ pub(super) fn clear_tmp(layout: &Layout) -> Result<(), CacheError> {
     Ok(())
 }
 
-/// Lists every chunk and verified marker under the chunk directory. Empty chunk files
-/// (never valid) and empty blob directories are deleted; names the cache would not have
-/// written are left alone and logged. With `drop_unverified` (the machine rebooted since
-/// the cache was last open, so chunks written without `fsync` may be torn) the chunks of
-/// every blob without a verified marker are deleted.
-pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, CacheError> {
-    let mut found = Recovered::default();
-    let chunks = layout.chunks();
-    for entry in fs::read_dir(&chunks).map_err(io_error("list chunk directory", &chunks))? {
-        let entry = entry.map_err(io_error("list chunk directory", &chunks))?;
-        let path = entry.path();
-        let blob = entry.file_name().to_str().and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
-        match blob {
-            Some(blob) if entry.file_type().is_ok_and(|t| t.is_dir()) => {
-                scan_blob(blob, &path, drop_unverified, &mut found)?;
-            }
-            _ => tracing::warn!(path = %path.display(), "ignoring unexpected entry in chunk cache"),
+/// Deletes the directories of an earlier layout: their chunks are fetched again.
+pub(super) fn remove_obsolete(layout: &Layout) -> Result<(), CacheError> {
+    for dir in layout.obsolete_dirs() {
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(path = %dir.display(), "removed a cache directory of an earlier layout"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove obsolete cache directory", &dir)(e)),
         }
-    }
-    found.chunks.sort_by_key(|(_, entry)| entry.touched);
-    Ok(found)
-}
-
-fn scan_blob(blob: Digest, dir: &Path, drop_unverified: bool, found: &mut Recovered) -> Result<(), CacheError> {
-    let mut empty = true;
-    let mut chunks = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_error("list blob chunk directory", dir))? {
-        let entry = entry.map_err(io_error("list blob chunk directory", dir))?;
-        empty = false;
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_str().unwrap_or_default();
-        if name == VERIFIED_MARKER {
-            found.verified.insert(blob);
-            continue;
-        }
-        let Some(index) = parse_chunk_name(name) else {
-            tracing::warn!(path = %path.display(), "ignoring unexpected entry in chunk cache");
-            continue;
-        };
-        let meta = entry.metadata().map_err(io_error("stat chunk", &path))?;
-        if !meta.is_file() {
-            tracing::warn!(path = %path.display(), "ignoring non-file chunk entry");
-            continue;
-        }
-        if meta.len() == 0 {
-            tracing::warn!(path = %path.display(), "removing empty chunk file");
-            fs::remove_file(&path).map_err(io_error("remove empty chunk", &path))?;
-            continue;
-        }
-        let touched = meta.modified().map_err(io_error("read modification time of", &path))?;
-        chunks.push((ChunkKey { blob, index }, Entry { size: meta.len(), touched }));
-    }
-    if drop_unverified && !found.verified.contains(&blob) && !chunks.is_empty() {
-        tracing::info!(%blob, chunks = chunks.len(), "dropping chunks of an unverified blob after a reboot");
-        fs::remove_dir_all(dir).map_err(io_error("remove unverified blob chunks", dir))?;
-        return Ok(());
-    }
-    found.chunks.extend(chunks);
-    if empty {
-        // Left by an eviction that emptied the blob just before a crash; harmless, but
-        // tidy. A failure here only leaves the directory for the next open.
-        let _ = fs::remove_dir(dir);
     }
     Ok(())
+}
+
+/// The files found for one blob.
+#[derive(Debug, Default)]
+struct Found {
+    data: bool,
+    map: bool,
+    marker: bool,
+}
+
+/// Lists every blob's data file, presence map and verified marker. Files without their
+/// partner (a map without data, data without a map, a marker without both) and blobs
+/// with no chunk present are deleted; names the cache would not have written are left
+/// alone and logged. With `drop_unverified` (the machine rebooted since the cache was
+/// last open, so data written without `fsync` may be torn) every blob without a
+/// verified marker is deleted.
+pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, CacheError> {
+    let dir = layout.blobs();
+    let mut blobs: HashMap<Digest, Found> = HashMap::new();
+    for entry in fs::read_dir(&dir).map_err(io_error("list blob directory", &dir))? {
+        let entry = entry.map_err(io_error("list blob directory", &dir))?;
+        let name = entry.file_name();
+        let name = name.to_str().unwrap_or_default();
+        let (hex, kind) = if let Some(hex) = name.strip_suffix(MAP_SUFFIX) {
+            (hex, 1)
+        } else if let Some(hex) = name.strip_suffix(VERIFIED_SUFFIX) {
+            (hex, 2)
+        } else {
+            (name, 0)
+        };
+        let digest = format!("sha256:{hex}").parse::<Digest>().ok();
+        match digest {
+            Some(digest) if entry.file_type().is_ok_and(|t| t.is_file()) => {
+                let found = blobs.entry(digest).or_default();
+                match kind {
+                    0 => found.data = true,
+                    1 => found.map = true,
+                    _ => found.marker = true,
+                }
+            }
+            _ => tracing::warn!(path = %entry.path().display(), "ignoring unexpected entry in the blob cache"),
+        }
+    }
+
+    let mut recovered = Recovered::default();
+    for (blob, found) in blobs {
+        let keep = found.data && found.map && (found.marker || !drop_unverified);
+        let chunks = if keep { read_map(layout, &blob)? } else { Vec::new() };
+        if chunks.is_empty() {
+            if drop_unverified && found.data && found.map && !found.marker {
+                tracing::info!(%blob, "dropping an unverified blob after a reboot");
+            }
+            remove_blob_files(layout, &blob)?;
+            continue;
+        }
+        let data = layout.data(&blob);
+        let touched =
+            fs::metadata(&data).and_then(|m| m.modified()).map_err(io_error("read modification time of", &data))?;
+        if found.marker {
+            recovered.verified.insert(blob);
+        }
+        recovered.chunks.extend(
+            chunks.into_iter().map(|(index, size)| (ChunkKey { blob, index }, Entry { size, touched, generation: 0 })),
+        );
+    }
+    recovered.chunks.sort_by_key(|(_, entry)| entry.touched);
+    Ok(recovered)
+}
+
+/// The present chunks recorded in a blob's presence map: (index, length).
+fn read_map(layout: &Layout, blob: &Digest) -> Result<Vec<(u64, u64)>, CacheError> {
+    let path = layout.map(blob);
+    let raw = fs::read(&path).map_err(io_error("read presence map", &path))?;
+    Ok(raw
+        .chunks_exact(4)
+        .enumerate()
+        .filter_map(|(i, b)| {
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (len > 0).then_some((i as u64, u64::from(len)))
+        })
+        .collect())
+}
+
+/// Deletes whichever of a blob's files exist.
+fn remove_blob_files(layout: &Layout, blob: &Digest) -> Result<(), CacheError> {
+    for path in [layout.marker(blob), layout.map(blob), layout.data(blob)] {
+        remove_if_present(&path)?;
+    }
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<(), CacheError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("remove", path)(e)),
+    }
 }

@@ -21,8 +21,13 @@ fn bytes_for(key: &ChunkKey, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i + seed) % 251) as u8).collect()
 }
 
+/// The chunk size the test caches are bound to.
+const CHUNK: u64 = 4096;
+
 fn open(dir: &TempDir, budget: Option<u64>) -> ChunkCache {
-    ChunkCache::open(dir.path(), budget).unwrap()
+    let cache = ChunkCache::open(dir.path(), budget).unwrap();
+    cache.bind_chunk_size(CHUNK).unwrap();
+    cache
 }
 
 #[test]
@@ -43,7 +48,10 @@ fn put_then_get_round_trips_and_counts() {
     cache.put(&k, &data).unwrap();
     assert!(cache.contains(&k));
     assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&data[..]));
-    assert!(dir.path().join("chunks/sha256").join(k.blob.hex()).join("3").is_file());
+    // One sparse file per blob, the chunk at its place in it.
+    let data_file = dir.path().join("blobs/sha256").join(k.blob.hex());
+    assert_eq!(fs::metadata(&data_file).unwrap().len(), 3 * CHUNK + 1000);
+    assert_eq!(&fs::read(&data_file).unwrap()[3 * CHUNK as usize..], &data[..]);
 
     let stats = cache.stats();
     assert_eq!((stats.used_bytes, stats.chunks, stats.hits, stats.misses), (1000, 1, 1, 1));
@@ -51,15 +59,27 @@ fn put_then_get_round_trips_and_counts() {
 }
 
 #[test]
-fn putting_a_chunk_again_replaces_it_without_double_counting() {
+fn putting_a_present_chunk_again_keeps_it_without_double_counting() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
     let k = key("a", 0);
     cache.put(&k, b"first version").unwrap();
     cache.put(&k, b"second").unwrap();
-    assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&b"second"[..]));
-    assert_eq!(cache.stats().used_bytes, 6);
+    assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&b"first version"[..]));
+    assert_eq!(cache.stats().used_bytes, 13);
     assert_eq!(cache.stats().chunks, 1);
+}
+
+#[test]
+fn chunks_must_fit_the_bound_chunk_size() {
+    let dir = TempDir::new().unwrap();
+    let cache = ChunkCache::open(dir.path(), None).unwrap();
+    let err = cache.put(&key("a", 0), b"x").unwrap_err();
+    assert!(matches!(err, CacheError::Unbound { .. }), "{err}");
+    cache.bind_chunk_size(CHUNK).unwrap();
+    let err = cache.put(&key("a", 0), &vec![1; CHUNK as usize + 1]).unwrap_err();
+    assert!(matches!(err, CacheError::ChunkTooLong { .. }), "{err}");
+    cache.put(&key("a", 0), &vec![1; CHUNK as usize]).unwrap();
 }
 
 #[test]
@@ -163,11 +183,13 @@ fn leftover_temporary_files_are_removed_at_open_and_never_served() {
         fs::create_dir(cache.temp_path()).unwrap();
         assert!(!cache.contains(&k));
     }
-    // A crash between writing and renaming also leaves an empty chunk file in the worst
-    // case (a file system without ordered data); it must read as absent.
-    let blob_dir = dir.path().join("chunks/sha256").join(k.blob.hex());
-    fs::create_dir_all(&blob_dir).unwrap();
-    fs::write(blob_dir.join("0"), b"").unwrap();
+    // A process killed between writing a chunk's bytes and its map entry leaves data
+    // without a map: it must read as absent. So must the directory of an earlier layout.
+    let data_file = dir.path().join("blobs/sha256").join(k.blob.hex());
+    fs::write(&data_file, b"bytes nobody vouches for").unwrap();
+    let old_layout = dir.path().join("chunks/sha256").join(k.blob.hex());
+    fs::create_dir_all(&old_layout).unwrap();
+    fs::write(old_layout.join("0"), b"old").unwrap();
 
     let cache = open(&dir, None);
     assert!(!leftover.exists());
@@ -175,7 +197,8 @@ fn leftover_temporary_files_are_removed_at_open_and_never_served() {
     assert!(!cache.contains(&k));
     assert_eq!(cache.get(&k).unwrap(), None);
     assert_eq!(cache.stats().chunks, 0);
-    assert!(!blob_dir.join("0").exists());
+    assert!(!data_file.exists());
+    assert!(!dir.path().join("chunks").exists());
 }
 
 #[test]
@@ -195,7 +218,11 @@ fn eviction_is_least_recently_used() {
     }
     let stats = cache.stats();
     assert_eq!((stats.used_bytes, stats.chunks, stats.evictions), (300, 3, 1));
-    assert!(!dir.path().join("chunks/sha256").join(b.blob.hex()).join("1").exists());
+    // Its bytes are a hole now, and its map entry says absent.
+    let map = fs::read(dir.path().join("blobs/sha256").join(format!("{}.map", b.blob.hex()))).unwrap();
+    assert_eq!(&map[4..8], &[0, 0, 0, 0]);
+    let data = fs::read(dir.path().join("blobs/sha256").join(b.blob.hex())).unwrap();
+    assert!(data[CHUNK as usize..CHUNK as usize + 100].iter().all(|&b| b == 0));
 }
 
 #[test]
@@ -214,17 +241,18 @@ fn read_into_also_marks_a_chunk_used() {
 #[test]
 fn lru_order_is_rebuilt_from_mtimes() {
     let dir = TempDir::new().unwrap();
-    let [old, new, next] = [key("x", 0), key("x", 1), key("x", 2)];
+    // Recency is kept per blob, in its data file's mtime.
+    let [old, new, next] = [key("x", 0), key("y", 0), key("z", 0)];
     {
         let cache = open(&dir, None);
         // Written in the opposite order of their recorded use.
         cache.put(&new, &[1; 100]).unwrap();
         cache.put(&old, &[2; 100]).unwrap();
     }
-    let chunk_file = |k: &ChunkKey| dir.path().join("chunks/sha256").join(k.blob.hex()).join(k.index.to_string());
+    let data_file = |k: &ChunkKey| dir.path().join("blobs/sha256").join(k.blob.hex());
     let now = SystemTime::now();
     let set_mtime =
-        |k: &ChunkKey, t| fs::File::options().write(true).open(chunk_file(k)).unwrap().set_modified(t).unwrap();
+        |k: &ChunkKey, t| fs::File::options().write(true).open(data_file(k)).unwrap().set_modified(t).unwrap();
     set_mtime(&old, now - Duration::from_secs(3600));
     set_mtime(&new, now - Duration::from_secs(60));
 
@@ -242,7 +270,7 @@ fn reads_refresh_a_stale_mtime() {
         let cache = open(&dir, None);
         cache.put(&k, &[1; 10]).unwrap();
     }
-    let path = dir.path().join("chunks/sha256").join(k.blob.hex()).join("0");
+    let path = dir.path().join("blobs/sha256").join(k.blob.hex());
     let long_ago = SystemTime::now() - Duration::from_secs(86400);
     fs::File::options().write(true).open(&path).unwrap().set_modified(long_ago).unwrap();
 
@@ -315,7 +343,7 @@ fn remove_blob_drops_all_its_chunks_and_marker() {
         assert!(!cache.contains(&ChunkKey { blob: bad, index: i }));
     }
     assert!(!cache.is_verified(&bad));
-    assert!(!dir.path().join("chunks/sha256").join(bad.hex()).exists());
+    assert!(!dir.path().join("blobs/sha256").join(bad.hex()).exists());
     assert!(cache.contains(&key("good", 0)));
     assert_eq!(cache.stats().used_bytes, 10);
     assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
@@ -330,9 +358,10 @@ fn remove_blob_drops_all_its_chunks_and_marker() {
 }
 
 #[test]
-fn evicting_a_chunk_removes_the_blob_verified_marker() {
+fn evicting_a_chunk_of_a_verified_blob_evicts_the_blob_whole() {
     let dir = TempDir::new().unwrap();
     let b = blob("b");
+    let marker = dir.path().join("blobs/sha256").join(format!("{}.verified", b.hex()));
     {
         let cache = open(&dir, Some(300));
         for i in 0..3 {
@@ -340,35 +369,45 @@ fn evicting_a_chunk_removes_the_blob_verified_marker() {
         }
         cache.mark_verified(&b).unwrap();
         assert!(cache.is_verified(&b));
-        assert!(dir.path().join("chunks/sha256").join(b.hex()).join("verified").is_file());
+        assert!(marker.is_file());
+        // A passthrough reader holds the file open: its bytes must stay intact.
+        let reader = fs::File::open(cache.complete_path(&b).unwrap()).unwrap();
 
         cache.put(&key("other", 0), &[2; 100]).unwrap();
-        assert!(!cache.contains(&ChunkKey { blob: b, index: 0 }));
+        for i in 0..3 {
+            assert!(!cache.contains(&ChunkKey { blob: b, index: i }));
+        }
         assert!(!cache.is_verified(&b));
+        assert_eq!(cache.complete_path(&b), None);
+        let mut kept = vec![0u8; 100];
+        std::os::unix::fs::FileExt::read_exact_at(&reader, &mut kept, 2 * CHUNK).unwrap();
+        assert_eq!(kept, vec![1; 100], "an open file keeps its bytes");
+        assert_eq!(cache.stats().evictions, 3);
     }
+    assert!(!marker.exists());
     let cache = open(&dir, None);
     assert!(!cache.is_verified(&b), "the marker stays gone after a restart");
-    assert_eq!(cache.stats().chunks, 3);
+    assert_eq!(cache.stats().chunks, 1);
 }
 
 #[test]
 fn a_chunk_deleted_behind_the_cache_back_reads_as_absent() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
-    let [gone, emptied] = [key("x", 0), key("x", 1)];
+    let [gone, also] = [key("x", 0), key("x", 1)];
     cache.put(&gone, &[1; 10]).unwrap();
-    cache.put(&emptied, &[2; 10]).unwrap();
+    cache.put(&also, &[2; 10]).unwrap();
     cache.mark_verified(&gone.blob).unwrap();
-    let blob_dir = dir.path().join("chunks/sha256").join(gone.blob.hex());
-    fs::remove_file(blob_dir.join("0")).unwrap();
-    fs::write(blob_dir.join("1"), b"").unwrap();
+    let blobs = dir.path().join("blobs/sha256");
+    fs::remove_file(blobs.join(gone.blob.hex())).unwrap();
 
     assert_eq!(cache.get(&gone).unwrap(), None);
-    assert_eq!(cache.read_into(&emptied, 0, &mut [0; 4]).unwrap(), None);
+    assert_eq!(cache.read_into(&also, 0, &mut [0; 4]).unwrap(), None);
     let stats = cache.stats();
     assert_eq!((stats.used_bytes, stats.chunks, stats.misses, stats.hits), (0, 0, 2, 0));
     assert!(!cache.is_verified(&gone.blob));
-    assert!(!blob_dir.join("1").exists());
+    assert!(!blobs.join(format!("{}.map", gone.blob.hex())).exists());
+    assert!(!blobs.join(format!("{}.verified", gone.blob.hex())).exists());
 }
 
 #[test]
@@ -396,7 +435,7 @@ fn meta_round_trips_any_name() {
         assert_eq!(cache.get_meta(name).unwrap(), Some(format!("record for {name}").into_bytes()));
     }
     let files: Vec<_> = fs::read_dir(dir.path().join("meta")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(files.len(), names.len());
+    assert_eq!(files.len(), names.len() + 1, "and the chunk-size record");
     for file in files {
         let file = file.to_str().unwrap().to_owned();
         assert!(file.len() == 64 && file.bytes().all(|b| b.is_ascii_hexdigit()), "{file}");

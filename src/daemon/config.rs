@@ -56,7 +56,7 @@ pub struct CacheConfig {
     pub pending_store_chunks: u64,
     /// Parallel requests of background prefetch.
     pub prefetch_concurrency: usize,
-    /// Keep complete raw-layer blobs as one file for FUSE passthrough reads.
+    /// Let the kernel read verified raw-layer blobs from the cache (FUSE passthrough).
     pub passthrough: bool,
 }
 
