@@ -64,7 +64,7 @@ impl Default for FetchSettings {
             chunk_size: 4 << 20,
             readahead_chunks: 8,
             stream_request_chunks: 4,
-            pending_store_chunks: 16,
+            pending_store_chunks: 8,
             prefetch_concurrency: 4,
             passthrough: true,
             cache_budget: None,

@@ -114,12 +114,18 @@ pub struct BlobStore {
     digests: HashMap<Digest, ChunkDigests>,
     inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
     verifying: Mutex<HashSet<Digest>>,
+    /// Held while a blob is hashed: one at a time.
+    hashing: Mutex<()>,
     /// Chunks of blobs with known piece digests that this store fetched and checked:
     /// when they are all of a blob, the blob needs no hashing of its own.
     checked: Mutex<HashMap<Digest, HashSet<u64>>>,
     on_demand: AtomicUsize,
-    /// One permit per chunk fetched but not yet cached (see [`Self::start_run`]).
+    /// One permit per chunk fetched but not yet cached (see [`Self::start_run`]), for
+    /// readers and their read-ahead.
     store_permits: Arc<Semaphore>,
+    /// The same for background prefetch, apart so that it never holds the permits an
+    /// on-demand read waits for.
+    prefetch_permits: Arc<Semaphore>,
     permits: usize,
     stats: FetchStats,
 }
@@ -161,9 +167,11 @@ impl BlobStore {
             digests,
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
+            hashing: Mutex::new(()),
             checked: Mutex::new(HashMap::new()),
             on_demand: AtomicUsize::new(0),
             store_permits: Arc::new(Semaphore::new(permits)),
+            prefetch_permits: Arc::new(Semaphore::new(permits)),
             permits,
             stats: FetchStats::default(),
         })
@@ -173,6 +181,7 @@ impl BlobStore {
     /// verified: the cache on disk then holds everything fetched so far.
     pub async fn settle(&self) {
         drop(self.store_permits.acquire_many(self.permits as u32).await);
+        drop(self.prefetch_permits.acquire_many(self.permits as u32).await);
         while !self.verifying.lock().expect("verifying lock").is_empty() {
             tokio::time::sleep(PREFETCH_YIELD).await;
         }
@@ -336,7 +345,8 @@ impl BlobStore {
         let blob = *blob;
         tokio::spawn(async move {
             let guard = (priority == Priority::OnDemand).then(|| this.on_demand_guard());
-            let permits = this.store_permits.clone().acquire_many_owned(count as u32).await;
+            let pool = if priority == Priority::OnDemand { &this.store_permits } else { &this.prefetch_permits };
+            let permits = pool.clone().acquire_many_owned(count as u32).await;
             let result = this.fetch_verified(&blob, first, count).await.map(Arc::new).map_err(Arc::new);
             drop(guard);
             let forget = || {
@@ -573,8 +583,17 @@ impl BlobStore {
         let this = self.clone();
         let blob = *blob;
         self.cache.pin_blob(&blob.digest);
-        tokio::task::spawn_blocking(move || {
-            let outcome = if indexed { Ok(Some(blob.digest)) } else { this.hash_cached_blob(&blob, count) };
+        // Hashing a blob is the one piece of work no reader waits for: it runs on a thread
+        // of its own at a lower CPU priority, one blob at a time, so that on a machine with
+        // few cores the readers, the cache writes and the registry come first.
+        let spawned = std::thread::Builder::new().name("verify".to_owned()).spawn(move || {
+            let outcome = if indexed {
+                Ok(Some(blob.digest))
+            } else {
+                let _one_at_a_time = this.hashing.lock().expect("hashing lock");
+                lower_thread_priority();
+                this.hash_cached_blob(&blob, count)
+            };
             match outcome {
                 Ok(Some(actual)) if actual == blob.digest => {
                     if let Err(e) = this.cache.mark_verified(&blob.digest) {
@@ -597,17 +616,36 @@ impl BlobStore {
             this.cache.unpin_blob(&blob.digest);
             this.verifying.lock().expect("verifying lock").remove(&blob.digest);
         });
+        if let Err(e) = spawned {
+            tracing::warn!(blob = %blob.digest, error = %e, "cannot start verifying a blob");
+            self.cache.unpin_blob(&blob.digest);
+            self.verifying.lock().expect("verifying lock").remove(&blob.digest);
+        }
     }
 
+    /// The digest of a blob whose chunks are all cached, or None if one went missing.
     fn hash_cached_blob(&self, blob: &BlobInfo, count: u64) -> Result<Option<Digest>, CacheError> {
         let mut hasher = Hasher::default();
+        let mut buf = vec![0u8; self.settings.chunk_size as usize];
         for index in 0..count {
-            match self.cache.get(&ChunkKey { blob: blob.digest, index })? {
-                Some(data) if data.len() as u64 == self.chunk_len(blob, index) => hasher.update(&data),
+            let len = self.chunk_len(blob, index) as usize;
+            match self.cache.read_into(&ChunkKey { blob: blob.digest, index }, 0, &mut buf[..len])? {
+                Some(n) if n == len => hasher.update(&buf[..len]),
                 _ => return Ok(None),
             }
         }
         Ok(Some(hasher.finish()))
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10). A thread that exits afterwards
+/// needs no restoring, which an unprivileged process could not do.
+fn lower_thread_priority() {
+    // SAFETY: `setpriority` only reads its arguments; on Linux, who = 0 with
+    // PRIO_PROCESS names the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the verifier's priority");
     }
 }
 

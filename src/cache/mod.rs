@@ -366,6 +366,11 @@ impl ChunkCache {
         let current = inner.lru.peek(key).is_some_and(|e| e.generation == entry.generation);
         if !current || done < want {
             drop(inner);
+            if current {
+                // The data file is shorter than its map says (cut behind our back): the
+                // blob cannot be trusted, and a chunk left present would never be fetched.
+                self.forget(key, entry.generation);
+            }
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
@@ -621,14 +626,15 @@ impl ChunkCache {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Drops a chunk from the index after its data file turned out missing, unless it
-    /// was stored again meanwhile (another generation).
+    /// Drops a chunk's whole blob from the index and the disk after its data file turned
+    /// out missing or short, unless the chunk was stored again meanwhile (another
+    /// generation).
     fn forget(&self, key: &ChunkKey, generation: u64) {
         let mut inner = self.lock();
         if inner.lru.peek(key).is_none_or(|e| e.generation != generation) {
             return;
         }
-        tracing::warn!(blob = %key.blob, "blob data file disappeared");
+        tracing::warn!(blob = %key.blob, "blob data file is missing or cut short; dropping the blob");
         let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == key.blob).collect();
         for k in keys {
             if let Some(entry) = inner.lru.pop(&k) {

@@ -411,6 +411,22 @@ fn a_chunk_deleted_behind_the_cache_back_reads_as_absent() {
 }
 
 #[test]
+fn a_blob_file_cut_short_behind_the_cache_back_reads_as_absent() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let [first, second] = [key("x", 0), key("x", 1)];
+    cache.put(&first, &[1; 10]).unwrap();
+    cache.put(&second, &[2; 10]).unwrap();
+    let data_file = dir.path().join("blobs/sha256").join(first.blob.hex());
+    fs::File::options().write(true).open(&data_file).unwrap().set_len(CHUNK + 5).unwrap();
+
+    assert_eq!(cache.get(&second).unwrap(), None);
+    assert!(!cache.contains(&second), "a short chunk is not left present, so it is fetched again");
+    assert!(!cache.contains(&first), "nor is the rest of a blob that cannot be trusted");
+    assert_eq!(cache.stats().used_bytes, 0);
+}
+
+#[test]
 fn meta_round_trips_any_name() {
     let dir = TempDir::new().unwrap();
     let names = [
