@@ -196,7 +196,19 @@ fn init_logging(filter: &str) {
         .init();
 }
 
+/// Most glibc malloc arenas. By default glibc gives each thread that allocates its own
+/// arena, up to eight per core, and memory freed in one is not reused by another: with
+/// chunk buffers handed between tokio workers and blocking threads, that fragmentation
+/// took the peak RSS of an 8 GiB cold read from ~90 MiB to ~160 MiB (`make bench`).
+const MALLOC_ARENAS: i32 = 2;
+
 fn main() -> std::process::ExitCode {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: called first thing, before any other thread exists; `mallopt` only sets a
+    // parameter of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve { .. }) {
         init_logging(cli.log_level.as_deref().unwrap_or("info"));

@@ -237,8 +237,9 @@ impl BlobStore {
 
     /// Reads `len` bytes of `blob` at `offset` (clamped to the blob's end). Cached pieces
     /// are read straight into the result on one blocking thread; missing chunks are then
-    /// fetched (or joined, if in flight).
-    pub async fn read(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64) -> Result<Vec<u8>, BlobError> {
+    /// fetched (or joined, if in flight). A read within one chunk that is not cached is
+    /// a slice of the fetched chunk itself, with no copy and no new buffer.
+    pub async fn read(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64) -> Result<Bytes, BlobError> {
         if offset > blob.size {
             return Err(BlobError::OutOfRange { blob: blob.digest, offset, len, size: blob.size });
         }
@@ -255,6 +256,12 @@ impl BlobStore {
             pos += take;
         }
         let size = (end - offset) as usize;
+        if let [(index, within, _, take)] = pieces[..] {
+            if !self.cache.contains(&ChunkKey { blob: blob.digest, index }) {
+                let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
+                return Ok(chunk.slice(within as usize..within as usize + take));
+            }
+        }
         let (mut out, missing) =
             if pieces.iter().any(|p| self.cache.contains(&ChunkKey { blob: blob.digest, index: p.0 })) {
                 let cache = self.cache.clone();
@@ -280,7 +287,7 @@ impl BlobStore {
             let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
             out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
         }
-        Ok(out)
+        Ok(Bytes::from(out))
     }
 
     /// Starts fetching the chunks covering `len` bytes from `offset` that are neither

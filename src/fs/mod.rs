@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
@@ -173,9 +174,9 @@ fn errno_of(e: &BlobError) -> Errno {
 }
 
 /// Reads `size` bytes at `offset` of a file.
-async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -> Result<Vec<u8>, BlobError> {
+async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -> Result<Bytes, BlobError> {
     if offset >= source.size {
-        return Ok(Vec::new());
+        return Ok(Bytes::new());
     }
     let len = size.min(source.size - offset);
     match &model.layers[source.layer] {
@@ -185,7 +186,7 @@ async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -
             let at = source.offset + offset;
             tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, at).map(|()| buf)
+                file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
             })
             .await
             .map_err(|e| BlobError::Task(e.to_string()))?
