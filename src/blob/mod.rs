@@ -4,13 +4,19 @@
 //! Rules this module keeps:
 //! - single flight: concurrent readers missing one chunk share one fetch;
 //! - when per-chunk digests are known (from a lazy index), every fetched chunk is
-//!   checked against them before it is cached or served;
+//!   checked against them before it is cached or served, and so is a chunk an earlier
+//!   process cached, on its first read, unless its blob is verified; a blob whose chunks
+//!   were all checked so is verified without hashing it again;
 //! - a chunk that is the whole blob is checked against the blob digest before it is
 //!   cached or served (so every small file is verified); when every chunk of a larger
-//!   blob is present the whole blob is hashed, and a mismatch evicts it, is logged and
-//!   counted, so the next read fetches again;
+//!   blob is present the whole blob is hashed (on a thread of lower priority, one blob
+//!   at a time), and a mismatch evicts it, is logged and counted, so the next read
+//!   fetches again;
 //! - a chunk failing a check is fetched once more, then the read fails;
-//! - on-demand reads go first: background prefetch waits while any is in flight.
+//! - readers never wait for the disk: a fetched chunk is handed to its waiters first and
+//!   written to the cache after, at most `pending_store_chunks` behind;
+//! - on-demand reads go first: background prefetch waits while any is in flight, and
+//!   has memory of its own for chunks awaiting their cache write.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -256,33 +262,43 @@ impl BlobStore {
             pos += take;
         }
         let size = (end - offset) as usize;
+        // Cached chunks that still need checking against the lazy index are read whole,
+        // through `chunk`, like missing ones.
+        let servable = |index| {
+            self.cache.contains(&ChunkKey { blob: blob.digest, index }) && !self.needs_check(&blob.digest, index)
+        };
         if let [(index, within, _, take)] = pieces[..] {
-            if !self.cache.contains(&ChunkKey { blob: blob.digest, index }) {
+            if !servable(index) {
                 let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
                 return Ok(chunk.slice(within as usize..within as usize + take));
             }
         }
-        let (mut out, missing) =
-            if pieces.iter().any(|p| self.cache.contains(&ChunkKey { blob: blob.digest, index: p.0 })) {
-                let cache = self.cache.clone();
-                let digest = blob.digest;
-                tokio::task::spawn_blocking(move || -> Result<_, CacheError> {
-                    let mut out = vec![0u8; size];
-                    let mut missing = Vec::new();
-                    for piece @ (index, within, dst, take) in pieces {
-                        let key = ChunkKey { blob: digest, index };
-                        match cache.read_into(&key, within, &mut out[dst..dst + take])? {
-                            Some(n) if n == take => {}
-                            _ => missing.push(piece),
-                        }
+        let (mut out, missing) = if pieces.iter().any(|p| servable(p.0)) {
+            let cache = self.cache.clone();
+            let digest = blob.digest;
+            let unchecked: HashSet<u64> =
+                pieces.iter().map(|p| p.0).filter(|&i| self.needs_check(&digest, i)).collect();
+            tokio::task::spawn_blocking(move || -> Result<_, CacheError> {
+                let mut out = vec![0u8; size];
+                let mut missing = Vec::new();
+                for piece @ (index, within, dst, take) in pieces {
+                    let key = ChunkKey { blob: digest, index };
+                    if unchecked.contains(&index) {
+                        missing.push(piece);
+                        continue;
                     }
-                    Ok((out, missing))
-                })
-                .await
-                .map_err(|e| BlobError::Task(e.to_string()))??
-            } else {
-                (vec![0u8; size], pieces)
-            };
+                    match cache.read_into(&key, within, &mut out[dst..dst + take])? {
+                        Some(n) if n == take => {}
+                        _ => missing.push(piece),
+                    }
+                }
+                Ok((out, missing))
+            })
+            .await
+            .map_err(|e| BlobError::Task(e.to_string()))??
+        } else {
+            (vec![0u8; size], pieces)
+        };
         for (index, within, dst, take) in missing {
             let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
             out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
@@ -460,11 +476,42 @@ impl BlobStore {
             let cached = tokio::task::spawn_blocking(move || cache.get(&key))
                 .await
                 .map_err(|e| BlobError::Task(e.to_string()))??;
-            if let Some(data) = cached {
+            let Some(data) = cached else {
+                // Evicted between the check and the read: look again.
+                continue;
+            };
+            if !self.needs_check(&blob.digest, index) {
                 return Ok(Bytes::from(data));
             }
-            // Evicted between the check and the read: look again.
+            match self.check_pieces(blob, index * self.settings.chunk_size, &data) {
+                None => {
+                    self.checked.lock().expect("checked lock").entry(blob.digest).or_default().insert(index);
+                    return Ok(Bytes::from(data));
+                }
+                Some(detail) => {
+                    // Cached by an earlier process and wrong now: nothing else of the
+                    // blob is trusted either; fetch again.
+                    self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    self.cache.record_verify_failure();
+                    tracing::error!(blob = %blob.digest, index, %detail, "cached chunk failed verification; evicting its blob");
+                    self.checked.lock().expect("checked lock").remove(&blob.digest);
+                    let cache = self.cache.clone();
+                    let digest = blob.digest;
+                    tokio::task::spawn_blocking(move || cache.remove_blob(&digest))
+                        .await
+                        .map_err(|e| BlobError::Task(e.to_string()))??;
+                }
+            }
         }
+    }
+
+    /// Whether a cached chunk must be checked against the lazy index before it is
+    /// served: its blob has piece digests and is not verified, and this store has not
+    /// checked the chunk itself (an earlier process cached it).
+    fn needs_check(&self, blob: &Digest, index: u64) -> bool {
+        self.digests.contains_key(blob)
+            && !self.cache.is_verified(blob)
+            && !self.checked.lock().expect("checked lock").get(blob).is_some_and(|c| c.contains(&index))
     }
 
     /// Counts an on-demand fetch until the guard drops.
@@ -830,6 +877,29 @@ mod tests {
         assert!(!store.cache().contains(&ChunkKey { blob: blob.digest, index: 1 }));
         source.lie.store(false, Ordering::SeqCst);
         assert_eq!(store.read(&blob, 3000, 10).await.unwrap(), data[3000..3010]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_chunk_digests_chunks_cached_by_an_earlier_process_are_checked_before_they_are_served() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 241) as u8).collect();
+        let blob = info(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        cache.bind_chunk_size(2048).unwrap();
+        // Left by an earlier process: chunk 0 right, chunk 1 wrong with the right length.
+        cache.put(&ChunkKey { blob: blob.digest, index: 0 }, &data[..2048]).unwrap();
+        cache.put(&ChunkKey { blob: blob.digest, index: 1 }, &[0u8; 2048]).unwrap();
+        let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
+        let pieces = ChunkDigests { chunk_size: 1024, digests: data.chunks(1024).map(Digest::of).collect() };
+        let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
+        let store = BlobStore::new(source.clone(), cache, settings, [(blob.digest, pieces)].into());
+
+        assert_eq!(store.read(&blob, 10, 100).await.unwrap(), data[10..110]);
+        assert_eq!(source.requests.load(Ordering::SeqCst), 0, "a cached chunk that checks out is served");
+        assert_eq!(store.read(&blob, 2048 + 10, 100).await.unwrap(), data[2058..2158]);
+        assert_eq!(store.stats().verify_failures.load(Ordering::SeqCst), 1);
+        assert!(source.requests.load(Ordering::SeqCst) >= 1, "the wrong chunk was fetched again");
+        assert_eq!(store.read(&blob, 0, 8192).await.unwrap(), data);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
