@@ -193,7 +193,7 @@ impl BlobStore {
         }
     }
 
-    /// Whether complete blobs are kept for passthrough reads.
+    /// Whether verified blobs are served to the kernel for passthrough reads.
     pub fn passthrough_wanted(&self) -> bool {
         self.settings.passthrough
     }
