@@ -266,7 +266,8 @@ fn wait_complete(cache: &Path, digests: &[String]) {
     let markers: Vec<PathBuf> =
         digests.iter().map(|d| dir.join(format!("{}.verified", d.trim_start_matches("sha256:")))).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !markers.iter().all(|m| m.is_file()) && Instant::now() < deadline {
+    while !markers.iter().all(|m| m.is_file()) {
+        assert!(Instant::now() < deadline, "blobs in {} were not verified within a minute", dir.display());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -159,6 +159,14 @@ fn legacy_cnai_artifact_reads_back() {
     assert_eq!(std::fs::read(m.mountpoint.join("config.json")).unwrap(), config_file);
 }
 
+/// Pushes a one-file raw model (`model.safetensors` holding `data`) as `repo:v1`.
+fn push_one_file(registry: &TestRegistry, tmp: &Path, repo: &str, data: &[u8]) {
+    let src = tmp.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("model.safetensors"), data).unwrap();
+    push_dir(&src, &format!("{}/models/{repo}:v1", registry.addr()), "raw");
+}
+
 #[test]
 fn small_read_fetches_only_its_chunk() {
     if !prerequisites(true) {
@@ -167,11 +175,8 @@ fn small_read_fetches_only_its_chunk() {
     let registry = TestRegistry::start();
     let proxy = FaultProxy::start(registry.port);
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
     let data = pseudo_random(32 << 20, 5);
-    std::fs::write(src.join("model.safetensors"), &data).unwrap();
-    push_dir(&src, &format!("{}/models/partial:v1", registry.addr()), "raw");
+    push_one_file(&registry, tmp.path(), "partial", &data);
 
     let m = mount(
         &format!("{}/models/partial:v1", proxy.addr()),
@@ -195,11 +200,8 @@ fn a_registry_that_wants_a_token_from_anonymous_clients_is_served() {
     let registry = TestRegistry::start();
     let proxy = FaultProxy::start(registry.port);
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
     let data = pseudo_random(12 << 20, 8);
-    std::fs::write(src.join("model.safetensors"), &data).unwrap();
-    push_dir(&src, &format!("{}/models/token:v1", registry.addr()), "raw");
+    push_one_file(&registry, tmp.path(), "token", &data);
     proxy.require_token();
 
     let m = mount(&format!("{}/models/token:v1", proxy.addr()), tmp.path(), &[]);
@@ -217,11 +219,8 @@ fn concurrent_readers_of_one_chunk_cause_one_fetch() {
     let registry = TestRegistry::start();
     let proxy = FaultProxy::start(registry.port);
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
     let data = Arc::new(pseudo_random(16 << 20, 6));
-    std::fs::write(src.join("model.safetensors"), &*data).unwrap();
-    push_dir(&src, &format!("{}/models/flight:v1", registry.addr()), "raw");
+    push_one_file(&registry, tmp.path(), "flight", &data);
     let m = mount(&format!("{}/models/flight:v1", proxy.addr()), tmp.path(), &["--readahead-chunks", "0"]);
     proxy.reset_counts();
     let path = m.mountpoint.join("model.safetensors");

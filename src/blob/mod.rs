@@ -264,9 +264,10 @@ impl BlobStore {
         let size = (end - offset) as usize;
         // Cached chunks that still need checking against the lazy index are read whole,
         // through `chunk`, like missing ones.
-        let servable = |index| {
-            self.cache.contains(&ChunkKey { blob: blob.digest, index }) && !self.needs_check(&blob.digest, index)
-        };
+        let unchecked: HashSet<u64> =
+            pieces.iter().map(|p| p.0).filter(|&i| self.needs_check(&blob.digest, i)).collect();
+        let servable =
+            |index| !unchecked.contains(&index) && self.cache.contains(&ChunkKey { blob: blob.digest, index });
         if let [(index, within, _, take)] = pieces[..] {
             if !servable(index) {
                 let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
@@ -276,8 +277,6 @@ impl BlobStore {
         let (mut out, missing) = if pieces.iter().any(|p| servable(p.0)) {
             let cache = self.cache.clone();
             let digest = blob.digest;
-            let unchecked: HashSet<u64> =
-                pieces.iter().map(|p| p.0).filter(|&i| self.needs_check(&digest, i)).collect();
             tokio::task::spawn_blocking(move || -> Result<_, CacheError> {
                 let mut out = vec![0u8; size];
                 let mut missing = Vec::new();
@@ -774,15 +773,31 @@ mod tests {
     }
 
     fn store(blobs: &[&[u8]], chunk_size: u64) -> (Arc<BlobStore>, Arc<FakeSource>, tempfile::TempDir) {
+        store_with(blobs, FetchSettings { chunk_size, ..FetchSettings::default() }, None)
+    }
+
+    /// A store over `blobs` in a fresh cache; with `piece`, each blob also has lazy-index
+    /// digests of pieces of that size.
+    fn store_with(
+        blobs: &[&[u8]],
+        settings: FetchSettings,
+        piece: Option<usize>,
+    ) -> (Arc<BlobStore>, Arc<FakeSource>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let source = Arc::new(FakeSource {
             blobs: blobs.iter().map(|b| (Digest::of(b), b.to_vec())).collect(),
             ..FakeSource::default()
         });
         let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
-        cache.bind_chunk_size(chunk_size).unwrap();
-        let settings = FetchSettings { chunk_size, ..FetchSettings::default() };
-        (BlobStore::new(source.clone(), cache, settings, HashMap::new()), source, dir)
+        cache.bind_chunk_size(settings.chunk_size).unwrap();
+        let digests = piece.map_or_else(HashMap::new, |piece| {
+            let pieces = |b: &[u8]| ChunkDigests {
+                chunk_size: piece as u64,
+                digests: b.chunks(piece).map(Digest::of).collect(),
+            };
+            blobs.iter().map(|b| (Digest::of(b), pieces(b))).collect()
+        });
+        (BlobStore::new(source.clone(), cache, settings, digests), source, dir)
     }
 
     fn info(data: &[u8]) -> BlobInfo {
@@ -863,13 +878,8 @@ mod tests {
     async fn with_chunk_digests_every_chunk_is_checked_before_it_is_served() {
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
         let blob = info(&data);
-        let dir = tempfile::tempdir().unwrap();
-        let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
-        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
-        cache.bind_chunk_size(2048).unwrap();
-        let pieces = ChunkDigests { chunk_size: 1024, digests: data.chunks(1024).map(Digest::of).collect() };
         let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
-        let store = BlobStore::new(source.clone(), cache, settings, [(blob.digest, pieces)].into());
+        let (store, source, _dir) = store_with(&[&data], settings, Some(1024));
         source.lie.store(true, Ordering::SeqCst);
         let err = store.read(&blob, 3000, 10).await.unwrap_err();
         assert!(matches!(err, BlobError::Corrupt { .. }), "{err}");
@@ -883,16 +893,11 @@ mod tests {
     async fn with_chunk_digests_chunks_cached_by_an_earlier_process_are_checked_before_they_are_served() {
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 241) as u8).collect();
         let blob = info(&data);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
-        cache.bind_chunk_size(2048).unwrap();
-        // Left by an earlier process: chunk 0 right, chunk 1 wrong with the right length.
-        cache.put(&ChunkKey { blob: blob.digest, index: 0 }, &data[..2048]).unwrap();
-        cache.put(&ChunkKey { blob: blob.digest, index: 1 }, &[0u8; 2048]).unwrap();
-        let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
-        let pieces = ChunkDigests { chunk_size: 1024, digests: data.chunks(1024).map(Digest::of).collect() };
         let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
-        let store = BlobStore::new(source.clone(), cache, settings, [(blob.digest, pieces)].into());
+        let (store, source, _dir) = store_with(&[&data], settings, Some(1024));
+        // Left by an earlier process: chunk 0 right, chunk 1 wrong with the right length.
+        store.cache().put(&ChunkKey { blob: blob.digest, index: 0 }, &data[..2048]).unwrap();
+        store.cache().put(&ChunkKey { blob: blob.digest, index: 1 }, &[0u8; 2048]).unwrap();
 
         assert_eq!(store.read(&blob, 10, 100).await.unwrap(), data[10..110]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 0, "a cached chunk that checks out is served");
@@ -906,12 +911,8 @@ mod tests {
     async fn read_ahead_fetches_whole_groups_of_chunks_in_one_request_that_readers_join() {
         let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let blob = info(&data);
-        let dir = tempfile::tempdir().unwrap();
-        let source = Arc::new(FakeSource { blobs: [(blob.digest, data.clone())].into(), ..FakeSource::default() });
-        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
-        cache.bind_chunk_size(1024).unwrap();
         let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
-        let store = BlobStore::new(source.clone(), cache, settings, HashMap::new());
+        let (store, source, _dir) = store_with(&[&data], settings, None);
         let cached = |range: std::ops::RangeInclusive<u64>| {
             range.into_iter().all(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i }))
         };

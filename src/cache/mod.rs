@@ -467,12 +467,7 @@ impl ChunkCache {
     /// left alone. A file still open (a passthrough reader) keeps its bytes until closed.
     pub fn remove_blob(&self, blob: &Digest) -> Result<(), CacheError> {
         let mut inner = self.lock();
-        let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
-        for key in keys {
-            if let Some(entry) = inner.lru.pop(&key) {
-                inner.used_bytes -= entry.size;
-            }
-        }
+        pop_blob(&mut inner, blob);
         inner.verified.remove(blob);
         self.unlink_blob_files(blob)?;
         drop(inner);
@@ -635,12 +630,7 @@ impl ChunkCache {
             return;
         }
         tracing::warn!(blob = %key.blob, "blob data file is missing or cut short; dropping the blob");
-        let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == key.blob).collect();
-        for k in keys {
-            if let Some(entry) = inner.lru.pop(&k) {
-                inner.used_bytes -= entry.size;
-            }
-        }
+        pop_blob(&mut inner, &key.blob);
         // The blob is no longer whole, so neither marker nor map holds.
         inner.verified.remove(&key.blob);
         if let Err(e) = self.unlink_blob_files(&key.blob) {
@@ -707,13 +697,8 @@ impl ChunkCache {
             tracing::warn!(error = %e, "cannot evict blob");
             return;
         }
-        let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
-        for key in keys {
-            if let Some(entry) = inner.lru.pop(&key) {
-                inner.used_bytes -= entry.size;
-                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let evicted = pop_blob(inner, blob);
+        self.counters.evictions.fetch_add(evicted, Ordering::Relaxed);
     }
 
     /// Evicts one chunk of an unverified blob: absent in the map first, then a hole
@@ -744,6 +729,18 @@ impl ChunkCache {
             tracing::warn!(path = %path.display(), error = %e, "cannot free an evicted chunk's space");
         }
     }
+}
+
+/// Drops every chunk of `blob` from the index and its size from the total; returns how
+/// many there were.
+fn pop_blob(inner: &mut Inner, blob: &Digest) -> u64 {
+    let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
+    for key in &keys {
+        if let Some(entry) = inner.lru.pop(key) {
+            inner.used_bytes -= entry.size;
+        }
+    }
+    keys.len() as u64
 }
 
 /// Deallocates `len` bytes at `offset` of `file`, which then read as zeros.

@@ -71,22 +71,17 @@ pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, 
         let entry = entry.map_err(io_error("list blob directory", &dir))?;
         let name = entry.file_name();
         let name = name.to_str().unwrap_or_default();
-        let (hex, kind) = if let Some(hex) = name.strip_suffix(MAP_SUFFIX) {
-            (hex, 1)
+        let (hex, field): (&str, fn(&mut Found) -> &mut bool) = if let Some(hex) = name.strip_suffix(MAP_SUFFIX) {
+            (hex, |f| &mut f.map)
         } else if let Some(hex) = name.strip_suffix(VERIFIED_SUFFIX) {
-            (hex, 2)
+            (hex, |f| &mut f.marker)
         } else {
-            (name, 0)
+            (name, |f| &mut f.data)
         };
         let digest = format!("sha256:{hex}").parse::<Digest>().ok();
         match digest {
             Some(digest) if entry.file_type().is_ok_and(|t| t.is_file()) => {
-                let found = blobs.entry(digest).or_default();
-                match kind {
-                    0 => found.data = true,
-                    1 => found.map = true,
-                    _ => found.marker = true,
-                }
+                *field(blobs.entry(digest).or_default()) = true;
             }
             _ => tracing::warn!(path = %entry.path().display(), "ignoring unexpected entry in the blob cache"),
         }
