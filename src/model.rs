@@ -17,12 +17,12 @@ use std::time::SystemTime;
 use futures_util::StreamExt;
 use tokio::runtime::Handle;
 
-use crate::blob::{BlobError, BlobInfo, BlobStore};
+use crate::blob::{BlobError, BlobInfo, BlobStore, IndexDigests};
 use crate::cache::{CacheError, ChunkCache};
 use crate::companion;
 use crate::config::Settings;
 use crate::modelpack::digest::Hasher;
-use crate::modelpack::index::{ChunkDigests, VerifiedIndex};
+use crate::modelpack::index::VerifiedIndex;
 use crate::modelpack::manifest::{self, ManifestError, ModelArtifact};
 use crate::modelpack::media::LayerFormat;
 use crate::modelpack::tar_index::{self, TarError};
@@ -78,7 +78,8 @@ struct Parts<'a> {
     artifact: ModelArtifact,
     manifest_digest: Digest,
     offline: bool,
-    digests: HashMap<Digest, ChunkDigests>,
+    /// The lazy index's chunk digests, when the model is served from one.
+    index: Option<IndexDigests>,
 }
 
 /// An opened model.
@@ -146,7 +147,7 @@ impl Model {
         let artifact = manifest::parse_manifest(&manifest_bytes).map_err(manifest_err)?;
         let config = fetch_config(&registry, &cache, &artifact).await?;
         manifest::parse_config(&config).map_err(manifest_err)?;
-        let parts = Parts { reference, registry, artifact, manifest_digest, offline, digests: HashMap::new() };
+        let parts = Parts { reference, registry, artifact, manifest_digest, offline, index: None };
         Self::assemble(parts, settings, cache).await
     }
 
@@ -162,12 +163,12 @@ impl Model {
         let registry = Arc::new(Registry::new(registry::parse_reference(&reference)?, settings.registry.clone()));
         let manifest_err = |source| ModelError::Manifest { reference: reference.clone(), source };
         manifest::parse_config(index.index.config.as_bytes()).map_err(manifest_err)?;
-        let mut digests = HashMap::new();
+        let mut chunks = HashMap::new();
         for (layer, pieces) in index.artifact.layers.iter().zip(index.chunks) {
             if !BlobStore::check_digests(settings.fetch.chunk_size, pieces.chunk_size) {
                 return Err(ModelError::ChunkSize { chunk_size: settings.fetch.chunk_size, piece: pieces.chunk_size });
             }
-            digests.insert(layer.digest, pieces);
+            chunks.insert(layer.digest, pieces);
         }
         let parts = Parts {
             reference: &reference,
@@ -175,15 +176,15 @@ impl Model {
             artifact: index.artifact,
             manifest_digest: index.manifest_digest,
             offline: false,
-            digests,
+            index: Some(IndexDigests { index: index.digest, chunks }),
         };
         Self::assemble(parts, settings, cache).await
     }
 
     async fn assemble(parts: Parts<'_>, settings: &Settings, cache: Arc<ChunkCache>) -> Result<Self, ModelError> {
-        let Parts { reference, registry, artifact, manifest_digest, offline, digests } = parts;
+        let Parts { reference, registry, artifact, manifest_digest, offline, index } = parts;
         cache.bind_chunk_size(settings.fetch.chunk_size)?;
-        let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone(), digests);
+        let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone(), index);
         let mut builder = TreeBuilder::new(SystemTime::UNIX_EPOCH);
         let mut layers = Vec::with_capacity(artifact.layers.len());
         for layer in &artifact.layers {

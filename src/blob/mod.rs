@@ -1,17 +1,22 @@
 //! Blob reader: serves byte ranges of remote blobs in fixed-size chunks, from the
 //! [`ChunkCache`] when present, else fetched through a [`RangeSource`] (the registry).
 //!
-//! Rules this module keeps:
+//! Rules this module keeps (what vouches for which cached bytes is decided in
+//! [`crate::cache::trust`]):
 //! - single flight: concurrent readers missing one chunk share one fetch;
+//! - a store reads the cache as its [`Voucher`]: its lazy index, or a reader of its own
+//!   when it has no chunk digests. It serves a cached chunk only when its blob is
+//!   verified or its voucher stands behind the chunk; a chunk someone else vouched for is
+//!   checked against the index first (then vouched for), or, without an index, fetched
+//!   again;
 //! - when per-chunk digests are known (from a lazy index), every fetched chunk is
-//!   checked against them before it is cached or served, and so is a chunk an earlier
-//!   process cached, on its first read, unless its blob is verified; a blob whose chunks
-//!   were all checked so is verified without hashing it again;
+//!   checked against them before it is cached or served;
 //! - a chunk that is the whole blob is checked against the blob digest before it is
 //!   cached or served (so every small file is verified); when every chunk of a larger
-//!   blob is present the whole blob is hashed (on a thread of lower priority, one blob
-//!   at a time), and a mismatch evicts it, is logged and counted, so the next read
-//!   fetches again;
+//!   blob is present the whole blob is hashed (continuing the hash fed as chunks
+//!   arrived, on a thread of lower priority, one blob at a time): only a match makes
+//!   the blob trusted by every reader, and a mismatch evicts it, is logged and counted,
+//!   and condemns an index that vouched for all of it, whose reads fail from then on;
 //! - a chunk failing a check is fetched once more, then the read fails;
 //! - readers never wait for the disk: a fetched chunk is handed to its waiters first and
 //!   written to the cache after, at most `pending_store_chunks` behind;
@@ -29,9 +34,8 @@ use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio::sync::Semaphore;
 
-use crate::cache::{CacheError, ChunkCache, ChunkKey};
+use crate::cache::{CacheError, ChunkCache, ChunkKey, Standing, Verdict, Voucher};
 use crate::config::FetchSettings;
-use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::ChunkDigests;
 use crate::modelpack::Digest;
 use crate::registry::{Registry, RegistryError};
@@ -54,9 +58,21 @@ pub enum BlobError {
     /// A read past the end of the blob.
     #[error("read of {len} bytes at {offset} is outside blob {blob} of {size} bytes")]
     OutOfRange { blob: Digest, offset: u64, len: u64, size: u64 },
+    /// The model's lazy index was caught vouching for bytes that are not its blobs.
+    #[error("lazy index {index} vouched for bytes that are not the blobs it names; its model is not served")]
+    Condemned { index: Digest },
     /// A worker thread died.
     #[error("internal task failed: {0}")]
     Task(String),
+}
+
+/// The chunk digests of a lazy index, which every chunk of its blobs is checked against.
+#[derive(Debug, Clone)]
+pub struct IndexDigests {
+    /// The digest of the index JSON: who vouches for the chunks that pass.
+    pub index: Digest,
+    /// Digests of pieces of each blob; each piece size divides the chunk size.
+    pub chunks: HashMap<Digest, ChunkDigests>,
 }
 
 /// Where chunks come from when the cache misses. The registry implements it; unit
@@ -116,15 +132,14 @@ pub struct BlobStore {
     source: Arc<dyn RangeSource>,
     cache: Arc<ChunkCache>,
     settings: FetchSettings,
+    /// Who this store is to the cache: its lazy index, or a reader of its own.
+    voucher: Voucher,
     /// Known digests of pieces of blobs; each piece size divides the chunk size.
     digests: HashMap<Digest, ChunkDigests>,
     inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
     verifying: Mutex<HashSet<Digest>>,
     /// Held while a blob is hashed: one at a time.
     hashing: Mutex<()>,
-    /// Chunks of blobs with known piece digests that this store fetched and checked:
-    /// when they are all of a blob, the blob needs no hashing of its own.
-    checked: Mutex<HashMap<Digest, HashSet<u64>>>,
     on_demand: AtomicUsize,
     /// One permit per chunk fetched but not yet cached (see [`Self::start_run`]), for
     /// readers and their read-ahead.
@@ -155,26 +170,36 @@ impl Drop for OnDemandGuard<'_> {
 }
 
 impl BlobStore {
-    /// A reader over `source`, caching in `cache`, checking chunks of the blobs in
-    /// `digests` against them. Each digest piece size must divide `settings.chunk_size`
-    /// (see [`Self::check_digests`]).
+    /// A reader over `source`, caching in `cache`. With a lazy index's digests, every
+    /// chunk of their blobs is checked against them and the store vouches as that index;
+    /// without, it vouches as a reader of its own. Each digest piece size must divide
+    /// `settings.chunk_size` (see [`Self::check_digests`]).
     pub fn new(
         source: Arc<dyn RangeSource>,
         cache: Arc<ChunkCache>,
         settings: FetchSettings,
-        digests: HashMap<Digest, ChunkDigests>,
+        index: Option<IndexDigests>,
     ) -> Arc<Self> {
         // A run takes a permit per chunk: there must be enough for the longest run.
         let permits = settings.pending_store_chunks.max(settings.stream_request_chunks).max(1) as usize;
+        let (voucher, digests) = match index {
+            Some(IndexDigests { index, chunks }) => {
+                if let Err(e) = cache.load_condemned(&index) {
+                    tracing::warn!(%index, error = %e, "cannot read whether the lazy index was condemned");
+                }
+                (Voucher::Index(index), chunks)
+            }
+            None => (cache.new_reader(), HashMap::new()),
+        };
         Arc::new(Self {
             source,
             cache,
             settings,
+            voucher,
             digests,
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
             hashing: Mutex::new(()),
-            checked: Mutex::new(HashMap::new()),
             on_demand: AtomicUsize::new(0),
             store_permits: Arc::new(Semaphore::new(permits)),
             prefetch_permits: Arc::new(Semaphore::new(permits)),
@@ -201,8 +226,37 @@ impl BlobStore {
     /// Verifies `blob` now if every chunk of it is cached but it is not verified yet (an
     /// earlier process stopped in between), so that its file can serve passthrough reads.
     pub fn verify_cached(self: &Arc<Self>, blob: &BlobInfo) {
-        if self.chunk_count(blob) > 1 && !self.cache.is_verified(&blob.digest) {
+        if !self.cache.is_verified(&blob.digest) {
             self.verify_if_complete(blob);
+        }
+    }
+
+    /// The digest of this store's lazy index (tests only; a store without one has none).
+    #[cfg(test)]
+    fn voucher_index(&self) -> Digest {
+        match self.voucher {
+            Voucher::Index(d) => d,
+            Voucher::Reader(_) => panic!("a store without an index"),
+        }
+    }
+
+    /// Fails when this store's lazy index has been condemned: nothing it vouches for
+    /// is served any more, not even a verified blob by passthrough.
+    pub fn check_serving(&self) -> Result<(), BlobError> {
+        match self.voucher {
+            Voucher::Index(index) if self.cache.is_condemned(&index) => Err(BlobError::Condemned { index }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether chunk `key` must be fetched: it is absent, or cached with nothing this
+    /// store believes behind it and no digests to check it against. Cached chunks that
+    /// can be checked are checked when read instead.
+    fn must_fetch(&self, key: &ChunkKey) -> bool {
+        match self.cache.standing(key, &self.voucher) {
+            Standing::Absent => true,
+            Standing::Trusted => false,
+            Standing::Unvouched => !self.digests.contains_key(&key.blob),
         }
     }
 
@@ -261,13 +315,12 @@ impl BlobStore {
             pieces.push((index, within, (pos - offset) as usize, take as usize));
             pos += take;
         }
+        self.check_serving()?;
         let size = (end - offset) as usize;
-        // Cached chunks that still need checking against the lazy index are read whole,
-        // through `chunk`, like missing ones.
-        let unchecked: HashSet<u64> =
-            pieces.iter().map(|p| p.0).filter(|&i| self.needs_check(&blob.digest, i)).collect();
+        // Cached chunks this store does not trust yet are read whole, through `chunk`,
+        // like missing ones.
         let servable =
-            |index| !unchecked.contains(&index) && self.cache.contains(&ChunkKey { blob: blob.digest, index });
+            |index| self.cache.standing(&ChunkKey { blob: blob.digest, index }, &self.voucher) == Standing::Trusted;
         if let [(index, within, _, take)] = pieces[..] {
             if !servable(index) {
                 let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
@@ -277,16 +330,13 @@ impl BlobStore {
         let (mut out, missing) = if pieces.iter().any(|p| servable(p.0)) {
             let cache = self.cache.clone();
             let digest = blob.digest;
+            let voucher = self.voucher;
             tokio::task::spawn_blocking(move || -> Result<_, CacheError> {
                 let mut out = vec![0u8; size];
                 let mut missing = Vec::new();
                 for piece @ (index, within, dst, take) in pieces {
                     let key = ChunkKey { blob: digest, index };
-                    if unchecked.contains(&index) {
-                        missing.push(piece);
-                        continue;
-                    }
-                    match cache.read_into(&key, within, &mut out[dst..dst + take])? {
+                    match cache.read_into(&key, within, &mut out[dst..dst + take], Some(&voucher))? {
                         Some(n) if n == take => {}
                         _ => missing.push(piece),
                     }
@@ -324,7 +374,7 @@ impl BlobStore {
         let mut inflight = self.inflight.lock().expect("inflight lock");
         while index <= last {
             let key = ChunkKey { blob: blob.digest, index };
-            if self.cache.contains(&key) || inflight.contains_key(&key) {
+            if !self.must_fetch(&key) || inflight.contains_key(&key) {
                 index += 1;
                 continue;
             }
@@ -332,7 +382,7 @@ impl BlobStore {
             while index <= last
                 && (index == first || index % per_request != 0)
                 && !inflight.contains_key(&ChunkKey { blob: blob.digest, index })
-                && !self.cache.contains(&ChunkKey { blob: blob.digest, index })
+                && self.must_fetch(&ChunkKey { blob: blob.digest, index })
             {
                 index += 1;
             }
@@ -423,7 +473,7 @@ impl BlobStore {
                         while index < first + count {
                             let missing = |i| {
                                 let key = ChunkKey { blob: blob.digest, index: i };
-                                !self.cache.contains(&key) && !inflight.contains_key(&key)
+                                self.must_fetch(&key) && !inflight.contains_key(&key)
                             };
                             let start = index;
                             while index < first + count && missing(index) {
@@ -453,64 +503,63 @@ impl BlobStore {
         }
     }
 
-    /// One whole chunk, from the cache or fetched once however many callers ask.
+    /// One whole chunk, from the cache or fetched once however many callers ask. A
+    /// cached chunk this store does not trust yet is checked against the lazy index (and
+    /// vouched for, or dropped and fetched again when wrong); without an index it is
+    /// fetched again.
     pub async fn chunk(self: &Arc<Self>, blob: &BlobInfo, index: u64, priority: Priority) -> Result<Bytes, BlobError> {
+        self.check_serving()?;
         let key = ChunkKey { blob: blob.digest, index };
         loop {
-            let pending = {
+            let (pending, standing) = {
                 let mut inflight = self.inflight.lock().expect("inflight lock");
                 if let Some(f) = inflight.get(&key) {
-                    Some(f.clone())
-                } else if self.cache.contains(&key) {
-                    None
+                    (Some(f.clone()), Standing::Absent)
                 } else {
-                    self.start_run(&mut inflight, blob, index, 1, priority);
-                    inflight.get(&key).cloned()
+                    match self.cache.standing(&key, &self.voucher) {
+                        Standing::Unvouched if self.digests.contains_key(&blob.digest) => (None, Standing::Unvouched),
+                        Standing::Trusted => (None, Standing::Trusted),
+                        Standing::Absent | Standing::Unvouched => {
+                            self.start_run(&mut inflight, blob, index, 1, priority);
+                            (inflight.get(&key).cloned(), Standing::Absent)
+                        }
+                    }
                 }
             };
             if let Some(fut) = pending {
                 return fut.await.map_err(|e| unshare(&e));
             }
             let cache = self.cache.clone();
-            let cached = tokio::task::spawn_blocking(move || cache.get(&key))
+            if standing == Standing::Trusted {
+                let voucher = self.voucher;
+                let cached = tokio::task::spawn_blocking(move || cache.get(&key, Some(&voucher)))
+                    .await
+                    .map_err(|e| BlobError::Task(e.to_string()))??;
+                match cached {
+                    Some(data) => return Ok(Bytes::from(data)),
+                    // Evicted between the check and the read: look again.
+                    None => continue,
+                }
+            }
+            let cached = tokio::task::spawn_blocking(move || cache.get_unvouched(&key))
                 .await
                 .map_err(|e| BlobError::Task(e.to_string()))??;
-            let Some(data) = cached else {
-                // Evicted between the check and the read: look again.
-                continue;
-            };
-            if !self.needs_check(&blob.digest, index) {
-                return Ok(Bytes::from(data));
-            }
+            let Some((data, generation)) = cached else { continue };
             match self.check_pieces(blob, index * self.settings.chunk_size, &data) {
                 None => {
-                    self.checked.lock().expect("checked lock").entry(blob.digest).or_default().insert(index);
+                    self.cache.vouch(&key, generation, &self.voucher);
                     return Ok(Bytes::from(data));
                 }
                 Some(detail) => {
-                    // Cached by an earlier process and wrong now: nothing else of the
-                    // blob is trusted either; fetch again.
+                    // Cached by an earlier process or vouched for by another index, and
+                    // not what this index says: drop it and fetch again.
                     self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
                     self.cache.record_verify_failure();
-                    tracing::error!(blob = %blob.digest, index, %detail, "cached chunk failed verification; evicting its blob");
-                    self.checked.lock().expect("checked lock").remove(&blob.digest);
-                    let cache = self.cache.clone();
-                    let digest = blob.digest;
-                    tokio::task::spawn_blocking(move || cache.remove_blob(&digest))
-                        .await
-                        .map_err(|e| BlobError::Task(e.to_string()))??;
+                    tracing::error!(blob = %blob.digest, index, %detail, "cached chunk failed verification; dropping it");
+                    self.cache.discard(&key, generation);
                 }
             }
         }
-    }
-
-    /// Whether a cached chunk must be checked against the lazy index before it is
-    /// served: its blob has piece digests and is not verified, and this store has not
-    /// checked the chunk itself (an earlier process cached it).
-    fn needs_check(&self, blob: &Digest, index: u64) -> bool {
-        self.digests.contains_key(blob)
-            && !self.cache.is_verified(blob)
-            && !self.checked.lock().expect("checked lock").get(blob).is_some_and(|c| c.contains(&index))
     }
 
     /// Counts an on-demand fetch until the guard drops.
@@ -524,11 +573,11 @@ impl BlobStore {
     async fn store_chunks(self: &Arc<Self>, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>) {
         let cache = self.cache.clone();
         let digest = blob.digest;
+        let voucher = self.voucher;
         let put = tokio::task::spawn_blocking(move || {
-            chunks
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, data)| cache.put(&ChunkKey { blob: digest, index: first + i as u64 }, data))
+            chunks.iter().enumerate().try_for_each(|(i, data)| {
+                cache.put(&ChunkKey { blob: digest, index: first + i as u64 }, data, &voucher)
+            })
         })
         .await;
         match put {
@@ -570,17 +619,7 @@ impl BlobStore {
                     self.check_pieces(blob, index * cs, chunk).map(|d| (index, d))
                 }
             });
-            let Some((index, detail)) = problem else {
-                if self.digests.contains_key(&blob.digest) {
-                    self.checked
-                        .lock()
-                        .expect("checked lock")
-                        .entry(blob.digest)
-                        .or_default()
-                        .extend(first..first + count);
-                }
-                return Ok(chunks);
-            };
+            let Some((index, detail)) = problem else { return Ok(chunks) };
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
             self.cache.record_verify_failure();
             attempts_left -= 1;
@@ -607,18 +646,11 @@ impl BlobStore {
         None
     }
 
-    /// When every chunk of a multi-chunk blob is cached, hashes it in the background;
-    /// a mismatch evicts the blob so that the next read fetches it again.
+    /// When every chunk of a blob is cached and it is not verified yet, finishes its
+    /// whole-blob hash in the background and acts on the verdict (see
+    /// [`ChunkCache::verify_blob`]).
     fn verify_if_complete(self: &Arc<Self>, blob: &BlobInfo) {
         let count = self.chunk_count(blob);
-        if count <= 1 {
-            if !self.cache.is_verified(&blob.digest) {
-                if let Err(e) = self.cache.mark_verified(&blob.digest) {
-                    tracing::warn!(error = %e, "cannot record verification");
-                }
-            }
-            return;
-        }
         // In-memory checks first: this runs after every chunk stored.
         if !(0..count).all(|i| self.cache.contains(&ChunkKey { blob: blob.digest, index: i })) {
             return;
@@ -629,46 +661,31 @@ impl BlobStore {
         if !self.verifying.lock().expect("verifying lock").insert(blob.digest) {
             return;
         }
-        // Every chunk checked against the lazy index on arrival makes the blob verified
-        // without hashing it again.
-        let indexed =
-            self.checked.lock().expect("checked lock").get(&blob.digest).is_some_and(|c| c.len() as u64 == count);
         let this = self.clone();
         let blob = *blob;
         self.cache.pin_blob(&blob.digest);
-        // Hashing a blob is the one piece of work no reader waits for: it runs on a thread
-        // of its own at a lower CPU priority, one blob at a time, so that on a machine with
-        // few cores the readers, the cache writes and the registry come first.
-        let spawned = std::thread::Builder::new().name("verify".to_owned()).spawn(move || {
-            let outcome = if indexed {
-                Ok(Some(blob.digest))
-            } else {
+        let verify = move || {
+            let verdict = if count > 1 {
                 let _one_at_a_time = this.hashing.lock().expect("hashing lock");
                 lower_thread_priority();
-                this.hash_cached_blob(&blob, count)
+                this.cache.verify_blob(&blob.digest, blob.size)
+            } else {
+                this.cache.verify_blob(&blob.digest, blob.size)
             };
-            match outcome {
-                Ok(Some(actual)) if actual == blob.digest => {
-                    if let Err(e) = this.cache.mark_verified(&blob.digest) {
-                        tracing::warn!(error = %e, "cannot record verification");
-                    }
-                }
-                Ok(Some(actual)) => {
-                    this.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                    this.cache.record_verify_failure();
-                    tracing::error!(blob = %blob.digest, %actual, "cached blob does not match its digest; evicting it");
-                    if let Err(e) = this.cache.remove_blob(&blob.digest) {
-                        tracing::warn!(error = %e, "cannot evict corrupt blob");
-                    }
-                    this.checked.lock().expect("checked lock").remove(&blob.digest);
-                }
-                // A chunk was evicted meanwhile: verification waits for the next completion.
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot verify cached blob"),
-            }
+            this.act_on(&blob, verdict);
             this.cache.unpin_blob(&blob.digest);
             this.verifying.lock().expect("verifying lock").remove(&blob.digest);
-        });
+        };
+        if count <= 1 {
+            // A blob of one chunk was hashed as it arrived: nothing is left to read.
+            drop(tokio::task::spawn_blocking(verify));
+            return;
+        }
+        // Whatever of a larger blob arrived out of order is read back and hashed: work no
+        // reader waits for, so it runs on a thread of its own at a lower CPU priority, one
+        // blob at a time, and on a machine with few cores the readers, the cache writes
+        // and the registry come first.
+        let spawned = std::thread::Builder::new().name("verify".to_owned()).spawn(verify);
         if let Err(e) = spawned {
             tracing::warn!(blob = %blob.digest, error = %e, "cannot start verifying a blob");
             self.cache.unpin_blob(&blob.digest);
@@ -676,18 +693,26 @@ impl BlobStore {
         }
     }
 
-    /// The digest of a blob whose chunks are all cached, or None if one went missing.
-    fn hash_cached_blob(&self, blob: &BlobInfo, count: u64) -> Result<Option<Digest>, CacheError> {
-        let mut hasher = Hasher::default();
-        let mut buf = vec![0u8; self.settings.chunk_size as usize];
-        for index in 0..count {
-            let len = self.chunk_len(blob, index) as usize;
-            match self.cache.read_into(&ChunkKey { blob: blob.digest, index }, 0, &mut buf[..len])? {
-                Some(n) if n == len => hasher.update(&buf[..len]),
-                _ => return Ok(None),
+    /// Logs and counts what whole-blob verification found.
+    fn act_on(&self, blob: &BlobInfo, verdict: Result<Verdict, CacheError>) {
+        match verdict {
+            Ok(Verdict::Verified) => tracing::debug!(blob = %blob.digest, "blob verified"),
+            // A chunk went missing meanwhile: verification waits for the next completion.
+            Ok(Verdict::Incomplete) => {}
+            Ok(Verdict::Mismatch { actual, condemned }) => {
+                self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(blob = %blob.digest, %actual, "integrity failure: cached blob does not match its digest; evicted it");
+                for index in condemned {
+                    tracing::error!(
+                        blob = %blob.digest,
+                        %actual,
+                        %index,
+                        "integrity failure: lazy index vouched for every chunk of a blob whose bytes are not that blob; its model is no longer served"
+                    );
+                }
             }
+            Err(e) => tracing::warn!(blob = %blob.digest, error = %e, "cannot verify cached blob"),
         }
-        Ok(Some(hasher.finish()))
     }
 }
 
@@ -790,14 +815,21 @@ mod tests {
         });
         let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
         cache.bind_chunk_size(settings.chunk_size).unwrap();
-        let digests = piece.map_or_else(HashMap::new, |piece| {
-            let pieces = |b: &[u8]| ChunkDigests {
-                chunk_size: piece as u64,
-                digests: b.chunks(piece).map(Digest::of).collect(),
-            };
-            blobs.iter().map(|b| (Digest::of(b), pieces(b))).collect()
-        });
-        (BlobStore::new(source.clone(), cache, settings, digests), source, dir)
+        let index = piece.map(|piece| index_of(blobs.iter().map(|b| (Digest::of(b), b.to_vec())), piece));
+        (BlobStore::new(source.clone(), cache, settings, index), source, dir)
+    }
+
+    /// The digests a lazy index would list for `blobs` (digest, content), in pieces of
+    /// `piece` bytes; the index is named by its digests.
+    fn index_of(blobs: impl Iterator<Item = (Digest, Vec<u8>)>, piece: usize) -> IndexDigests {
+        let chunks: HashMap<Digest, ChunkDigests> = blobs
+            .map(|(digest, b)| {
+                (digest, ChunkDigests { chunk_size: piece as u64, digests: b.chunks(piece).map(Digest::of).collect() })
+            })
+            .collect();
+        let mut names: Vec<String> = chunks.values().flat_map(|c| c.digests.iter().map(Digest::to_string)).collect();
+        names.sort();
+        IndexDigests { index: Digest::of(names.concat().as_bytes()), chunks }
     }
 
     fn info(data: &[u8]) -> BlobInfo {
@@ -896,8 +928,9 @@ mod tests {
         let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
         let (store, source, _dir) = store_with(&[&data], settings, Some(1024));
         // Left by an earlier process: chunk 0 right, chunk 1 wrong with the right length.
-        store.cache().put(&ChunkKey { blob: blob.digest, index: 0 }, &data[..2048]).unwrap();
-        store.cache().put(&ChunkKey { blob: blob.digest, index: 1 }, &[0u8; 2048]).unwrap();
+        let earlier = Voucher::Reader(u64::MAX);
+        store.cache().put(&ChunkKey { blob: blob.digest, index: 0 }, &data[..2048], &earlier).unwrap();
+        store.cache().put(&ChunkKey { blob: blob.digest, index: 1 }, &[0u8; 2048], &earlier).unwrap();
 
         assert_eq!(store.read(&blob, 10, 100).await.unwrap(), data[10..110]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 0, "a cached chunk that checks out is served");
@@ -941,5 +974,105 @@ mod tests {
         assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 5);
         assert_eq!(store.read(&blob, 1024, 18_000).await.unwrap(), data[1024..19_024]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 5, "all served from the cache");
+    }
+
+    /// Stores over one shared cache, as `serve` has one per model: each serves `blobs`
+    /// (digest → the bytes its registry answers for it), with the chunk digests of an
+    /// index describing those bytes when `indexed`.
+    fn tenant(cache: &Arc<ChunkCache>, blobs: &[(Digest, &[u8])], indexed: bool) -> (Arc<BlobStore>, Arc<FakeSource>) {
+        let source = Arc::new(FakeSource {
+            blobs: blobs.iter().map(|(d, b)| (*d, b.to_vec())).collect(),
+            ..FakeSource::default()
+        });
+        let index = indexed.then(|| index_of(blobs.iter().map(|(d, b)| (*d, b.to_vec())), 1024));
+        let settings = FetchSettings { chunk_size: 2048, ..FetchSettings::default() };
+        (BlobStore::new(source.clone(), cache.clone(), settings, index), source)
+    }
+
+    fn shared_cache() -> (Arc<ChunkCache>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), None).unwrap());
+        cache.bind_chunk_size(2048).unwrap();
+        (cache, dir)
+    }
+
+    /// The honest blob and the attacker's bytes of the same length.
+    fn honest_and_forged() -> (Vec<u8>, Vec<u8>) {
+        let honest: Vec<u8> = (0..8192u32).map(|i| (i % 239) as u8).collect();
+        let forged: Vec<u8> = honest.iter().map(|b| b ^ 0x5a).collect();
+        (honest, forged)
+    }
+
+    async fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what} never happened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_a_forged_index_vouched_for_are_served_to_no_other_reader() {
+        let (honest, forged) = honest_and_forged();
+        let blob = info(&honest);
+        let (cache, _dir) = shared_cache();
+        let (attacker, _) = tenant(&cache, &[(blob.digest, &forged)], true);
+        // The attacker's own readers get what its index describes, for part of the blob.
+        assert_eq!(attacker.read(&blob, 0, 5000).await.unwrap(), forged[..5000]);
+        attacker.settle().await;
+        assert!(!cache.is_verified(&blob.digest));
+
+        let (plain, _) = tenant(&cache, &[(blob.digest, &honest)], false);
+        assert_eq!(plain.read(&blob, 0, 8192).await.unwrap(), honest, "a reader without an index");
+        let (indexed, _) = tenant(&cache, &[(blob.digest, &honest)], true);
+        assert_eq!(indexed.read(&blob, 0, 8192).await.unwrap(), honest, "a reader of the honest index");
+        plain.settle().await;
+        indexed.settle().await;
+        wait_for("verification of the honest blob", || cache.is_verified(&blob.digest)).await;
+        assert_eq!(attacker.read(&blob, 0, 8192).await.unwrap(), honest, "a verified blob is the blob, for everyone");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_index_that_vouched_for_a_whole_blob_that_fails_its_digest_is_condemned() {
+        let (honest, forged) = honest_and_forged();
+        let blob = info(&honest);
+        let (cache, _dir) = shared_cache();
+        let (attacker, _) = tenant(&cache, &[(blob.digest, &forged)], true);
+        let (honest_reader, _) = tenant(&cache, &[(blob.digest, &honest)], true);
+        // Every chunk matches the forged index, so the whole blob is there before anyone
+        // else reads it: its hash, not the index, decides.
+        attacker.prefetch(vec![blob]).await.unwrap();
+        attacker.settle().await;
+        assert!(!cache.is_verified(&blob.digest), "chunk digests never make a blob verified");
+        assert!(attacker.stats().verify_failures.load(Ordering::SeqCst) >= 1);
+        let err = attacker.read(&blob, 0, 10).await.unwrap_err();
+        assert!(matches!(err, BlobError::Condemned { .. }), "{err}");
+        assert!(cache.complete_path(&blob.digest).is_none(), "nothing to pass through");
+
+        assert_eq!(honest_reader.read(&blob, 0, 8192).await.unwrap(), honest);
+        honest_reader.settle().await;
+        wait_for("verification of the honest blob", || cache.is_verified(&blob.digest)).await;
+        assert!(!cache.is_condemned(&honest_reader.voucher_index()), "an honest index is never condemned");
+
+        // Condemnation outlives the process.
+        let dir = cache.dir().to_owned();
+        let condemned = attacker.voucher_index();
+        drop((attacker, honest_reader, cache));
+        let reopened = ChunkCache::open(&dir, None).unwrap();
+        assert!(reopened.load_condemned(&condemned).unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blob_is_verified_by_its_whole_hash_whatever_order_its_chunks_arrive_in() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 233) as u8).collect();
+        let blob = info(&data);
+        let (cache, _dir) = shared_cache();
+        let (store, _) = tenant(&cache, &[(blob.digest, &data)], false);
+        for start in [6144, 0, 14336, 2048, 10240, 18432, 4096, 8192, 12288, 16384] {
+            assert_eq!(store.read(&blob, start, 1).await.unwrap(), data[start as usize..start as usize + 1]);
+        }
+        store.settle().await;
+        wait_for("verification", || cache.is_verified(&blob.digest)).await;
+        assert_eq!(store.read(&blob, 0, 20_000).await.unwrap(), data);
     }
 }

@@ -9,16 +9,28 @@
 //! <dir>/boot-id                          the boot in which the cache was last opened
 //! <dir>/blobs/sha256/<hex>               blob data: chunk i at byte i × chunk size, holes elsewhere
 //! <dir>/blobs/sha256/<hex>.map           presence map: chunk i's length (u32 LE) at byte 4i, 0 = absent
-//! <dir>/blobs/sha256/<hex>.verified      marker: every chunk present, and the whole blob matched
-//! <dir>/meta/<sha256 hex of the name>    a named metadata record
+//! <dir>/blobs/sha256/<hex>.verified      marker: every chunk present, and the whole blob hashed to its digest
+//! <dir>/meta/<sha256 hex of the name>    a named metadata record (also: condemned lazy indexes)
 //! <dir>/unpacked/sha256/<hex>.tar        decompressed copy of a compressed layer
 //! <dir>/tmp/                             files being written, or removed, before their rename/unlink
 //! ```
+//!
+//! Every directory is `0700` and every file `0600` (an existing root is tightened at
+//! `open`): cached weights may be proprietary, and no other local user may read them.
 //!
 //! A blob is one sparse file, so a blob whose chunks are all present *is* the blob: once
 //! verified, the FUSE layer hands that very file to the kernel for passthrough reads, with
 //! no second copy. A cache is bound to one chunk size ([`ChunkCache::bind_chunk_size`]),
 //! which places chunks in the file.
+//!
+//! # Trust
+//!
+//! Who may be served which cached bytes is decided in [`trust`]: a verified blob (its
+//! whole content hashed to its digest) is trusted by every reader; a chunk of an
+//! unverified blob only by the [`Voucher`]s that stood behind its exact bytes. The
+//! whole-blob hash is fed with chunks as they arrive in order
+//! ([`ChunkCache::put`]), so [`ChunkCache::verify_blob`] reads back only what arrived
+//! out of order.
 //!
 //! # Durability
 //!
@@ -28,7 +40,7 @@
 //! flushing every chunk made cold reads wait for the disk. Only a power loss or kernel
 //! crash can then tear a chunk, so the cache records the boot it was opened in
 //! (`boot-id`), and an `open` in a later boot deletes every blob without a verified
-//! marker. [`ChunkCache::mark_verified`] flushes the blob's data file and map before it
+//! marker. [`ChunkCache::verify_blob`] flushes the blob's data file and map before it
 //! writes the marker, so a marker always vouches for durable chunks. A present chunk is
 //! never written again (a verified blob's bytes never change under a passthrough reader).
 //! Metadata records and unpacked layers are flushed before their rename, and metadata
@@ -63,6 +75,7 @@ mod layout;
 mod scan;
 #[cfg(test)]
 mod tests;
+pub mod trust;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -76,14 +89,23 @@ use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
 
-use self::fsutil::{boot_id, ensure_dir, sync_dir, sync_file, try_lock_exclusive, write_synced};
+use self::fsutil::{
+    boot_id, ensure_dir, private_dir_all, private_file, sync_dir, sync_file, try_lock_exclusive, write_synced,
+};
 use self::layout::Layout;
+use self::trust::{HashSlot, MARKER_CONTENT};
+pub use self::trust::{Standing, Verdict, Voucher};
+use crate::modelpack::digest::Hasher;
 use crate::modelpack::Digest;
 
 /// How stale a blob's recorded use may get before a read refreshes its data file's mtime.
 /// Refreshing on every read would add a metadata write to each hit; this bound keeps
 /// the LRU order rebuilt after a restart accurate to within a minute.
 pub const MTIME_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long verification waits before looking again when a put is feeding the blob's
+/// hash (which takes a few milliseconds per chunk).
+const HASH_WAIT: Duration = Duration::from_millis(1);
 
 /// Why a cache operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +163,7 @@ pub struct CacheStats {
 }
 
 /// What the index remembers about a present chunk.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Entry {
     size: u64,
     /// The data file's mtime as last set or read by the cache.
@@ -149,6 +171,9 @@ struct Entry {
     /// Unique per stored chunk: a read that looked up one generation and finds another
     /// (or none) afterwards read bytes that may have been evicted under it.
     generation: u64,
+    /// Who stands behind this generation's bytes while the blob is unverified (see
+    /// [`trust`]). Empty for chunks an earlier process stored.
+    vouchers: Vec<Voucher>,
 }
 
 /// Bookkeeping guarded by the mutex.
@@ -165,6 +190,10 @@ struct Inner {
     /// present, so no write can straddle the hole punched by an eviction.
     writing: HashSet<ChunkKey>,
     next_generation: u64,
+    /// Whole-blob hashes fed in arrival order.
+    hashing: HashMap<Digest, HashSlot>,
+    /// Lazy indexes (by JSON digest) caught vouching for bytes that are not their blob.
+    condemned: HashSet<Digest>,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +215,7 @@ pub struct ChunkCache {
     next_temp: AtomicU64,
     /// The bound chunk size; 0 until [`Self::bind_chunk_size`].
     chunk_size: AtomicU64,
+    next_reader: AtomicU64,
     /// Holds the advisory lock on the root for as long as the cache is open.
     _lock: File,
 }
@@ -197,11 +227,11 @@ impl ChunkCache {
     /// directories of an earlier layout, and, in a new boot, every unverified blob. If
     /// the existing chunks exceed the budget, the oldest are evicted straight away.
     pub fn open(dir: &Path, budget: Option<u64>) -> Result<Self, CacheError> {
-        fs::create_dir_all(dir).map_err(io_error("create cache directory", dir))?;
+        private_dir_all(dir).map_err(io_error("create cache directory", dir))?;
         let layout = Layout::new(dir);
 
         let lock_path = layout.lock_file();
-        let lock = OpenOptions::new()
+        let lock = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -244,6 +274,8 @@ impl ChunkCache {
             verified: recovered.verified,
             writing: HashSet::new(),
             next_generation: 1,
+            hashing: HashMap::new(),
+            condemned: HashSet::new(),
         };
         for (key, mut entry) in recovered.chunks {
             entry.generation = inner.next_generation;
@@ -266,6 +298,7 @@ impl ChunkCache {
             counters: Counters::default(),
             next_temp: AtomicU64::new(0),
             chunk_size: AtomicU64::new(0),
+            next_reader: AtomicU64::new(1),
             _lock: lock,
         };
         {
@@ -313,25 +346,84 @@ impl ChunkCache {
         }
     }
 
-    /// The chunk's bytes if present (counts a hit or a miss, marks it recently used).
-    pub fn get(&self, key: &ChunkKey) -> Result<Option<Vec<u8>>, CacheError> {
+    /// A reader identity for a reader without chunk digests (see [`Voucher::Reader`]):
+    /// the chunks it fetches are trusted by it alone until their blob is verified.
+    pub fn new_reader(&self) -> Voucher {
+        Voucher::Reader(self.next_reader.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// How a reader vouching as `voucher` stands to a chunk (see [`trust`]).
+    pub fn standing(&self, key: &ChunkKey, voucher: &Voucher) -> Standing {
+        let inner = self.lock();
+        match inner.lru.peek(key) {
+            None => Standing::Absent,
+            Some(e) => trust::standing(inner.verified.contains(&key.blob), &e.vouchers, voucher),
+        }
+    }
+
+    /// The chunk's bytes if present and trusted by `voucher` (counts a hit or a miss,
+    /// marks it recently used). With `None`, any present chunk is read: for a reader
+    /// that checks the bytes itself, or for hashing.
+    pub fn get(&self, key: &ChunkKey, voucher: Option<&Voucher>) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.get_with_generation(key, voucher)?.map(|(data, _)| data))
+    }
+
+    /// A present chunk's bytes, trusted or not, with the generation to name them by in
+    /// [`Self::vouch`] or [`Self::discard`] once they are checked.
+    pub fn get_unvouched(&self, key: &ChunkKey) -> Result<Option<(Vec<u8>, u64)>, CacheError> {
+        self.get_with_generation(key, None)
+    }
+
+    fn get_with_generation(
+        &self,
+        key: &ChunkKey,
+        voucher: Option<&Voucher>,
+    ) -> Result<Option<(Vec<u8>, u64)>, CacheError> {
         let Some(size) = self.lock().lru.peek(key).map(|e| e.size) else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
         let mut data = vec![0u8; size as usize];
-        Ok(match self.read_into(key, 0, &mut data)? {
-            Some(n) if n == data.len() => Some(data),
+        Ok(match self.read_chunk(key, 0, &mut data, voucher)? {
+            Some((n, generation)) if n == data.len() => Some((data, generation)),
             _ => None,
         })
     }
 
-    /// Reads part of a present chunk into `buf` at `offset` within the chunk; returns
-    /// bytes read, or None if absent. Fewer bytes than `buf.len()` means the chunk ends
-    /// first (zero when `offset` is at or past its end). Counts a hit or a miss and
-    /// marks the chunk recently used.
-    pub fn read_into(&self, key: &ChunkKey, offset: u64, buf: &mut [u8]) -> Result<Option<usize>, CacheError> {
-        let looked_up = self.lock().lru.get(key).copied();
+    /// Reads part of a present chunk trusted by `voucher` (any present chunk with `None`)
+    /// into `buf` at `offset` within the chunk; returns bytes read, or None if absent or
+    /// not trusted. Fewer bytes than `buf.len()` means the chunk ends first (zero when
+    /// `offset` is at or past its end). Counts a hit or a miss and marks the chunk
+    /// recently used.
+    pub fn read_into(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        buf: &mut [u8],
+        voucher: Option<&Voucher>,
+    ) -> Result<Option<usize>, CacheError> {
+        Ok(self.read_chunk(key, offset, buf, voucher)?.map(|(n, _)| n))
+    }
+
+    /// [`Self::read_into`], also returning the generation read. Trust is checked before
+    /// the read and again after it, together with the generation, so bytes stored by
+    /// someone else under our feet are never returned as trusted ones.
+    fn read_chunk(
+        &self,
+        key: &ChunkKey,
+        offset: u64,
+        buf: &mut [u8],
+        voucher: Option<&Voucher>,
+    ) -> Result<Option<(usize, u64)>, CacheError> {
+        let looked_up = {
+            let mut inner = self.lock();
+            let verified = inner.verified.contains(&key.blob);
+            inner
+                .lru
+                .get(key)
+                .cloned()
+                .filter(|e| voucher.is_none_or(|v| trust::standing(verified, &e.vouchers, v) == Standing::Trusted))
+        };
         let Some(entry) = looked_up else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -364,9 +456,14 @@ impl ChunkCache {
         let mut inner = self.lock();
         // Evicted (a hole punched) or removed while we read: what we read is not the chunk.
         let current = inner.lru.peek(key).is_some_and(|e| e.generation == entry.generation);
-        if !current || done < want {
+        let verified = inner.verified.contains(&key.blob);
+        let trusted = inner
+            .lru
+            .peek(key)
+            .is_some_and(|e| voucher.is_none_or(|v| trust::standing(verified, &e.vouchers, v) == Standing::Trusted));
+        if !current || !trusted || done < want {
             drop(inner);
-            if current {
+            if current && done < want {
                 // The data file is shorter than its map says (cut behind our back): the
                 // blob cannot be trusted, and a chunk left present would never be fetched.
                 self.forget(key, entry.generation);
@@ -386,7 +483,7 @@ impl ChunkCache {
             }
         }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(done))
+        Ok(Some((done, entry.generation)))
     }
 
     /// Whether the chunk is present. Neither counts as a hit or miss nor marks the chunk
@@ -395,14 +492,17 @@ impl ChunkCache {
         self.lock().lru.contains(key)
     }
 
-    /// Stores a chunk: its bytes go into the blob's data file at the chunk's place, then
-    /// its length into the presence map; only then does it count as present, so a reader
-    /// never sees a torn chunk. Nothing is flushed here (see the module documentation on
-    /// durability). A chunk already present is left as it is. Then evicts
+    /// Stores a chunk that `voucher` stands behind: its bytes go into the blob's data
+    /// file at the chunk's place, then its length into the presence map; only then does
+    /// it count as present, so a reader never sees a torn chunk. Nothing is flushed here
+    /// (see the module documentation on durability). A chunk already present and trusted
+    /// by `voucher` is left as it is; one present but not trusted by it gains the voucher
+    /// if it holds the same bytes, and makes way for these otherwise (never in a verified
+    /// blob). A chunk that continues the blob's whole-blob hash is fed to it. Then evicts
     /// least-recently-used chunks until within budget, never evicting the chunk just
     /// written nor any chunk of a blob currently pinned (see [`Self::pin_blob`]).
     /// Failures to evict are logged, not returned: the chunk is stored.
-    pub fn put(&self, key: &ChunkKey, data: &[u8]) -> Result<(), CacheError> {
+    pub fn put(&self, key: &ChunkKey, data: &[u8], voucher: &Voucher) -> Result<(), CacheError> {
         if data.is_empty() {
             return Err(CacheError::EmptyChunk { key: *key });
         }
@@ -410,15 +510,61 @@ impl ChunkCache {
         if data.len() as u64 > chunk_size || data.len() as u64 > u64::from(u32::MAX) {
             return Err(CacheError::ChunkTooLong { key: *key, len: data.len() as u64, chunk_size });
         }
-        {
+        let existing = {
             let mut inner = self.lock();
-            // Present, or being written by another put: its bytes are (about to be) in place.
-            if inner.lru.contains(key) || !inner.writing.insert(*key) {
+            // Being written by another put: its bytes are about to be in place.
+            if !inner.writing.insert(*key) {
                 return Ok(());
             }
+            let verified = inner.verified.contains(&key.blob);
+            match inner.lru.peek(key) {
+                None => None,
+                Some(e) if trust::standing(verified, &e.vouchers, voucher) == Standing::Trusted => {
+                    inner.writing.remove(key);
+                    return Ok(());
+                }
+                Some(e) => Some((e.generation, e.size)),
+            }
+        };
+        let stored = self.put_claimed(key, data, voucher, chunk_size, existing);
+        self.lock().writing.remove(key);
+        let Some(feed) = stored? else { return Ok(()) };
+        self.feed_hash(key.blob, feed, data);
+        Ok(())
+    }
+
+    /// The part of [`Self::put`] done while this call alone writes `key`. `existing` is
+    /// the generation and size of a present chunk `voucher` does not stand behind.
+    /// Returns the whole-blob hash to continue with the chunk, if it is next in line.
+    fn put_claimed(
+        &self,
+        key: &ChunkKey,
+        data: &[u8],
+        voucher: &Voucher,
+        chunk_size: u64,
+        existing: Option<(u64, u64)>,
+    ) -> Result<Option<(u64, Hasher)>, CacheError> {
+        if let Some((generation, size)) = existing {
+            let mut present = vec![0u8; size as usize];
+            let same = size == data.len() as u64
+                && matches!(self.read_chunk(key, 0, &mut present, None)?, Some((n, g)) if n == data.len() && g == generation)
+                && present == data;
+            let mut inner = self.lock();
+            let current = inner.lru.peek(key).is_some_and(|e| e.generation == generation);
+            if same || !current || inner.verified.contains(&key.blob) {
+                // The same bytes: ours to vouch for too. Gone or changed meanwhile, or
+                // verified (so the present bytes are the blob's and ours are not): leave it.
+                if same && current {
+                    if let Some(e) = inner.lru.peek_mut(key) {
+                        e.vouchers.push(*voucher);
+                    }
+                }
+                return Ok(None);
+            }
+            self.drop_chunk(&mut inner, key);
         }
         let path = self.layout.data(&key.blob);
-        let written = OpenOptions::new()
+        let written = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -427,33 +573,236 @@ impl ChunkCache {
                 file.write_all_at(data, key.index * chunk_size)?;
                 file.metadata()
             })
-            .map_err(io_error("write chunk to", &path));
+            .map_err(io_error("write chunk to", &path))?;
 
         let mut inner = self.lock();
-        inner.writing.remove(key);
-        let written = written?;
         // The file may have been removed (evicted, or failed verification) while we
         // wrote: then our bytes went with it, and the chunk is not present.
         match fs::metadata(&path) {
             Ok(now) if now.ino() == written.ino() && now.dev() == written.dev() => {}
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("stat blob data", &path)(e)),
         }
         self.write_map_entry(&key.blob, key.index, data.len() as u32)?;
-        let entry = Entry { size: data.len() as u64, touched: SystemTime::now(), generation: inner.next_generation };
+        let entry = Entry {
+            size: data.len() as u64,
+            touched: SystemTime::now(),
+            generation: inner.next_generation,
+            vouchers: vec![*voucher],
+        };
         inner.next_generation += 1;
         inner.used_bytes += entry.size;
         inner.lru.put(*key, entry);
+        let feed = take_hash_slot(&mut inner, key);
         self.evict(&mut inner, Some(key));
-        Ok(())
+        Ok(feed)
+    }
+
+    /// Feeds chunk `feed.0` (`data`) to the blob's whole-blob hash, then every chunk
+    /// present after it, until one is missing; puts the hash back for the next arrival.
+    fn feed_hash(&self, blob: Digest, (mut next, mut hasher): (u64, Hasher), data: &[u8]) {
+        hasher.update(data);
+        next += 1;
+        let mut buf = Vec::new();
+        loop {
+            let key = ChunkKey { blob, index: next };
+            let Some(size) = self.lock().lru.peek(&key).map(|e| e.size as usize) else { break };
+            buf.resize(size, 0);
+            match self.read_chunk(&key, 0, &mut buf, None) {
+                Ok(Some((n, _))) if n == size => hasher.update(&buf),
+                _ => break,
+            }
+            next += 1;
+        }
+        let mut inner = self.lock();
+        if matches!(inner.hashing.get(&blob), Some(HashSlot::Busy { stale: false })) {
+            inner.hashing.insert(blob, HashSlot::Idle { next, hasher });
+        } else {
+            inner.hashing.remove(&blob);
+        }
+    }
+
+    /// Hashes the whole blob (`size` bytes), continuing the hash fed in arrival order and
+    /// reading back only the chunks it has not seen, and decides by the result (see
+    /// [`trust`]): on a match the blob is flushed and marked verified; on a mismatch it is
+    /// evicted, the verification failure counted, and every lazy index that vouched for
+    /// all of its chunks condemned. Call it once every chunk is present, with the blob
+    /// pinned; it runs on the caller's thread and reads from disk.
+    pub fn verify_blob(&self, blob: &Digest, size: u64) -> Result<Verdict, CacheError> {
+        let chunk_size = self.bound_chunk_size()?;
+        let count = size.div_ceil(chunk_size);
+        let (mut next, mut hasher) = loop {
+            let mut inner = self.lock();
+            if inner.verified.contains(blob) {
+                return Ok(Verdict::Verified);
+            }
+            match inner.hashing.remove(blob) {
+                Some(HashSlot::Idle { next, hasher }) => {
+                    inner.hashing.insert(*blob, HashSlot::Busy { stale: false });
+                    break (next, hasher);
+                }
+                None => {
+                    inner.hashing.insert(*blob, HashSlot::Busy { stale: false });
+                    break (0, Hasher::default());
+                }
+                Some(busy) => {
+                    // A put is feeding it; it will be done shortly.
+                    inner.hashing.insert(*blob, busy);
+                    drop(inner);
+                    std::thread::sleep(HASH_WAIT);
+                }
+            }
+        };
+        let release = |verdict: Verdict| {
+            self.lock().hashing.remove(blob);
+            Ok(verdict)
+        };
+        let mut buf = vec![0u8; chunk_size as usize];
+        while next < count {
+            let len = chunk_size.min(size - next * chunk_size) as usize;
+            match self.read_chunk(&ChunkKey { blob: *blob, index: next }, 0, &mut buf[..len], None) {
+                Ok(Some((n, _))) if n == len => hasher.update(&buf[..len]),
+                Ok(_) => return release(Verdict::Incomplete),
+                Err(e) => {
+                    self.lock().hashing.remove(blob);
+                    return Err(e);
+                }
+            }
+            next += 1;
+        }
+        let actual = hasher.finish();
+        if actual == *blob {
+            self.mark_verified(blob, count)
+        } else {
+            self.reject_blob(blob, count, actual)
+        }
+    }
+
+    /// Writes the verified marker of a blob whose whole hash matched, after flushing its
+    /// data and map, unless a chunk went meanwhile.
+    fn mark_verified(&self, blob: &Digest, count: u64) -> Result<Verdict, CacheError> {
+        for path in [self.layout.data(blob), self.layout.map(blob)] {
+            match sync_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.lock().hashing.remove(blob);
+                    return Ok(Verdict::Incomplete);
+                }
+                Err(e) => {
+                    self.lock().hashing.remove(blob);
+                    return Err(io_error("flush", &path)(e));
+                }
+            }
+        }
+        let marker = self.layout.marker(blob);
+        {
+            let mut inner = self.lock();
+            let slot = inner.hashing.remove(blob);
+            let whole = (0..count).all(|index| inner.lru.contains(&ChunkKey { blob: *blob, index }));
+            if !matches!(slot, Some(HashSlot::Busy { stale: false })) || !whole {
+                return Ok(Verdict::Incomplete);
+            }
+            private_file()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&marker)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, MARKER_CONTENT))
+                .map_err(io_error("create verified marker", &marker))?;
+            inner.verified.insert(*blob);
+        }
+        // Flushing after publishing the marker is safe: a crash can only lose it, which
+        // costs a re-verification, never a wrong answer.
+        let dir = self.layout.blobs();
+        sync_dir(&dir).map_err(io_error("flush directory", &dir))?;
+        Ok(Verdict::Verified)
+    }
+
+    /// Evicts a blob whose whole hash did not match and condemns the indexes that
+    /// vouched for every chunk of it.
+    fn reject_blob(&self, blob: &Digest, count: u64, actual: Digest) -> Result<Verdict, CacheError> {
+        let condemned = {
+            let mut inner = self.lock();
+            let slot = inner.hashing.remove(blob);
+            if !matches!(slot, Some(HashSlot::Busy { stale: false })) {
+                return Ok(Verdict::Incomplete);
+            }
+            let condemned = {
+                let keys: Vec<ChunkKey> = (0..count).map(|index| ChunkKey { blob: *blob, index }).collect();
+                let per_chunk: Vec<&[Voucher]> =
+                    keys.iter().filter_map(|k| inner.lru.peek(k).map(|e| e.vouchers.as_slice())).collect();
+                if per_chunk.len() as u64 == count {
+                    trust::liars(per_chunk.into_iter())
+                } else {
+                    Vec::new()
+                }
+            };
+            pop_blob(&mut inner, blob);
+            inner.verified.remove(blob);
+            inner.condemned.extend(condemned.iter().copied());
+            self.unlink_blob_files(blob)?;
+            condemned
+        };
+        self.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+        for index in &condemned {
+            self.put_meta(&condemned_key(index), b"")?;
+        }
+        let dir = self.layout.blobs();
+        sync_dir(&dir).map_err(io_error("flush directory", &dir))?;
+        Ok(Verdict::Mismatch { actual, condemned })
+    }
+
+    /// Adds `voucher` to the chunk's vouchers if it is still generation `generation`
+    /// (the bytes the caller checked). Returns whether it did.
+    pub fn vouch(&self, key: &ChunkKey, generation: u64, voucher: &Voucher) -> bool {
+        let mut inner = self.lock();
+        match inner.lru.peek_mut(key) {
+            Some(e) if e.generation == generation => {
+                if !e.vouchers.contains(voucher) {
+                    e.vouchers.push(*voucher);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops a chunk of an unverified blob whose bytes (generation `generation`) a reader
+    /// found wrong or cannot check, so that it can be fetched again. Chunks of verified
+    /// blobs, and chunks stored again meanwhile, are left alone.
+    pub fn discard(&self, key: &ChunkKey, generation: u64) {
+        let mut inner = self.lock();
+        if inner.verified.contains(&key.blob) || inner.lru.peek(key).is_none_or(|e| e.generation != generation) {
+            return;
+        }
+        self.drop_chunk(&mut inner, key);
+    }
+
+    /// Whether a lazy index (by the digest of its JSON) was caught vouching for bytes
+    /// that are not their blob. Cheap: asks memory only, see [`Self::load_condemned`].
+    pub fn is_condemned(&self, index: &Digest) -> bool {
+        self.lock().condemned.contains(index)
+    }
+
+    /// Whether an index was condemned, by this process or an earlier one (the record is
+    /// kept on disk); remembers the answer for [`Self::is_condemned`].
+    pub fn load_condemned(&self, index: &Digest) -> Result<bool, CacheError> {
+        if self.is_condemned(index) {
+            return Ok(true);
+        }
+        let recorded = self.get_meta(&condemned_key(index))?.is_some();
+        if recorded {
+            self.lock().condemned.insert(*index);
+        }
+        Ok(recorded)
     }
 
     /// Records chunk `index`'s length (0: absent) in the blob's presence map. Called with
     /// the bookkeeping lock held, so the map agrees with the index.
     fn write_map_entry(&self, blob: &Digest, index: u64, len: u32) -> Result<(), CacheError> {
         let path = self.layout.map(blob);
-        let map = OpenOptions::new()
+        let map = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -492,35 +841,6 @@ impl ChunkCache {
             }
         }
         Ok(())
-    }
-
-    /// Records that every chunk of the blob is present and the whole blob was hashed and
-    /// matched its digest (a marker file), after flushing the blob's data and map to
-    /// disk. Evicting any chunk of the blob removes the marker first. Call it while the
-    /// blob is pinned: a chunk evicted between the hashing and this call would go
-    /// unnoticed.
-    pub fn mark_verified(&self, blob: &Digest) -> Result<(), CacheError> {
-        for path in [self.layout.data(blob), self.layout.map(blob)] {
-            match sync_file(&path) {
-                Ok(()) => {}
-                // Removed meanwhile: nothing to vouch for.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(io_error("flush", &path)(e)),
-            }
-        }
-        let marker = self.layout.marker(blob);
-        {
-            let mut inner = self.lock();
-            if !inner.lru.iter().any(|(k, _)| k.blob == *blob) {
-                return Ok(());
-            }
-            File::create(&marker).map_err(io_error("create verified marker", &marker))?;
-            inner.verified.insert(*blob);
-        }
-        // Flushing after publishing the marker is safe: a crash can only lose it, which
-        // costs a re-verification, never a wrong answer.
-        let dir = self.layout.blobs();
-        sync_dir(&dir).map_err(io_error("flush directory", &dir))
     }
 
     /// Whether the blob's verified marker is present.
@@ -701,39 +1021,47 @@ impl ChunkCache {
         self.counters.evictions.fetch_add(evicted, Ordering::Relaxed);
     }
 
-    /// Evicts one chunk of an unverified blob: absent in the map first, then a hole
-    /// punched where its bytes were. A blob left with no chunk loses its files.
+    /// Evicts one chunk of an unverified blob (see [`Self::drop_chunk`]) and counts it.
     fn evict_chunk(&self, inner: &mut Inner, key: &ChunkKey) {
-        let Some(entry) = inner.lru.peek(key).copied() else { return };
+        if self.drop_chunk(inner, key) {
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes one chunk of an unverified blob: absent in the map first, then a hole
+    /// punched where its bytes were. A blob left with no chunk loses its files. Returns
+    /// whether the chunk was dropped.
+    fn drop_chunk(&self, inner: &mut Inner, key: &ChunkKey) -> bool {
+        let Some(size) = inner.lru.peek(key).map(|e| e.size) else { return false };
         if let Err(e) = self.write_map_entry(&key.blob, key.index, 0) {
-            tracing::warn!(error = %e, "cannot evict chunk");
-            return;
+            tracing::warn!(error = %e, "cannot drop chunk");
+            return false;
         }
         inner.lru.pop(key);
-        inner.used_bytes -= entry.size;
-        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        inner.used_bytes -= size;
+        forget_hash(inner, &key.blob, Some(key.index));
         if !inner.lru.iter().any(|(k, _)| k.blob == key.blob) {
             if let Err(e) = self.unlink_blob_files(&key.blob) {
                 tracing::warn!(error = %e, "cannot remove an emptied blob");
             }
-            return;
+            return true;
         }
         let chunk_size = self.chunk_size.load(Ordering::Relaxed);
         let path = self.layout.data(&key.blob);
-        let punched = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|file| punch_hole(&file, key.index * chunk_size, entry.size));
+        let punched =
+            OpenOptions::new().write(true).open(&path).and_then(|file| punch_hole(&file, key.index * chunk_size, size));
         if let Err(e) = punched {
             // The chunk is absent either way; only its disk space is not given back yet.
-            tracing::warn!(path = %path.display(), error = %e, "cannot free an evicted chunk's space");
+            tracing::warn!(path = %path.display(), error = %e, "cannot free a dropped chunk's space");
         }
+        true
     }
 }
 
 /// Drops every chunk of `blob` from the index and its size from the total; returns how
 /// many there were.
 fn pop_blob(inner: &mut Inner, blob: &Digest) -> u64 {
+    forget_hash(inner, blob, None);
     let keys: Vec<ChunkKey> = inner.lru.iter().map(|(k, _)| *k).filter(|k| k.blob == *blob).collect();
     for key in &keys {
         if let Some(entry) = inner.lru.pop(key) {
@@ -741,6 +1069,37 @@ fn pop_blob(inner: &mut Inner, blob: &Digest) -> u64 {
         }
     }
     keys.len() as u64
+}
+
+/// Tells the blob's whole-blob hash that chunk `index` (every chunk, with `None`) was
+/// removed: a hash that covered it no longer describes the blob.
+fn forget_hash(inner: &mut Inner, blob: &Digest, index: Option<u64>) {
+    if let Some(slot) = inner.hashing.get_mut(blob) {
+        if !slot.keep_after_removal(index) {
+            inner.hashing.remove(blob);
+        }
+    }
+}
+
+/// Takes the blob's whole-blob hash for a thread to feed chunk `key` to, if that chunk
+/// is the next the hash needs (a new hash starts at chunk 0); marks it busy meanwhile.
+fn take_hash_slot(inner: &mut Inner, key: &ChunkKey) -> Option<(u64, Hasher)> {
+    let taken = match inner.hashing.remove(&key.blob) {
+        Some(HashSlot::Idle { next, hasher }) if next == key.index => (next, hasher),
+        None if key.index == 0 => (0, Hasher::default()),
+        Some(other) => {
+            inner.hashing.insert(key.blob, other);
+            return None;
+        }
+        None => return None,
+    };
+    inner.hashing.insert(key.blob, HashSlot::Busy { stale: false });
+    Some(taken)
+}
+
+/// The metadata record that remembers a condemned lazy index.
+fn condemned_key(index: &Digest) -> String {
+    format!("condemned-index:{index}")
 }
 
 /// Deallocates `len` bytes at `offset` of `file`, which then read as zeros.

@@ -7,6 +7,7 @@ use std::io;
 use std::path::Path;
 
 use super::layout::{Layout, MAP_SUFFIX, VERIFIED_SUFFIX};
+use super::trust::MARKER_CONTENT;
 use super::{io_error, CacheError, ChunkKey, Entry};
 use crate::modelpack::Digest;
 
@@ -88,7 +89,12 @@ pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, 
     }
 
     let mut recovered = Recovered::default();
-    for (blob, found) in blobs {
+    for (blob, mut found) in blobs {
+        if found.marker && !marker_vouches(layout, &blob)? {
+            tracing::info!(%blob, "ignoring a verified marker that does not say the whole blob was hashed");
+            remove_if_present(&layout.marker(&blob))?;
+            found.marker = false;
+        }
         let keep = found.data && found.map && (found.marker || !drop_unverified);
         let chunks = if keep { read_map(layout, &blob)? } else { Vec::new() };
         if chunks.is_empty() {
@@ -104,12 +110,22 @@ pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, 
         if found.marker {
             recovered.verified.insert(blob);
         }
-        recovered.chunks.extend(
-            chunks.into_iter().map(|(index, size)| (ChunkKey { blob, index }, Entry { size, touched, generation: 0 })),
-        );
+        recovered.chunks.extend(chunks.into_iter().map(|(index, size)| {
+            (ChunkKey { blob, index }, Entry { size, touched, generation: 0, vouchers: Vec::new() })
+        }));
     }
     recovered.chunks.sort_by_key(|(_, entry)| entry.touched);
     Ok(recovered)
+}
+
+/// Whether a blob's marker says what markers written after a whole-blob hash say.
+fn marker_vouches(layout: &Layout, blob: &Digest) -> Result<bool, CacheError> {
+    let path = layout.marker(blob);
+    match fs::read(&path) {
+        Ok(content) => Ok(content == MARKER_CONTENT),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_error("read verified marker", &path)(e)),
+    }
 }
 
 /// The present chunks recorded in a blob's presence map: (index, length).

@@ -24,6 +24,16 @@ fn bytes_for(key: &ChunkKey, len: usize) -> Vec<u8> {
 /// The chunk size the test caches are bound to.
 const CHUNK: u64 = 4096;
 
+/// The voucher the tests store chunks as.
+const V: Voucher = Voucher::Reader(0);
+
+/// Marks a blob verified as a matching whole-blob hash would, for tests whose blobs are
+/// named rather than hashed.
+fn mark_verified(cache: &ChunkCache, blob: &Digest) {
+    fs::write(cache.layout.marker(blob), MARKER_CONTENT).unwrap();
+    cache.lock().verified.insert(*blob);
+}
+
 fn open(dir: &TempDir, budget: Option<u64>) -> ChunkCache {
     let cache = ChunkCache::open(dir.path(), budget).unwrap();
     cache.bind_chunk_size(CHUNK).unwrap();
@@ -41,13 +51,13 @@ fn put_then_get_round_trips_and_counts() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
     let k = key("a", 3);
-    assert_eq!(cache.get(&k).unwrap(), None);
+    assert_eq!(cache.get(&k, None).unwrap(), None);
     assert!(!cache.contains(&k));
 
     let data = bytes_for(&k, 1000);
-    cache.put(&k, &data).unwrap();
+    cache.put(&k, &data, &V).unwrap();
     assert!(cache.contains(&k));
-    assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&data[..]));
+    assert_eq!(cache.get(&k, None).unwrap().as_deref(), Some(&data[..]));
     // One sparse file per blob, the chunk at its place in it.
     let data_file = dir.path().join("blobs/sha256").join(k.blob.hex());
     assert_eq!(fs::metadata(&data_file).unwrap().len(), 3 * CHUNK + 1000);
@@ -63,9 +73,9 @@ fn putting_a_present_chunk_again_keeps_it_without_double_counting() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
     let k = key("a", 0);
-    cache.put(&k, b"first version").unwrap();
-    cache.put(&k, b"second").unwrap();
-    assert_eq!(cache.get(&k).unwrap().as_deref(), Some(&b"first version"[..]));
+    cache.put(&k, b"first version", &V).unwrap();
+    cache.put(&k, b"second", &V).unwrap();
+    assert_eq!(cache.get(&k, None).unwrap().as_deref(), Some(&b"first version"[..]));
     assert_eq!(cache.stats().used_bytes, 13);
     assert_eq!(cache.stats().chunks, 1);
 }
@@ -74,19 +84,19 @@ fn putting_a_present_chunk_again_keeps_it_without_double_counting() {
 fn chunks_must_fit_the_bound_chunk_size() {
     let dir = TempDir::new().unwrap();
     let cache = ChunkCache::open(dir.path(), None).unwrap();
-    let err = cache.put(&key("a", 0), b"x").unwrap_err();
+    let err = cache.put(&key("a", 0), b"x", &V).unwrap_err();
     assert!(matches!(err, CacheError::Unbound { .. }), "{err}");
     cache.bind_chunk_size(CHUNK).unwrap();
-    let err = cache.put(&key("a", 0), &vec![1; CHUNK as usize + 1]).unwrap_err();
+    let err = cache.put(&key("a", 0), &vec![1; CHUNK as usize + 1], &V).unwrap_err();
     assert!(matches!(err, CacheError::ChunkTooLong { .. }), "{err}");
-    cache.put(&key("a", 0), &vec![1; CHUNK as usize]).unwrap();
+    cache.put(&key("a", 0), &vec![1; CHUNK as usize], &V).unwrap();
 }
 
 #[test]
 fn empty_chunks_are_refused() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
-    let err = cache.put(&key("a", 0), b"").unwrap_err();
+    let err = cache.put(&key("a", 0), b"", &V).unwrap_err();
     assert!(matches!(err, CacheError::EmptyChunk { .. }));
     assert!(err.to_string().starts_with("refusing to store empty chunk 0 of blob sha256:"));
 }
@@ -97,18 +107,18 @@ fn read_into_reads_at_offsets() {
     let cache = open(&dir, None);
     let k = key("a", 0);
     let data = bytes_for(&k, 4096);
-    cache.put(&k, &data).unwrap();
+    cache.put(&k, &data, &V).unwrap();
 
     let mut buf = [0u8; 100];
-    assert_eq!(cache.read_into(&k, 0, &mut buf).unwrap(), Some(100));
+    assert_eq!(cache.read_into(&k, 0, &mut buf, None).unwrap(), Some(100));
     assert_eq!(&buf[..], &data[..100]);
-    assert_eq!(cache.read_into(&k, 1000, &mut buf).unwrap(), Some(100));
+    assert_eq!(cache.read_into(&k, 1000, &mut buf, None).unwrap(), Some(100));
     assert_eq!(&buf[..], &data[1000..1100]);
-    assert_eq!(cache.read_into(&k, 4050, &mut buf).unwrap(), Some(46));
+    assert_eq!(cache.read_into(&k, 4050, &mut buf, None).unwrap(), Some(46));
     assert_eq!(&buf[..46], &data[4050..]);
-    assert_eq!(cache.read_into(&k, 4096, &mut buf).unwrap(), Some(0));
-    assert_eq!(cache.read_into(&k, u64::MAX, &mut buf).unwrap(), Some(0));
-    assert_eq!(cache.read_into(&key("a", 1), 0, &mut buf).unwrap(), None);
+    assert_eq!(cache.read_into(&k, 4096, &mut buf, None).unwrap(), Some(0));
+    assert_eq!(cache.read_into(&k, u64::MAX, &mut buf, None).unwrap(), Some(0));
+    assert_eq!(cache.read_into(&key("a", 1), 0, &mut buf, None).unwrap(), None);
 
     let stats = cache.stats();
     assert_eq!((stats.hits, stats.misses), (5, 1));
@@ -121,15 +131,15 @@ fn chunks_survive_reopen() {
     {
         let cache = open(&dir, None);
         for (i, k) in keys.iter().enumerate() {
-            cache.put(k, &bytes_for(k, 100 + i)).unwrap();
+            cache.put(k, &bytes_for(k, 100 + i), &V).unwrap();
         }
-        cache.mark_verified(&blob("b")).unwrap();
+        mark_verified(&cache, &blob("b"));
     }
     let cache = open(&dir, None);
     let stats = cache.stats();
     assert_eq!((stats.used_bytes, stats.chunks), (100 + 101 + 102, 3));
     for (i, k) in keys.iter().enumerate() {
-        assert_eq!(cache.get(k).unwrap(), Some(bytes_for(k, 100 + i)));
+        assert_eq!(cache.get(k, None).unwrap(), Some(bytes_for(k, 100 + i)));
     }
     assert!(cache.is_verified(&blob("b")));
     assert!(!cache.is_verified(&blob("a")));
@@ -141,18 +151,18 @@ fn after_a_reboot_only_verified_blobs_keep_their_unflushed_chunks() {
     {
         let cache = open(&dir, None);
         for k in [key("a", 0), key("a", 1), key("b", 0)] {
-            cache.put(&k, &bytes_for(&k, 100)).unwrap();
+            cache.put(&k, &bytes_for(&k, 100), &V).unwrap();
         }
-        cache.mark_verified(&blob("b")).unwrap();
+        mark_verified(&cache, &blob("b"));
     }
     // Same boot: everything written is still in the page cache, so all of it counts.
     assert_eq!(open(&dir, None).stats().chunks, 3);
     // Another boot: chunks of the unverified blob may be torn and are dropped.
     std::fs::write(dir.path().join("boot-id"), "an-earlier-boot").unwrap();
     let cache = open(&dir, None);
-    assert_eq!(cache.get(&key("a", 0)).unwrap(), None);
-    assert_eq!(cache.get(&key("a", 1)).unwrap(), None);
-    assert_eq!(cache.get(&key("b", 0)).unwrap(), Some(bytes_for(&key("b", 0), 100)));
+    assert_eq!(cache.get(&key("a", 0), None).unwrap(), None);
+    assert_eq!(cache.get(&key("a", 1), None).unwrap(), None);
+    assert_eq!(cache.get(&key("b", 0), None).unwrap(), Some(bytes_for(&key("b", 0), 100)));
     assert!(cache.is_verified(&blob("b")));
     drop(cache);
     assert_eq!(open(&dir, None).stats().chunks, 1, "the new boot is recorded");
@@ -195,7 +205,7 @@ fn leftover_temporary_files_are_removed_at_open_and_never_served() {
     assert!(!leftover.exists());
     assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     assert!(!cache.contains(&k));
-    assert_eq!(cache.get(&k).unwrap(), None);
+    assert_eq!(cache.get(&k, None).unwrap(), None);
     assert_eq!(cache.stats().chunks, 0);
     assert!(!data_file.exists());
     assert!(!dir.path().join("chunks").exists());
@@ -207,10 +217,10 @@ fn eviction_is_least_recently_used() {
     let cache = open(&dir, Some(300));
     let [a, b, c, d] = [key("x", 0), key("x", 1), key("y", 0), key("y", 1)];
     for k in [a, b, c] {
-        cache.put(&k, &bytes_for(&k, 100)).unwrap();
+        cache.put(&k, &bytes_for(&k, 100), &V).unwrap();
     }
-    cache.get(&a).unwrap().unwrap();
-    cache.put(&d, &bytes_for(&d, 100)).unwrap();
+    cache.get(&a, None).unwrap().unwrap();
+    cache.put(&d, &bytes_for(&d, 100), &V).unwrap();
 
     assert!(!cache.contains(&b), "b was least recently used");
     for k in [a, c, d] {
@@ -230,10 +240,10 @@ fn read_into_also_marks_a_chunk_used() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, Some(200));
     let [a, b, c] = [key("x", 0), key("x", 1), key("x", 2)];
-    cache.put(&a, &[1; 100]).unwrap();
-    cache.put(&b, &[2; 100]).unwrap();
-    cache.read_into(&a, 10, &mut [0; 10]).unwrap().unwrap();
-    cache.put(&c, &[3; 100]).unwrap();
+    cache.put(&a, &[1; 100], &V).unwrap();
+    cache.put(&b, &[2; 100], &V).unwrap();
+    cache.read_into(&a, 10, &mut [0; 10], None).unwrap().unwrap();
+    cache.put(&c, &[3; 100], &V).unwrap();
     assert!(cache.contains(&a));
     assert!(!cache.contains(&b));
 }
@@ -246,8 +256,8 @@ fn lru_order_is_rebuilt_from_mtimes() {
     {
         let cache = open(&dir, None);
         // Written in the opposite order of their recorded use.
-        cache.put(&new, &[1; 100]).unwrap();
-        cache.put(&old, &[2; 100]).unwrap();
+        cache.put(&new, &[1; 100], &V).unwrap();
+        cache.put(&old, &[2; 100], &V).unwrap();
     }
     let data_file = |k: &ChunkKey| dir.path().join("blobs/sha256").join(k.blob.hex());
     let now = SystemTime::now();
@@ -257,7 +267,7 @@ fn lru_order_is_rebuilt_from_mtimes() {
     set_mtime(&new, now - Duration::from_secs(60));
 
     let cache = open(&dir, Some(200));
-    cache.put(&next, &[3; 100]).unwrap();
+    cache.put(&next, &[3; 100], &V).unwrap();
     assert!(!cache.contains(&old));
     assert!(cache.contains(&new));
 }
@@ -268,14 +278,14 @@ fn reads_refresh_a_stale_mtime() {
     let k = key("x", 0);
     {
         let cache = open(&dir, None);
-        cache.put(&k, &[1; 10]).unwrap();
+        cache.put(&k, &[1; 10], &V).unwrap();
     }
     let path = dir.path().join("blobs/sha256").join(k.blob.hex());
     let long_ago = SystemTime::now() - Duration::from_secs(86400);
     fs::File::options().write(true).open(&path).unwrap().set_modified(long_ago).unwrap();
 
     let cache = open(&dir, None);
-    cache.get(&k).unwrap().unwrap();
+    cache.get(&k, None).unwrap().unwrap();
     let mtime = fs::metadata(&path).unwrap().modified().unwrap();
     assert!(mtime > long_ago + MTIME_REFRESH_INTERVAL);
 }
@@ -286,7 +296,7 @@ fn existing_chunks_over_a_smaller_budget_are_evicted_at_open() {
     {
         let cache = open(&dir, None);
         for i in 0..5 {
-            cache.put(&key("x", i), &[1; 100]).unwrap();
+            cache.put(&key("x", i), &[1; 100], &V).unwrap();
         }
     }
     let cache = open(&dir, Some(250));
@@ -303,14 +313,14 @@ fn pinned_blobs_and_the_chunk_just_written_are_not_evicted() {
 
     cache.pin_blob(&pinned.blob);
     cache.pin_blob(&pinned.blob);
-    cache.put(&pinned, &[1; 100]).unwrap();
-    cache.put(&other, &[2; 100]).unwrap();
+    cache.put(&pinned, &[1; 100], &V).unwrap();
+    cache.put(&other, &[2; 100], &V).unwrap();
     assert!(cache.contains(&pinned) && cache.contains(&other));
     assert_eq!(cache.stats().used_bytes, 200);
 
     // A chunk larger than the whole budget is still kept once written.
     let big = key("big", 0);
-    cache.put(&big, &[3; 500]).unwrap();
+    cache.put(&big, &[3; 500], &V).unwrap();
     assert!(cache.contains(&big) && cache.contains(&pinned));
     assert!(!cache.contains(&other));
 
@@ -332,10 +342,10 @@ fn remove_blob_drops_all_its_chunks_and_marker() {
     let cache = open(&dir, None);
     let bad = blob("bad");
     for i in 0..3 {
-        cache.put(&ChunkKey { blob: bad, index: i }, &[1; 10]).unwrap();
+        cache.put(&ChunkKey { blob: bad, index: i }, &[1; 10], &V).unwrap();
     }
-    cache.put(&key("good", 0), &[2; 10]).unwrap();
-    cache.mark_verified(&bad).unwrap();
+    cache.put(&key("good", 0), &[2; 10], &V).unwrap();
+    mark_verified(&cache, &bad);
     cache.pin_blob(&bad);
 
     cache.remove_blob(&bad).unwrap();
@@ -350,7 +360,7 @@ fn remove_blob_drops_all_its_chunks_and_marker() {
 
     // Removing an absent blob is fine, and the blob can be stored again.
     cache.remove_blob(&bad).unwrap();
-    cache.put(&ChunkKey { blob: bad, index: 0 }, &[3; 10]).unwrap();
+    cache.put(&ChunkKey { blob: bad, index: 0 }, &[3; 10], &V).unwrap();
     drop(cache);
     let cache = open(&dir, None);
     assert_eq!(cache.stats().chunks, 2);
@@ -365,15 +375,15 @@ fn evicting_a_chunk_of_a_verified_blob_evicts_the_blob_whole() {
     {
         let cache = open(&dir, Some(300));
         for i in 0..3 {
-            cache.put(&ChunkKey { blob: b, index: i }, &[1; 100]).unwrap();
+            cache.put(&ChunkKey { blob: b, index: i }, &[1; 100], &V).unwrap();
         }
-        cache.mark_verified(&b).unwrap();
+        mark_verified(&cache, &b);
         assert!(cache.is_verified(&b));
         assert!(marker.is_file());
         // A passthrough reader holds the file open: its bytes must stay intact.
         let reader = fs::File::open(cache.complete_path(&b).unwrap()).unwrap();
 
-        cache.put(&key("other", 0), &[2; 100]).unwrap();
+        cache.put(&key("other", 0), &[2; 100], &V).unwrap();
         for i in 0..3 {
             assert!(!cache.contains(&ChunkKey { blob: b, index: i }));
         }
@@ -395,14 +405,14 @@ fn a_chunk_deleted_behind_the_cache_back_reads_as_absent() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
     let [gone, also] = [key("x", 0), key("x", 1)];
-    cache.put(&gone, &[1; 10]).unwrap();
-    cache.put(&also, &[2; 10]).unwrap();
-    cache.mark_verified(&gone.blob).unwrap();
+    cache.put(&gone, &[1; 10], &V).unwrap();
+    cache.put(&also, &[2; 10], &V).unwrap();
+    mark_verified(&cache, &gone.blob);
     let blobs = dir.path().join("blobs/sha256");
     fs::remove_file(blobs.join(gone.blob.hex())).unwrap();
 
-    assert_eq!(cache.get(&gone).unwrap(), None);
-    assert_eq!(cache.read_into(&also, 0, &mut [0; 4]).unwrap(), None);
+    assert_eq!(cache.get(&gone, None).unwrap(), None);
+    assert_eq!(cache.read_into(&also, 0, &mut [0; 4], None).unwrap(), None);
     let stats = cache.stats();
     assert_eq!((stats.used_bytes, stats.chunks, stats.misses, stats.hits), (0, 0, 2, 0));
     assert!(!cache.is_verified(&gone.blob));
@@ -415,12 +425,12 @@ fn a_blob_file_cut_short_behind_the_cache_back_reads_as_absent() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);
     let [first, second] = [key("x", 0), key("x", 1)];
-    cache.put(&first, &[1; 10]).unwrap();
-    cache.put(&second, &[2; 10]).unwrap();
+    cache.put(&first, &[1; 10], &V).unwrap();
+    cache.put(&second, &[2; 10], &V).unwrap();
     let data_file = dir.path().join("blobs/sha256").join(first.blob.hex());
     fs::File::options().write(true).open(&data_file).unwrap().set_len(CHUNK + 5).unwrap();
 
-    assert_eq!(cache.get(&second).unwrap(), None);
+    assert_eq!(cache.get(&second, None).unwrap(), None);
     assert!(!cache.contains(&second), "a short chunk is not left present, so it is fetched again");
     assert!(!cache.contains(&first), "nor is the rest of a blob that cannot be trusted");
     assert_eq!(cache.stats().used_bytes, 0);
@@ -488,13 +498,13 @@ fn concurrent_puts_and_gets_agree() {
                     let k = key(["p", "q", "r", "s"][(round % 4) as usize], (round * 7 + t) % 20);
                     let len = 1000 + k.index as usize;
                     if round % 3 == 0 {
-                        cache.put(&k, &bytes_for(&k, len)).unwrap();
+                        cache.put(&k, &bytes_for(&k, len), &V).unwrap();
                     }
-                    if let Some(data) = cache.get(&k).unwrap() {
+                    if let Some(data) = cache.get(&k, None).unwrap() {
                         assert_eq!(data, bytes_for(&k, len));
                     }
                     let mut buf = [0u8; 64];
-                    if let Some(n) = cache.read_into(&k, 500, &mut buf).unwrap() {
+                    if let Some(n) = cache.read_into(&k, 500, &mut buf, None).unwrap() {
                         assert_eq!(&buf[..n], &bytes_for(&k, len)[500..500 + n]);
                     }
                     if round % 50 == 0 {
@@ -549,4 +559,106 @@ fn chunk_size_is_bound_across_reopens() {
     cache.bind_chunk_size(4096).unwrap();
     let err = cache.bind_chunk_size(8192).unwrap_err();
     assert!(matches!(err, CacheError::ChunkSizeMismatch { cached: 4096, requested: 8192, .. }), "{err}");
+}
+
+#[test]
+fn a_marker_that_does_not_say_the_whole_blob_was_hashed_is_ignored_at_open() {
+    let dir = TempDir::new().unwrap();
+    let k = key("a", 0);
+    {
+        let cache = open(&dir, None);
+        cache.put(&k, &bytes_for(&k, 100), &V).unwrap();
+        // Earlier versions wrote empty markers, some for blobs never hashed whole.
+        fs::write(cache.layout.marker(&k.blob), b"").unwrap();
+    }
+    let cache = open(&dir, None);
+    assert!(!cache.is_verified(&k.blob));
+    assert!(!cache.layout.marker(&k.blob).exists());
+    assert_eq!(cache.standing(&k, &V), Standing::Unvouched, "chunks of an earlier process carry no voucher");
+}
+
+#[test]
+fn a_chunk_is_trusted_only_by_who_vouched_for_its_bytes() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let (a, b) = (Voucher::Index(blob("index a")), Voucher::Index(blob("index b")));
+    let k = key("x", 0);
+    cache.put(&k, b"bytes a", &a).unwrap();
+    assert_eq!(cache.standing(&k, &a), Standing::Trusted);
+    assert_eq!(cache.standing(&k, &b), Standing::Unvouched);
+    assert_eq!(cache.get(&k, Some(&b)).unwrap(), None);
+    let mut buf = [0u8; 7];
+    assert_eq!(cache.read_into(&k, 0, &mut buf, Some(&b)).unwrap(), None);
+
+    // The same bytes from b: b vouches too. Other bytes from b: they replace a's.
+    cache.put(&k, b"bytes a", &b).unwrap();
+    assert_eq!(cache.standing(&k, &b), Standing::Trusted);
+    let c = Voucher::Reader(7);
+    cache.put(&k, b"bytes c", &c).unwrap();
+    assert_eq!(cache.get(&k, Some(&c)).unwrap().as_deref(), Some(&b"bytes c"[..]));
+    assert_eq!(cache.standing(&k, &a), Standing::Unvouched);
+
+    // A checker vouches for the generation it checked, not for bytes stored since.
+    let (_, generation) = cache.get_unvouched(&k).unwrap().unwrap();
+    cache.discard(&k, generation);
+    cache.put(&k, b"bytes d", &c).unwrap();
+    assert!(!cache.vouch(&k, generation, &a));
+    assert_eq!(cache.standing(&k, &a), Standing::Unvouched);
+}
+
+#[test]
+fn whole_blob_verification_decides_and_names_the_index_that_vouched_for_all_of_it() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let index = Voucher::Index(blob("index"));
+    let data: Vec<u8> = (0..3 * CHUNK + 10).map(|i| (i % 241) as u8).collect();
+    let good = Digest::of(&data);
+    // Out of order: the hash is fed as far as the chunks are contiguous.
+    for i in [1u64, 0, 3, 2] {
+        let start = (i * CHUNK) as usize;
+        let end = (start + CHUNK as usize).min(data.len());
+        cache.put(&ChunkKey { blob: good, index: i }, &data[start..end], &index).unwrap();
+    }
+    assert_eq!(cache.verify_blob(&good, data.len() as u64).unwrap(), Verdict::Verified);
+    assert!(cache.is_verified(&good));
+    assert_eq!(fs::read(cache.layout.marker(&good)).unwrap(), MARKER_CONTENT);
+
+    // Bytes that are not the blob named by `lie`, all vouched for by one index.
+    let lie = blob("claimed");
+    for i in 0..4u64 {
+        let start = (i * CHUNK) as usize;
+        let end = (start + CHUNK as usize).min(data.len());
+        cache.put(&ChunkKey { blob: lie, index: i }, &data[start..end], &index).unwrap();
+    }
+    let verdict = cache.verify_blob(&lie, data.len() as u64).unwrap();
+    assert_eq!(verdict, Verdict::Mismatch { actual: good, condemned: vec![blob("index")] });
+    assert!(!cache.contains(&ChunkKey { blob: lie, index: 0 }), "evicted");
+    assert!(cache.is_condemned(&blob("index")));
+    assert_eq!(cache.stats().verify_failures, 1);
+}
+
+#[test]
+fn the_cache_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = TempDir::new().unwrap();
+    let root = parent.path().join("cache");
+    fs::create_dir(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = ChunkCache::open(&root, None).unwrap();
+    cache.bind_chunk_size(CHUNK).unwrap();
+    let data: Vec<u8> = (0..100u8).collect();
+    let k = ChunkKey { blob: Digest::of(&data), index: 0 };
+    cache.put(&k, &data, &V).unwrap();
+    assert_eq!(cache.verify_blob(&k.blob, 100).unwrap(), Verdict::Verified);
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&root), 0o700, "an existing root is tightened");
+    for dir in cache.layout.dirs() {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for file in [cache.layout.data(&k.blob), cache.layout.map(&k.blob), cache.layout.marker(&k.blob)] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    for entry in fs::read_dir(cache.layout.meta_dir()).unwrap() {
+        assert_eq!(mode(&entry.unwrap().path()), 0o600);
+    }
 }

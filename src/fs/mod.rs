@@ -243,6 +243,9 @@ impl Filesystem for ModelFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
+        if let Err(e) = self.model.store.check_serving() {
+            return reply.error(errno_of(&e));
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut modes = self.modes.lock().expect("modes lock");
         let mode = modes.entry(ino.0).or_default();

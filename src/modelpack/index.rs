@@ -133,6 +133,9 @@ pub struct ChunkDigests {
 /// A parsed, checked index.
 #[derive(Debug, Clone)]
 pub struct VerifiedIndex {
+    /// The sha256 of the JSON it was parsed from: the index's identity, under which its
+    /// readers vouch for the chunks its digests checked.
+    pub digest: Digest,
     /// The raw form.
     pub index: LazyIndex,
     /// The source manifest digest.
@@ -212,7 +215,7 @@ impl LazyIndex {
                 .collect::<Result<Vec<_>, _>>()?;
             chunks.push(ChunkDigests { chunk_size: index.chunk_size, digests });
         }
-        Ok(VerifiedIndex { index, manifest_digest, artifact, chunks })
+        Ok(VerifiedIndex { digest: Digest::of(bytes), index, manifest_digest, artifact, chunks })
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod liar;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,325 @@
+//! The cache's trust model, played by an attacker on a shared node. The attacker
+//! publishes a forged companion: the honest model's manifest and config (they hash
+//! correctly), but a lazy index whose chunk digests describe other bytes of the same
+//! length, with its source on a registry that answers the honest weight blob's digest
+//! with those bytes. Whatever order the forged and the honest models are mounted in,
+//! through `mount` (one cache directory) or through `serve` (one daemon), the honest
+//! model reads honest bytes, and once the forged index is caught (its whole blob does
+//! not hash to its digest) its own reads fail with EIO.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::liar::LyingRegistry;
+use common::*;
+use modelpack_snapshotter::companion::index_from_tar;
+use modelpack_snapshotter::config::RegistrySettings;
+use modelpack_snapshotter::modelpack::index::LazyIndex;
+use modelpack_snapshotter::modelpack::Digest;
+use modelpack_snapshotter::registry::{parse_reference, Registry};
+use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
+use serde_json::json;
+
+/// The shard the attacker forges: several 4 MiB chunks, so no single chunk is the blob.
+const WEIGHT: &str = "model-00001-of-00002.safetensors";
+const SHARD: usize = 9 << 20;
+
+/// An honest model with its companion, and the attacker's forged companion.
+struct Scene {
+    _registry: TestRegistry,
+    _liar: LyingRegistry,
+    /// The honest model's files.
+    src: PathBuf,
+    /// The honest artifact.
+    source: String,
+    honest_companion: String,
+    forged_companion: String,
+    forged_weight: Vec<u8>,
+    /// The digest of the forged index JSON: the name it is condemned under.
+    forged_index: Digest,
+}
+
+impl Scene {
+    async fn build(tmp: &Path) -> Self {
+        let registry = TestRegistry::start();
+        let src = tmp.join("src");
+        write_model_dir(&src, SHARD);
+        let source = format!("{}/models/honest:v1", registry.addr());
+        push_dir(&src, &source, "raw");
+        let (ok, _, stderr) = run_bin(&["convert", &source]);
+        assert!(ok, "{stderr}");
+        let honest_companion = format!("{source}-lazy");
+
+        let honest_weight = std::fs::read(src.join(WEIGHT)).unwrap();
+        let forged_weight: Vec<u8> = honest_weight.iter().map(|b| b ^ 0x5a).collect();
+        let weight_digest = Digest::of(&honest_weight).to_string();
+        // The liar answers every other blob of the model honestly, so that the forged
+        // model works until its index is caught.
+        let mut blobs: HashMap<String, Vec<u8>> =
+            read_tree(&src).into_values().map(|data| (Digest::of(&data).to_string(), data)).collect();
+        blobs.insert(weight_digest.clone(), forged_weight.clone());
+        let liar = LyingRegistry::start(blobs);
+
+        // The honest index, with the forged bytes' chunk digests and the liar as source.
+        let mut index = honest_index(&honest_companion).await;
+        let manifest_digest = index.source.manifest_digest.clone();
+        index.source.reference = format!("{}/evil/model@{manifest_digest}", liar.addr());
+        let blob = index.blobs.iter_mut().find(|b| b.digest == weight_digest).expect("weight blob in the index");
+        blob.chunks = forged_weight.chunks(index.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+        let forged_companion = format!("{}/evil/companion:v1", registry.addr());
+        publish_companion(&forged_companion, &index).await;
+        let forged_index = Digest::of(&index.to_json());
+        Self {
+            _registry: registry,
+            _liar: liar,
+            src,
+            source,
+            honest_companion,
+            forged_companion,
+            forged_weight,
+            forged_index,
+        }
+    }
+
+    fn honest_weight(&self) -> Vec<u8> {
+        std::fs::read(self.src.join(WEIGHT)).unwrap()
+    }
+}
+
+/// The lazy index of a companion (its first platform).
+async fn honest_index(companion: &str) -> LazyIndex {
+    let reference = parse_reference(companion).unwrap();
+    let registry = Registry::new(reference.clone(), RegistrySettings::default());
+    let (top, _) = registry.fetch_manifest().await.unwrap();
+    let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
+    let first = top["manifests"][0]["digest"].as_str().unwrap().to_owned();
+    let (manifest, _) = registry.with_reference(reference.clone_with_digest(first)).fetch_manifest().await.unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layer: Digest = manifest["layers"][0]["digest"].as_str().unwrap().parse().unwrap();
+    let size = manifest["layers"][0]["size"].as_u64().unwrap();
+    let tar = registry.fetch_small_blob(&layer, size).await.unwrap();
+    serde_json::from_slice(&index_from_tar(&tar).unwrap()).unwrap()
+}
+
+/// Publishes a companion image (one manifest, one index layer) for `index` at `target`.
+async fn publish_companion(target: &str, index: &LazyIndex) {
+    let json = index.to_json();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_size(json.len() as u64);
+    header.set_mode(0o444);
+    tar.append_data(&mut header, ".modelpack/index.json", &json[..]).unwrap();
+    let layer = Bytes::from(tar.into_inner().unwrap());
+    let layer_digest = Digest::of(&layer);
+    let reference = parse_reference(target).unwrap();
+    let registry = Registry::new(reference.clone(), RegistrySettings::default());
+    registry.push_bytes(layer.clone(), &layer_digest).await.unwrap();
+    let config = Bytes::from(
+        serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": [layer_digest.to_string()] },
+        }))
+        .unwrap(),
+    );
+    let config_digest = Digest::of(&config);
+    registry.push_bytes(config.clone(), &config_digest).await.unwrap();
+    let location = format!("{}/{}@{layer_digest}", reference.registry(), reference.repository());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": config.len() },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest.to_string(),
+            "size": layer.len(),
+            "annotations": {
+                "containerd.io/snapshot/modelpack.source": index.source.reference,
+                "containerd.io/snapshot/modelpack.index": location,
+                "containerd.io/snapshot/modelpack.version": index.version.to_string(),
+            },
+        }],
+    });
+    registry
+        .push_manifest(
+            Bytes::from(serde_json::to_vec(&manifest).unwrap()),
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+        .await
+        .unwrap();
+}
+
+/// Mounts `reference` with the shared cache, reads the weight file whole, unmounts.
+fn read_through_mount(reference: &str, tmp: &Path) -> std::io::Result<Vec<u8>> {
+    let mountpoint = tmp.join("mnt");
+    let mut m = MountProcess::start(reference, &mountpoint, &tmp.join("cache"), &[]).unwrap();
+    let read = std::fs::read(mountpoint.join(WEIGHT));
+    m.stop();
+    read
+}
+
+/// Waits until the cache at `cache` records `index` as condemned.
+fn wait_for_condemned(cache: &Path, index: &Digest) {
+    let name = format!("condemned-index:{index}");
+    let record = cache.join("meta").join(Digest::of(name.as_bytes()).hex());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !record.exists() {
+        assert!(Instant::now() < deadline, "the forged index was never condemned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads a file that was not read before (nothing of it in the page cache) and expects
+/// EIO: a condemned index serves nothing more.
+fn assert_refused(path: &Path) {
+    match std::fs::read(path) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{}: {e}", path.display()),
+        Ok(data) => panic!("{} was served ({} bytes) by a condemned index", path.display(), data.len()),
+    }
+}
+
+/// Asserts that `read` is the honest weight, without printing megabytes when it is not.
+fn assert_honest(read: std::io::Result<Vec<u8>>, honest: &[u8], what: &str) {
+    match read {
+        Ok(data) => assert!(data == honest, "{what}: wrong bytes served ({} bytes)", data.len()),
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_companion_never_poisons_the_honest_model_through_mount() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = Scene::build(tmp.path()).await;
+    let honest = scene.honest_weight();
+
+    // Forged first, read whole: its reader gets what its index describes, until the
+    // whole blob's hash gives the index away; the cache keeps nothing anyone else trusts.
+    let cache = tmp.path().join("cache");
+    {
+        let mountpoint = tmp.path().join("mnt");
+        let mut m = MountProcess::start(&scene.forged_companion, &mountpoint, &cache, &[]).unwrap();
+        let forged = std::fs::read(mountpoint.join(WEIGHT)).unwrap();
+        assert!(forged == scene.forged_weight, "the forger's own reader gets what its index says");
+        wait_for_condemned(&cache, &scene.forged_index);
+        assert_refused(&mountpoint.join("tokenizer.json"));
+        m.stop();
+    }
+    assert_honest(read_through_mount(&scene.source, tmp.path()), &honest, "the plain artifact");
+    assert_honest(read_through_mount(&scene.honest_companion, tmp.path()), &honest, "the honest companion");
+    // Caught once, the forged index stays refused, in a new process too.
+    let err = read_through_mount(&scene.forged_companion, tmp.path()).map(|d| d.len());
+    assert_eq!(err.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+
+    // The other order, with a fresh cache: honest first, then the forger (served the
+    // verified honest blob, whose bytes are the blob whoever asks), then honest again.
+    std::fs::remove_dir_all(&cache).unwrap();
+    assert_honest(read_through_mount(&scene.honest_companion, tmp.path()), &honest, "honest first");
+    assert_honest(read_through_mount(&scene.forged_companion, tmp.path()), &honest, "a verified blob");
+    assert_honest(read_through_mount(&scene.source, tmp.path()), &honest, "the plain artifact after");
+    assert_honest(read_through_mount(&scene.honest_companion, tmp.path()), &honest, "the honest companion after");
+
+    // And a forger that read part of the blob: its chunks are trusted by nobody else.
+    std::fs::remove_dir_all(&cache).unwrap();
+    {
+        let mountpoint = tmp.path().join("mnt");
+        let mut m = MountProcess::start(&scene.forged_companion, &mountpoint, &cache, &[]).unwrap();
+        let mut file = std::fs::File::open(mountpoint.join(WEIGHT)).unwrap();
+        let mut head = vec![0u8; 5 << 20];
+        std::io::Read::read_exact(&mut file, &mut head).unwrap();
+        assert!(head[..] == scene.forged_weight[..5 << 20]);
+        m.stop();
+    }
+    assert_honest(read_through_mount(&scene.source, tmp.path()), &honest, "plain after a partial forgery");
+    assert_honest(read_through_mount(&scene.honest_companion, tmp.path()), &honest, "honest after a partial forgery");
+}
+
+/// The companion's model labels, as containerd passes them to `Prepare`, with the chain
+/// ID the index layer yields.
+async fn prepare_labels(companion: &str) -> (HashMap<String, String>, String) {
+    let reference = parse_reference(companion).unwrap();
+    let registry = Registry::new(reference.clone(), RegistrySettings::default());
+    let (mut manifest, _) = registry.fetch_manifest().await.unwrap();
+    let top: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    if let Some(first) = top["manifests"][0]["digest"].as_str() {
+        manifest =
+            registry.with_reference(reference.clone_with_digest(first.to_owned())).fetch_manifest().await.unwrap().0;
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let chain = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let mut labels: HashMap<String, String> =
+        serde_json::from_value(manifest["layers"][0]["annotations"].clone()).unwrap();
+    labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
+    labels.insert("containerd.io/snapshot.ref".into(), chain.clone());
+    (labels, chain)
+}
+
+/// Prepares the model of `companion` on `serve` and returns a read-only view of it,
+/// mounted at `target`.
+async fn view_model(c: &mut SnapshotsClient, companion: &str, view: &str, target: &Path) -> Unmount {
+    let (labels, chain) = prepare_labels(companion).await;
+    let request = pb::PrepareSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: format!("extract-{view} {chain}"),
+        parent: String::new(),
+        labels,
+    };
+    let status = c.prepare(request).await.expect_err("a model prepare answers AlreadyExists");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status}");
+    let mounts = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "modelpack".into(),
+            key: view.into(),
+            parent: chain,
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    mount_all(&mounts, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_companion_never_poisons_the_honest_model_through_serve() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = Scene::build(tmp.path()).await;
+    let honest = scene.honest_weight();
+
+    for (round, forger_first) in [(0, true), (1, false)] {
+        let root = tmp.path().join(format!("root-{round}"));
+        let serve = SnapshotterProcess::start(&root);
+        let mut c = snapshots_client(&serve.socket).await;
+        if !forger_first {
+            read_honest_view(&mut c, &scene, &format!("honest-a{round}"), tmp.path()).await;
+        }
+        let forged_dir = tmp.path().join(format!("forged-{round}"));
+        let forged_view = view_model(&mut c, &scene.forged_companion, &format!("forged-{round}"), &forged_dir).await;
+        let forged = std::fs::read(forged_dir.join(WEIGHT)).unwrap();
+        if forger_first {
+            assert!(forged == scene.forged_weight, "the forger's own reader gets what its index says");
+            // The forged blob was read whole: its hash gives the index away.
+            wait_for_condemned(&root.join("cache"), &scene.forged_index);
+            assert_refused(&forged_dir.join("tokenizer.json"));
+        } else {
+            assert!(forged == honest, "a verified blob is the blob, whoever asks");
+        }
+        read_honest_view(&mut c, &scene, &format!("honest-b{round}"), tmp.path()).await;
+        drop(forged_view);
+    }
+}
+
+/// Reads the honest model's weight through a fresh view and checks every byte.
+async fn read_honest_view(c: &mut SnapshotsClient, scene: &Scene, view: &str, tmp: &Path) {
+    let dir = tmp.join(view);
+    let _m = view_model(c, &scene.honest_companion, view, &dir).await;
+    assert_eq!(std::fs::read(dir.join(WEIGHT)).unwrap(), scene.honest_weight(), "the honest model ({view})");
+}
