@@ -4,14 +4,11 @@
 
 use std::collections::BTreeMap;
 
-pub use crate::companion::Pinned;
-use crate::convert::labels as keys;
 use crate::modelpack::index::INDEX_VERSION;
+use crate::modelpack::labels::{self as keys, Pinned, PREFIX as MODELPACK_PREFIX};
 
 /// containerd's label naming the chain ID a remote snapshotter should commit.
 pub const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-/// The prefix of our labels.
-pub const MODELPACK_PREFIX: &str = "containerd.io/snapshot/modelpack.";
 
 /// Why the labels are unusable; answered with `InvalidArgument`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,7 +47,7 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     if ours.is_empty() {
         return Ok(None);
     }
-    if let Some((k, _)) = ours.iter().find(|(k, _)| ![keys::SOURCE, keys::INDEX, keys::VERSION].contains(&k.as_str())) {
+    if let Some((k, _)) = ours.iter().find(|(k, _)| !keys::KEYS.contains(&k.as_str())) {
         return Err(LabelError::Unknown((*k).clone()));
     }
     let get = |key: &'static str| labels.get(key).ok_or(LabelError::Missing(key));
@@ -66,11 +63,9 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     if chain_id.is_empty() {
         return Err(LabelError::Invalid { key: SNAPSHOT_REF, value: String::new(), reason: "is empty".to_owned() });
     }
-    Ok(Some(ModelLabels {
-        chain_id: chain_id.clone(),
-        source: pinned(keys::SOURCE, get(keys::SOURCE)?)?,
-        index: pinned(keys::INDEX, get(keys::INDEX)?)?,
-    }))
+    let source = pinned(keys::SOURCE, get(keys::SOURCE)?)?;
+    let index = pinned(keys::INDEX, get(keys::INDEX)?)?;
+    Ok(Some(ModelLabels { chain_id: chain_id.clone(), source, index }))
 }
 
 #[cfg(test)]
@@ -79,11 +74,11 @@ mod tests {
     use crate::modelpack::Digest;
 
     fn good() -> BTreeMap<String, String> {
-        let d = Digest::of(b"x");
+        let (source, index) = (Digest::of(b"manifest"), Digest::of(b"index layer"));
         [
-            (SNAPSHOT_REF, "sha256:chain".to_owned()),
-            (keys::SOURCE, format!("127.0.0.1:5000/models/m@{d}")),
-            (keys::INDEX, format!("127.0.0.1:5000/models/m@{d}")),
+            (SNAPSHOT_REF, index.to_string()),
+            (keys::SOURCE, format!("127.0.0.1:5000/models/m@{source}")),
+            (keys::INDEX, format!("127.0.0.1:5000/models/m@{index}")),
             (keys::VERSION, "1".to_owned()),
             ("containerd.io/snapshot/cri.image-ref", "whatever".to_owned()),
         ]
@@ -95,8 +90,9 @@ mod tests {
     #[test]
     fn parses_complete_labels_and_ignores_others() {
         let m = model_labels(&good()).unwrap().unwrap();
-        assert_eq!(m.chain_id, "sha256:chain");
-        assert_eq!(m.index.digest, Digest::of(b"x"));
+        assert_eq!(m.chain_id, Digest::of(b"index layer").to_string());
+        assert_eq!(m.index.digest, Digest::of(b"index layer"));
+        assert_eq!(m.source.digest, Digest::of(b"manifest"));
         let plain: BTreeMap<String, String> = [(SNAPSHOT_REF.to_owned(), "x".to_owned())].into();
         assert_eq!(model_labels(&plain).unwrap(), None);
     }

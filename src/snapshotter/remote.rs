@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use super::grpc::Service;
-use super::labels::{model_labels, ModelLabels, Pinned};
+use super::labels::{model_labels, ModelLabels};
 use super::{Mount, SnapshotError, Snapshotter};
 use crate::cache::ChunkCache;
 use crate::companion;
@@ -27,6 +27,7 @@ use crate::fs::{self, Mounted};
 use crate::metadata::{Kind, SnapshotRecord, Usage};
 use crate::model::Model;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
+use crate::modelpack::labels::Pinned;
 use crate::modelpack::Digest;
 
 /// What a model snapshot's record remembers, to mount it again after a restart.
@@ -162,7 +163,7 @@ impl RemoteSnapshotter {
             None => {
                 let layer =
                     remote.layer.as_deref().ok_or_else(|| bad("the lazy index is no longer cached".to_owned()))?;
-                let pinned = super::labels::pinned(crate::convert::labels::INDEX, layer)?;
+                let pinned = super::labels::pinned(crate::modelpack::labels::INDEX, layer)?;
                 self.load_index(&pinned)?.0
             }
         };
@@ -218,7 +219,7 @@ impl RemoteSnapshotter {
         // committed snapshot holding only the index file.
         let mounted = self.mount_indexed(&record, index)?;
         let mut labels = labels.clone();
-        labels.insert(crate::convert::labels::SOURCE.to_owned(), remote.source.clone());
+        labels.insert(crate::modelpack::labels::SOURCE.to_owned(), remote.source.clone());
         match self.base.commit(name, key, labels) {
             Ok(_) => {}
             Err(e) => {
