@@ -192,6 +192,27 @@ async fn errors_carry_containerds_codes() {
         })
         .await;
     assert_eq!(code(r), Code::InvalidArgument, "labels are limited to 4096 bytes");
+    // So are label maps, in count and in total size; the error names the key. A model
+    // label is bounded before it is parsed.
+    let prepare_labelled = |key: &str, labels: HashMap<String, String>| pb::PrepareSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: key.into(),
+        parent: "".into(),
+        labels,
+    };
+    let many: HashMap<String, String> = (0..300).map(|i| (format!("k{i:03}"), "v".to_owned())).collect();
+    let e = c.prepare(prepare_labelled("many", many)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("\"k256\""), "{}", e.message());
+    let heavy: HashMap<String, String> = (0..100).map(|i| (format!("k{i:03}"), "v".repeat(4000))).collect();
+    assert_eq!(code(c.prepare(prepare_labelled("heavy", heavy)).await), Code::InvalidArgument);
+    let index_key = "containerd.io/snapshot/modelpack.index";
+    let e = c.prepare(prepare_labelled("model", labels(&[(index_key, &huge)]))).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(index_key), "{}", e.message());
+    for key in ["many", "heavy", "model"] {
+        assert_eq!(code(stat(&mut c, key).await), Code::NotFound, "{key} was not recorded");
+    }
 
     let r = c
         .list(pb::ListSnapshotsRequest {

@@ -25,7 +25,8 @@
 //!   even after its snapshot is removed or the process restarts. A stale directory left
 //!   behind by a removed snapshot can therefore never be mistaken for a new one.
 //! - No stored label has an empty key, an empty value, or more than [`MAX_LABEL_SIZE`]
-//!   bytes of key and value.
+//!   bytes of key and value; no record has more than [`MAX_LABELS`] labels or more than
+//!   [`MAX_LABELS_SIZE`] bytes of them.
 //!
 //! # Concurrency
 //!
@@ -46,7 +47,7 @@ use redb::{
     ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
 };
 
-pub use self::labels::MAX_LABEL_SIZE;
+pub use self::labels::{check as check_labels, MAX_LABELS, MAX_LABELS_SIZE, MAX_LABEL_SIZE};
 
 /// The on-disk layout this build reads and writes. A store written by a newer layout is
 /// refused rather than misread.

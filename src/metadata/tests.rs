@@ -217,6 +217,34 @@ fn label_size_limit_and_empty_key() {
 }
 
 #[test]
+fn label_count_and_total_are_bounded() {
+    let (_dir, store) = open();
+    let many: BTreeMap<String, String> = (0..=MAX_LABELS).map(|i| (format!("k{i:04}"), "v".to_owned())).collect();
+    let err = store.create("many", None, Kind::Active, many.clone()).unwrap_err();
+    let last = format!("k{MAX_LABELS:04}");
+    assert!(matches!(&err, MetadataError::InvalidLabel { key, .. } if *key == last), "{err}");
+    assert!(err.to_string().contains(&last), "the message names the key: {err}");
+    let mut at_count = many;
+    at_count.remove(&last);
+    store.create("at-count", None, Kind::Active, at_count).unwrap();
+
+    let big = "v".repeat(MAX_LABEL_SIZE - 8);
+    let heavy: BTreeMap<String, String> =
+        (0..MAX_LABELS_SIZE / MAX_LABEL_SIZE + 1).map(|i| (format!("k{i:04}"), big.clone())).collect();
+    let err = store.create("heavy", None, Kind::Active, heavy).unwrap_err();
+    assert!(matches!(&err, MetadataError::InvalidLabel { .. }), "{err}");
+    assert!(err.to_string().contains("together"), "{err}");
+
+    // An update is checked on the labels it leaves, not only on those it names.
+    let grow: BTreeMap<String, String> = [("one-more".to_owned(), "v".to_owned())].into();
+    let e = store.update_labels("at-count", grow, &["labels.one-more".to_owned()]).unwrap_err();
+    assert!(matches!(e, MetadataError::InvalidLabel { .. }), "{e}");
+    // Empty values are never stored, so they do not count.
+    let empties: BTreeMap<String, String> = (0..2 * MAX_LABELS).map(|i| (format!("e{i}"), String::new())).collect();
+    store.create("empties", None, Kind::Active, empties).unwrap();
+}
+
+#[test]
 fn ids_are_unique_and_never_reused() {
     let (_dir, store) = open();
     let a = store.create("a", None, Kind::Active, no_labels()).unwrap();

@@ -260,6 +260,8 @@ fn lone_index(dir: &std::path::Path) -> Option<Vec<u8>> {
 
 impl Service for RemoteSnapshotter {
     fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>, SnapshotError> {
+        // Bounded before anything reads them: a model prepare fetches before it records.
+        crate::metadata::check_labels(&labels)?;
         match model_labels(&labels)? {
             Some(model) => self.prepare_model(key, parent, labels, model),
             None => self.base.prepare(key, parent, labels),
@@ -275,6 +277,7 @@ impl Service for RemoteSnapshotter {
     }
 
     fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapshotError> {
+        crate::metadata::check_labels(&labels)?;
         if self.commit_companion(name, key, &labels)? {
             return Ok(());
         }
