@@ -1,6 +1,12 @@
 //! The snapshot labels that ask for a model, parsed at the edge. containerd passes the
 //! companion layer's `containerd.io/snapshot/modelpack.*` annotations as `Prepare` labels
 //! together with `containerd.io/snapshot.ref` (the chain ID to commit).
+//!
+//! The annotations are the least trusted input here: any image can carry them on any
+//! layer. What binds them to the layer is the chain ID. A companion is one uncompressed
+//! layer without a parent, so its chain ID is its diff ID, which is the digest of the
+//! index layer itself; labels whose chain ID is anything else describe some other layer
+//! and are refused. A chain ID therefore only ever serves the model its own bytes name.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +28,13 @@ pub enum LabelError {
     /// A label's value is malformed.
     #[error("label {key:?} = {value:?}: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
+    /// The chain ID is not the one the index layer yields: the labels came with some
+    /// other layer.
+    #[error(
+        "label {SNAPSHOT_REF:?} = {chain_id:?} does not match label {:?}: a companion layer's chain ID is its index layer's digest {index}",
+        keys::INDEX
+    )]
+    ChainId { chain_id: String, index: String },
 }
 
 /// What a model snapshot needs.
@@ -65,6 +78,9 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     }
     let source = pinned(keys::SOURCE, get(keys::SOURCE)?)?;
     let index = pinned(keys::INDEX, get(keys::INDEX)?)?;
+    if *chain_id != index.digest.to_string() {
+        return Err(LabelError::ChainId { chain_id: chain_id.clone(), index: index.digest.to_string() });
+    }
     Ok(Some(ModelLabels { chain_id: chain_id.clone(), source, index }))
 }
 
@@ -111,5 +127,88 @@ mod tests {
         let mut l = good();
         l.insert(keys::VERSION.into(), "2".into());
         assert!(matches!(model_labels(&l), Err(LabelError::Invalid { key: keys::VERSION, .. })));
+    }
+
+    #[test]
+    fn the_chain_id_must_be_the_index_layers_digest() {
+        // The attack: a layer with the honest companion's bytes (so its chain ID) whose
+        // annotations name another index.
+        let mut l = good();
+        l.insert(keys::INDEX.into(), format!("127.0.0.1:5000/evil/m@{}", Digest::of(b"forged index")));
+        let e = model_labels(&l).unwrap_err();
+        assert!(matches!(e, LabelError::ChainId { .. }), "{e}");
+        let message = e.to_string();
+        assert!(message.contains(SNAPSHOT_REF) && message.contains(keys::INDEX), "{message}");
+        assert!(message.contains(&Digest::of(b"forged index").to_string()), "{message}");
+        let mut l = good();
+        l.insert(SNAPSHOT_REF.into(), "sha256:chain".into());
+        assert!(matches!(model_labels(&l), Err(LabelError::ChainId { .. })));
+    }
+
+    /// Deterministic pseudo-random strings built from the pieces a reference is made of.
+    fn garbage(seed: u64, n: usize) -> Vec<String> {
+        let long = "x".repeat(300);
+        let pieces = [
+            "@",
+            ":",
+            "/",
+            "sha256:",
+            "sha512:",
+            "127.0.0.1",
+            ":5000",
+            "a",
+            "A",
+            "-",
+            "_",
+            ".",
+            "..",
+            "%",
+            "\u{0}",
+            "\u{e9}",
+            "\u{1F600}",
+            "0123456789abcdef",
+            " ",
+            "\n",
+            "@@",
+            "//",
+            "localhost",
+            "[::1]",
+            &long,
+        ];
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                let mut s = String::new();
+                for _ in 0..(x % 12) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    s.push_str(pieces[(x % pieces.len() as u64) as usize]);
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn malformed_labels_never_panic() {
+        let sha = Digest::of(b"index layer").to_string();
+        for (n, value) in garbage(0x9e37_79b9_7f4a_7c15, 1000).into_iter().enumerate() {
+            for key in [keys::SOURCE, keys::INDEX, keys::VERSION, SNAPSHOT_REF] {
+                let mut l = good();
+                l.insert(key.to_owned(), value.clone());
+                let _ = model_labels(&l);
+                let mut l = good();
+                l.insert(key.to_owned(), format!("{value}@{sha}"));
+                let _ = model_labels(&l);
+            }
+            let _ = Pinned::parse(&value);
+            let mut l = good();
+            l.insert(format!("{MODELPACK_PREFIX}{value}"), n.to_string());
+            let _ = model_labels(&l);
+        }
     }
 }

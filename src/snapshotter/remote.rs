@@ -2,7 +2,8 @@
 //! through containerd without downloading it.
 //!
 //! A `Prepare` carrying `containerd.io/snapshot.ref` and the companion layer's
-//! `containerd.io/snapshot/modelpack.*` labels fetches and verifies the lazy index,
+//! `containerd.io/snapshot/modelpack.*` labels (bound to each other: the chain ID must be
+//! the index layer's digest, see [`super::labels`]) fetches and verifies the lazy index,
 //! mounts the whole model (FUSE, through the same engine as `mount`) at the `fs`
 //! directory of a new committed snapshot named by the chain ID, and answers
 //! `AlreadyExists`: containerd then finds the chain ID committed and skips download and
@@ -27,7 +28,7 @@ use crate::fs::{self, Mounted};
 use crate::metadata::{Kind, SnapshotRecord, Usage};
 use crate::model::Model;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
-use crate::modelpack::labels::Pinned;
+use crate::modelpack::labels::{self as keys, Pinned};
 use crate::modelpack::Digest;
 
 /// What a model snapshot's record remembers, to mount it again after a restart.
@@ -106,8 +107,13 @@ impl RemoteSnapshotter {
         labels: BTreeMap<String, String>,
         model: ModelLabels,
     ) -> Result<Vec<Mount>, SnapshotError> {
-        let _serial = self.prepare_lock.lock().expect("prepare lock");
         let name = model.chain_id.clone();
+        if !parent.is_empty() {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "model snapshot {name}: a companion layer has no parent, but parent {parent:?} was given"
+            )));
+        }
+        let _serial = self.prepare_lock.lock().expect("prepare lock");
         if let Some(existing) = self.base.metadata().get(&name)? {
             if existing.kind == Kind::Committed {
                 return Err(SnapshotError::RemoteReady { key: key.to_owned(), name });
@@ -115,21 +121,22 @@ impl RemoteSnapshotter {
         }
         let (index, json_digest) = self.load_index(&model.index)?;
         if index.manifest_digest != model.source.digest {
-            return Err(SnapshotError::Remote {
-                name,
-                detail: format!("the lazy index describes {}, not {}", index.manifest_digest, model.source.reference),
-            });
+            return Err(SnapshotError::InvalidArgument(format!(
+                "model snapshot {name}: label {:?} names {}, but its lazy index describes {}",
+                keys::SOURCE,
+                model.source.reference,
+                index.manifest_digest
+            )));
         }
         let remote = RemoteRecord {
             source: model.source.reference.clone(),
             index: json_digest.to_string(),
             layer: Some(model.index.reference.clone()),
         };
-        let parent = (!parent.is_empty()).then_some(parent);
         let usage = Usage { size: 0, inodes: index.index.files.len() as i64 };
         let record = self.base.metadata().create_committed(
             &name,
-            parent,
+            None,
             labels,
             Some(serde_json::to_string(&remote).expect("record serializes")),
             usage,
@@ -163,7 +170,7 @@ impl RemoteSnapshotter {
             None => {
                 let layer =
                     remote.layer.as_deref().ok_or_else(|| bad("the lazy index is no longer cached".to_owned()))?;
-                let pinned = super::labels::pinned(crate::modelpack::labels::INDEX, layer)?;
+                let pinned = super::labels::pinned(keys::INDEX, layer)?;
                 self.load_index(&pinned)?.0
             }
         };
@@ -191,12 +198,7 @@ impl RemoteSnapshotter {
     /// If the active snapshot `key` holds nothing but a lazy index (a companion layer
     /// that containerd unpacked itself, as `ctr images pull` does), mounts the model over
     /// it and commits it as a model snapshot. Returns false when it is not a companion.
-    fn commit_companion(
-        &self,
-        name: &str,
-        key: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<bool, SnapshotError> {
+    fn commit_companion(&self, name: &str, key: &str, given: &BTreeMap<String, String>) -> Result<bool, SnapshotError> {
         let record = self.base.stat(key)?;
         if record.kind != Kind::Active || record.parent.is_some() {
             return Ok(false);
@@ -218,8 +220,14 @@ impl RemoteSnapshotter {
         // Mount first: a model that cannot be served must fail the commit, not leave a
         // committed snapshot holding only the index file.
         let mounted = self.mount_indexed(&record, index)?;
-        let mut labels = labels.clone();
-        labels.insert(crate::modelpack::labels::SOURCE.to_owned(), remote.source.clone());
+        // No label decides what is served here: containerd unpacked these bytes from a
+        // layer it checked against its diff ID and commits them under the chain ID it
+        // computed, so the index (and through it the model and every chunk digest) is
+        // bound to the chain ID by the content itself. Modelpack labels that came with
+        // the commit are dropped so that the record never names another index.
+        let mut labels = if given.is_empty() { record.labels.clone() } else { given.clone() };
+        labels.retain(|k, _| !k.starts_with(keys::PREFIX));
+        labels.insert(keys::SOURCE.to_owned(), remote.source.clone());
         match self.base.commit(name, key, labels) {
             Ok(_) => {}
             Err(e) => {
