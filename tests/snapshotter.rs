@@ -363,6 +363,12 @@ async fn converted_model(
     shard_size: usize,
 ) -> CompanionLayer {
     write_model_dir(dir, shard_size);
+    converted_dir(registry, dir, name).await
+}
+
+/// The model in `dir` pushed to `registry` as `models/<name>:v1` and converted; returns
+/// its companion's layer.
+async fn converted_dir(registry: &TestRegistry, dir: &std::path::Path, name: &str) -> CompanionLayer {
     let source = format!("{}/models/{name}:v1", registry.addr());
     push_dir(dir, &source, "raw");
     let (ok, _, stderr) = run_bin(&["convert", &source]);
@@ -380,6 +386,29 @@ fn prepare_labels(annotations: &HashMap<String, String>, chain: &str) -> HashMap
         .collect();
     labels.insert("containerd.io/snapshot.ref".into(), chain.into());
     labels
+}
+
+async fn mounts(
+    c: &mut SnapshotsClient,
+    key: &str,
+) -> Result<Vec<modelpack_snapshotter::snapshotter::proto::types::Mount>, tonic::Status> {
+    c.mounts(pb::MountsRequest { snapshotter: "modelpack".into(), key: key.into() })
+        .await
+        .map(|r| r.into_inner().mounts)
+}
+
+/// Stats `key` until it answers something other than `Unavailable`, for up to `limit`.
+async fn stat_when_available(c: &mut SnapshotsClient, key: &str, limit: std::time::Duration) -> pb::Info {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match stat(c, key).await {
+            Ok(info) => return info,
+            Err(e) if e.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("stat {key}: {e}"),
+        }
+    }
 }
 
 fn model_request(key: &str, parent: &str, labels: HashMap<String, String>) -> pb::PrepareSnapshotRequest {
@@ -588,4 +617,118 @@ async fn a_committed_companion_serves_what_its_content_names_whatever_its_labels
     );
     assert_eq!(info.labels.get("containerd.io/snapshot/modelpack.index"), None, "no forged index is kept");
     assert_serves(&mut c, tmp.path(), "v", &chain, &honest_src).await;
+}
+
+/// A model whose registry is gone across a restart (and whose index the cache lost) is
+/// never handed out as an empty directory: the model and its children answer
+/// `Unavailable` with the cause, until a background retry mounts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_cannot_be_mounted_after_a_restart_is_unavailable_until_a_retry_mounts_it() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut registry = TestRegistry::start();
+    let src = tmp.path().join("model");
+    let layer = converted_model(&registry, &src, "retried", 1 << 20).await;
+    let chain = layer.digest.clone();
+    let root = tmp.path().join("root");
+    let socket = root.join("snapshotter.sock");
+    let config = write_config(&tmp.path().join("config"), "[models]\nretry_initial_secs = 1\nretry_max_secs = 2\n");
+
+    let mut serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    let labels = prepare_labels(&layer.annotations, &chain);
+    assert_eq!(code(c.prepare(model_request(&format!("extract-1 {chain}"), "", labels)).await), Code::AlreadyExists);
+    view(&mut c, "volume", &chain).await.unwrap();
+    serve.stop();
+
+    // The registry goes away, and with the cache the index: mounting needs the registry.
+    registry.stop();
+    std::fs::remove_dir_all(root.join("cache")).unwrap();
+    let _serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    let e = stat(&mut c, &chain).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains(&chain) && e.message().contains("next attempt"), "{}", e.message());
+    assert!(e.message().contains(&registry.addr()), "the cause names the registry: {}", e.message());
+    let e = mounts(&mut c, "volume").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "the child of an unmounted model has no mounts: {e}");
+    assert_eq!(code(prepare(&mut c, "rootfs", &chain).await), Code::Unavailable);
+    assert_eq!(code(view(&mut c, "volume-2", &chain).await), Code::Unavailable);
+    for key in ["rootfs", "volume-2"] {
+        assert_eq!(code(stat(&mut c, key).await), Code::NotFound, "{key} was not recorded");
+    }
+
+    registry.restart();
+    stat_when_available(&mut c, &chain, std::time::Duration::from_secs(60)).await;
+    {
+        let mounts = mounts(&mut c, "volume").await.unwrap();
+        let target = tmp.path().join("m-volume");
+        let _m = mount_all(&mounts, &target);
+        assert_same_tree(&src, &target);
+    }
+    assert_serves(&mut c, tmp.path(), "volume-2", &chain, &src).await;
+    prepare(&mut c, "rootfs", &chain).await.unwrap();
+}
+
+/// `serve` answers on its socket before it has mounted its models again, and mounts
+/// them concurrently: one model behind a registry that accepts connections and never
+/// replies holds up none of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_answers_at_once_and_a_hung_registry_holds_up_no_other_model() {
+    if !prerequisites(true) {
+        return;
+    }
+    const MODELS: usize = 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let mut doomed = TestRegistry::start();
+    let mut models = Vec::new();
+    for i in 0..MODELS {
+        let dir = tmp.path().join(format!("model-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("weights.bin"), pseudo_random(64 << 10, i as u64 + 1)).unwrap();
+        std::fs::write(dir.join("config.json"), format!("{{\"model\":{i}}}")).unwrap();
+        let on = if i == MODELS - 1 { &doomed } else { &registry };
+        let layer = converted_dir(on, &dir, &format!("m{i}")).await;
+        models.push((dir, layer.digest.clone(), prepare_labels(&layer.annotations, &layer.digest)));
+    }
+    // A request timeout far beyond the test's, so that only concurrency can let the
+    // others through; a short wait for a model still being mounted.
+    let request_timeout = std::time::Duration::from_secs(600);
+    let config = write_config(
+        &tmp.path().join("config"),
+        &format!("[registry]\nrequest_timeout_secs = {}\n[models]\nrestore_wait_secs = 1\n", request_timeout.as_secs()),
+    );
+    let root = tmp.path().join("root");
+    let socket = root.join("snapshotter.sock");
+    let mut serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    for (_, chain, labels) in &models {
+        let r = c.prepare(model_request(&format!("extract {chain}"), "", labels.clone())).await;
+        assert_eq!(code(r), Code::AlreadyExists);
+    }
+    serve.stop();
+
+    // One registry now hangs, and the cache is gone: every model needs its registry.
+    doomed.stop();
+    let _hung = HungServer::start(doomed.port);
+    std::fs::remove_dir_all(root.join("cache")).unwrap();
+    let started = std::time::Instant::now();
+    let _serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    assert_eq!(list(&mut c, &["kind==committed"]).await.len(), MODELS);
+    let (_, hung_chain, _) = &models[MODELS - 1];
+    let e = stat(&mut c, hung_chain).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("still being mounted"), "{}", e.message());
+
+    for (n, (dir, chain, _)) in models[..MODELS - 1].iter().enumerate() {
+        stat_when_available(&mut c, chain, request_timeout / 2).await;
+        assert_serves(&mut c, tmp.path(), &format!("v{n}"), chain, dir).await;
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < request_timeout, "{elapsed:?}: the others waited for the hung registry");
+    assert_eq!(code(stat(&mut c, hung_chain).await), Code::Unavailable, "still hung");
 }

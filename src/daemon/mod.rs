@@ -26,9 +26,6 @@ pub enum DaemonError {
     /// Opening the snapshotter state failed.
     #[error(transparent)]
     Snapshotter(#[from] SnapshotError),
-    /// A worker thread died.
-    #[error("restoring model snapshots: {0}")]
-    Task(String),
     /// The chunk cache could not be opened.
     #[error(transparent)]
     Cache {
@@ -71,6 +68,12 @@ fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
 }
 
 /// Runs the daemon until `shutdown` completes.
+///
+/// The socket is bound as soon as the state is open, before any model is mounted again:
+/// start-up does not grow with the number of models, and one model behind an
+/// unreachable registry holds up nobody. Models recorded before a restart are mounted in
+/// the background; requests about one not mounted yet wait for it (bounded) or answer
+/// `Unavailable`.
 pub async fn serve(
     config: &DaemonConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -81,12 +84,15 @@ pub async fn serve(
     let cache =
         ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?;
     let base = tokio::task::block_in_place(|| Snapshotter::open(&config.root))?;
-    let snapshotter =
-        Arc::new(RemoteSnapshotter::new(base, Arc::new(cache), settings, tokio::runtime::Handle::current()));
-    // Models committed before a restart are mounted again before containerd can ask.
-    let restoring = snapshotter.clone();
-    tokio::task::spawn_blocking(move || restoring.restore()).await.map_err(|e| DaemonError::Task(e.to_string()))??;
+    let snapshotter = Arc::new(RemoteSnapshotter::new(
+        base,
+        Arc::new(cache),
+        settings,
+        config.model_mounts(),
+        tokio::runtime::Handle::current(),
+    ));
     let listener = bind(&config.address)?;
+    tokio::task::block_in_place(|| snapshotter.restore())?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
     println!("serving: {}", config.address.display());
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {

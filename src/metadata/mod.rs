@@ -287,6 +287,31 @@ impl MetaStore {
         labels: BTreeMap<String, String>,
         usage: Usage,
     ) -> Result<SnapshotRecord, MetadataError> {
+        self.commit_with(name, key, labels, usage, None)
+    }
+
+    /// Commits active snapshot `key` as `name` like [`Self::commit`], attaching the
+    /// snapshotter's remote data in the same transaction: the snapshot is never seen
+    /// committed without it.
+    pub fn commit_remote(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+        remote: String,
+    ) -> Result<SnapshotRecord, MetadataError> {
+        self.commit_with(name, key, labels, usage, Some(remote))
+    }
+
+    fn commit_with(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+        remote: Option<String>,
+    ) -> Result<SnapshotRecord, MetadataError> {
         validate_key(name, "commit name")?;
         let labels = labels::checked(labels)?;
         let now = SystemTime::now();
@@ -309,6 +334,9 @@ impl MetaStore {
                 record.labels = labels;
             }
             record.usage = Some(usage);
+            if let Some(remote) = remote {
+                record.remote = Some(remote);
+            }
             record.updated = now;
             tables.put(&record)?;
             Ok(record)
@@ -351,20 +379,6 @@ impl MetaStore {
             let mut updated = std::mem::take(&mut record.labels);
             labels::apply(&mut updated, &labels, &paths);
             record.labels = labels::checked(updated)?;
-            record.updated = now;
-            tables.put(&record)?;
-            Ok(record)
-        })
-    }
-
-    /// Attaches remote data to a committed snapshot (one whose contents the snapshotter
-    /// replaced with a lazily mounted model after commit), and the usage to report.
-    pub fn set_remote(&self, key: &str, remote: String, usage: Usage) -> Result<SnapshotRecord, MetadataError> {
-        let now = SystemTime::now();
-        self.write("record remote snapshot data", |tables| {
-            let mut record = tables.require(key)?;
-            record.remote = Some(remote.clone());
-            record.usage = Some(usage);
             record.updated = now;
             tables.put(&record)?;
             Ok(record)

@@ -71,6 +71,22 @@ fn create_view_on_committed_parent() {
 }
 
 #[test]
+fn commit_remote_attaches_remote_data_in_the_same_commit() {
+    let (_dir, store) = open();
+    store.create("active", None, Kind::Active, labels(&[("a", "1")])).unwrap();
+    store.create("taken", None, Kind::Active, no_labels()).unwrap();
+    let remote = r#"{"source":"example"}"#.to_owned();
+    let refused = store.commit_remote("taken", "active", no_labels(), USAGE, remote.clone());
+    assert!(matches!(refused, Err(MetadataError::AlreadyExists { .. })));
+    let untouched = store.get("active").unwrap().unwrap();
+    assert_eq!((untouched.kind, untouched.remote), (Kind::Active, None), "a refused commit changes nothing");
+    let record = store.commit_remote("model", "active", no_labels(), USAGE, remote.clone()).unwrap();
+    assert_eq!((record.kind, record.remote.as_ref(), record.usage), (Kind::Committed, Some(&remote), Some(USAGE)));
+    assert_eq!(store.get("model").unwrap().unwrap(), record);
+    assert_eq!(record.labels, labels(&[("a", "1")]), "empty commit labels keep the snapshot's own");
+}
+
+#[test]
 fn create_committed_keeps_remote_data_and_usage() {
     let (_dir, store) = open();
     committed(&store, "base", None);

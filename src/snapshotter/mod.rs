@@ -16,6 +16,7 @@
 pub mod filter;
 pub mod grpc;
 pub mod labels;
+mod models;
 pub mod proto;
 pub mod remote;
 
@@ -51,9 +52,16 @@ pub enum SnapshotError {
     /// The model could not be opened.
     #[error("model snapshot {name}: {source}")]
     Model { name: String, source: Box<crate::model::ModelError> },
-    /// The lazy index or the model mount failed.
+    /// The lazy index could not be loaded.
+    #[error("model snapshot {name}: {source}")]
+    Index { name: String, source: Box<crate::companion::CompanionError> },
+    /// The model mount failed, or the model cannot be served.
     #[error("model snapshot {name}: {detail}")]
     Remote { name: String, detail: String },
+    /// A model snapshot exists but is not mounted (yet): answered rather than handing
+    /// out its directory empty.
+    #[error("model snapshot {name} is not mounted: {reason}")]
+    Unavailable { name: String, reason: String },
     /// Creating, measuring or removing snapshot directories failed.
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: String, source: std::io::Error },
@@ -229,6 +237,19 @@ impl Snapshotter {
         }
         let usage = disk_usage(&self.fs_dir(record.id))?;
         Ok(self.meta.commit(name, key, labels, usage)?)
+    }
+
+    /// Commits active snapshot `key` as `name`, a model snapshot: `remote` (what is
+    /// needed to mount it again) and `usage` are recorded in the same transaction.
+    pub fn commit_remote(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        remote: String,
+        usage: Usage,
+    ) -> Result<SnapshotRecord, SnapshotError> {
+        Ok(self.meta.commit_remote(name, key, labels, usage, remote)?)
     }
 
     /// Removes a snapshot without children, and its directory.
