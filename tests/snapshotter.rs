@@ -732,3 +732,72 @@ async fn a_restart_answers_at_once_and_a_hung_registry_holds_up_no_other_model()
     assert!(elapsed < request_timeout, "{elapsed:?}: the others waited for the hung registry");
     assert_eq!(code(stat(&mut c, hung_chain).await), Code::Unavailable, "still hung");
 }
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The state (where unpacked layers, setuid files among them, live) and the socket are
+/// out of other local users' reach: created so, and tightened when an earlier build
+/// left them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_and_the_socket_are_private() {
+    if !prerequisites(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("state/root");
+    let run = tmp.path().join("run/modelpack");
+    let socket = run.join("snapshotter.sock");
+    let config = write_config(&tmp.path().join("config"), "");
+    let private = [root.clone(), root.join("snapshots"), run.clone()];
+    let metadata = root.join("metadata.redb");
+    let check = || {
+        for dir in &private {
+            assert_eq!(mode_of(dir), 0o700, "{}", dir.display());
+        }
+        assert_eq!(mode_of(&metadata), 0o600, "{}", metadata.display());
+    };
+    {
+        let serve = SnapshotterProcess::start_with(&root, &socket, &config);
+        check();
+        let mut c = snapshots_client(&serve.socket).await;
+        prepare(&mut c, "a", "").await.unwrap();
+    }
+    for dir in &private {
+        set_mode(dir, 0o755);
+    }
+    set_mode(&metadata, 0o644);
+    {
+        let serve = SnapshotterProcess::start_with(&root, &socket, &config);
+        check();
+        let mut c = snapshots_client(&serve.socket).await;
+        assert_eq!(stat(&mut c, "a").await.unwrap().kind, pb::Kind::Active as i32, "the state is kept");
+    }
+
+    // A socket directory shared with other files is refused, not closed to everyone.
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    set_mode(&shared, 0o755);
+    std::fs::write(shared.join("other.txt"), b"someone else's").unwrap();
+    let address = shared.join("snapshotter.sock");
+    let (ok, _, stderr) = run_bin(&[
+        "serve",
+        "--root",
+        root.to_str().unwrap(),
+        "--address",
+        address.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!ok, "serve started with a shared socket directory");
+    assert!(stderr.contains(shared.to_str().unwrap()) && stderr.contains("other.txt"), "{stderr}");
+    assert_eq!(mode_of(&shared), 0o755);
+    assert!(!address.exists());
+}

@@ -153,6 +153,9 @@ pub enum MetadataError {
     /// A record could not be serialized (e.g. a timestamp before 1970 from a broken clock).
     #[error("cannot encode the record of snapshot {key}: {source}")]
     Encode { key: String, source: serde_json::Error },
+    /// The file could not be created, or kept, readable by its owner only.
+    #[error("cannot make metadata store {path} private (mode 0600): {source}")]
+    Private { path: PathBuf, source: std::io::Error },
     /// The file was written by a build with another on-disk layout.
     #[error("metadata store {path} has schema version {found}; this build understands version {SCHEMA_VERSION}")]
     UnsupportedSchema { path: PathBuf, found: u64 },
@@ -170,6 +173,22 @@ fn validate_key(key: &str, what: &str) -> Result<(), MetadataError> {
     Ok(())
 }
 
+/// The mode of the store's file: it names every snapshot, its labels and its model's
+/// source, which are no business of other local users.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` with [`FILE_MODE`] before the database opens it (an empty file is a
+/// new database to redb), or tightens an existing file to it.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(FILE_MODE).open(path)?;
+    if file.metadata()?.permissions().mode() & 0o777 != FILE_MODE {
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+        tracing::info!(path = %path.display(), "made the metadata store readable by its owner only");
+    }
+    Ok(())
+}
+
 /// The durable snapshot table. See the module docs for its invariants.
 #[derive(Debug)]
 pub struct MetaStore {
@@ -179,11 +198,14 @@ pub struct MetaStore {
 
 impl MetaStore {
     /// Opens the store at `path`, creating the file (not its directory) if it is absent.
+    /// The file is readable and writable by its owner only ([`FILE_MODE`]): created so,
+    /// or tightened if an earlier build left it open to others.
     ///
     /// Fails with [`MetadataError::Store`] if another `MetaStore` in any process has the
     /// file open.
     pub fn open(path: &Path) -> Result<Self, MetadataError> {
         let context = format!("open {}", path.display());
+        make_private(path).map_err(|source| MetadataError::Private { path: path.to_owned(), source })?;
         let db = Database::create(path).map_err(store_error(&context))?;
         let store = MetaStore { db, path: path.to_owned() };
         store.write(&context, |tables| {

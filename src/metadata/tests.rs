@@ -445,10 +445,12 @@ fn second_open_of_the_same_file_is_a_store_error() {
 }
 
 #[test]
-fn missing_directory_is_a_store_error() {
+fn missing_directory_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let err = MetaStore::open(&dir.path().join("absent/metadata.redb")).unwrap_err();
-    assert!(matches!(err, MetadataError::Store { .. }), "{err}");
+    let path = dir.path().join("absent/metadata.redb");
+    let err = MetaStore::open(&path).unwrap_err();
+    assert!(matches!(err, MetadataError::Private { .. }), "{err}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
 }
 
 #[test]
@@ -526,4 +528,18 @@ fn timestamp_before_1970_is_an_encode_error() {
 #[test]
 fn kind_names_match_containerd() {
     assert_eq!([Kind::View, Kind::Active, Kind::Committed].map(Kind::as_str), ["view", "active", "committed"]);
+}
+
+#[test]
+fn the_file_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metadata.redb");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    drop(MetaStore::open(&path).unwrap());
+    assert_eq!(mode(&path), FILE_MODE);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = MetaStore::open(&path).unwrap();
+    assert_eq!(mode(&path), FILE_MODE, "an existing file is tightened");
+    store.create("a", None, Kind::Active, no_labels()).unwrap();
 }
