@@ -8,9 +8,9 @@ use futures_util::StreamExt;
 
 use crate::cache::ChunkCache;
 use crate::config::RegistrySettings;
-use crate::convert::labels;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
+use crate::modelpack::labels;
 use crate::modelpack::media;
 use crate::modelpack::Digest;
 use crate::registry::{parse_reference, Registry, RegistryError};
@@ -28,25 +28,6 @@ pub enum CompanionError {
 
 fn invalid(at: &str, detail: impl Into<String>) -> CompanionError {
     CompanionError::Invalid { at: at.to_owned(), detail: detail.into() }
-}
-
-/// Where a piece of content is: a repository and a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pinned {
-    /// `registry/repository@sha256:...`, as given.
-    pub reference: String,
-    /// The digest.
-    pub digest: Digest,
-}
-
-impl Pinned {
-    /// Parses `registry/repository@sha256:...`; says what is wrong otherwise.
-    pub fn parse(value: &str) -> Result<Self, String> {
-        let r = parse_reference(value).map_err(|e| e.to_string())?;
-        let digest = r.digest().ok_or("must be pinned by digest (name@sha256:...)")?;
-        let digest = digest.parse::<Digest>().map_err(|e| e.to_string())?;
-        Ok(Self { reference: value.to_owned(), digest })
-    }
 }
 
 /// Cache record of an index JSON, by the JSON's digest.

@@ -1,4 +1,5 @@
-//! Tunables of the data path, with their documented defaults.
+//! Tunables of the data path and of the snapshotter's model mounts, with their
+//! documented defaults.
 //!
 //! Every size, timeout, retry count and concurrency limit lives here, so the rest of the
 //! code never carries a literal for one. The CLI fills these from flags.
@@ -81,4 +82,36 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// Chunking, caching and read-ahead.
     pub fetch: FetchSettings,
+}
+
+/// How the snapshotter keeps its model snapshots mounted.
+#[derive(Debug, Clone)]
+pub struct ModelMountSettings {
+    /// Models mounted at once in the background (after a restart, and retries). Each
+    /// mount may wait on its registry for a whole request timeout; eight keep a few
+    /// unreachable registries from holding up the rest without opening hundreds of
+    /// connections at start on a node with many models.
+    pub concurrency: usize,
+    /// How long a request about a model still being mounted after a restart waits for
+    /// it before answering `Unavailable`. A model whose index and blobs are cached mounts
+    /// in milliseconds; ten seconds cover a registry round trip or two without stalling
+    /// containerd behind an unreachable one.
+    pub restore_wait: Duration,
+    /// Delay before the first retry of a model that could not be mounted; it doubles
+    /// with every further retry.
+    pub retry_initial: Duration,
+    /// Most delay between two retries: a registry back after an outage is noticed
+    /// within five minutes.
+    pub retry_max: Duration,
+}
+
+impl Default for ModelMountSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            restore_wait: Duration::from_secs(10),
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+        }
+    }
 }

@@ -18,21 +18,11 @@ use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::{
     IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH, INDEX_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
+use crate::modelpack::labels;
 use crate::modelpack::media;
 use crate::modelpack::tree::NodeKind;
 use crate::modelpack::Digest;
 use crate::registry::{self, Registry, RegistryError};
-
-/// Label keys (layer annotations) the snapshotter reads. containerd passes layer
-/// annotations under `containerd.io/snapshot/` to the snapshotter as `Prepare` labels.
-pub mod labels {
-    /// The source ModelPack artifact, pinned by digest.
-    pub const SOURCE: &str = "containerd.io/snapshot/modelpack.source";
-    /// The lazy index layer: `registry/repository@sha256:<layer digest>`.
-    pub const INDEX: &str = "containerd.io/snapshot/modelpack.index";
-    /// The index format version.
-    pub const VERSION: &str = "containerd.io/snapshot/modelpack.version";
-}
 
 /// Media type of the companion's layer: a plain tar, so any containerd unpacks it.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";

@@ -23,6 +23,7 @@ use crate::companion;
 use crate::config::Settings;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::VerifiedIndex;
+use crate::modelpack::labels::Pinned;
 use crate::modelpack::manifest::{self, ManifestError, ModelArtifact};
 use crate::modelpack::media::LayerFormat;
 use crate::modelpack::tar_index::{self, TarError};
@@ -133,7 +134,7 @@ impl Model {
             Err(e) => return Err(e.into()),
         };
         if let Some(at) = companion_of(reference, &registry, &cache, &manifest_bytes, offline).await? {
-            let pinned = companion::Pinned::parse(&at).map_err(|reason| ModelError::Companion {
+            let pinned = Pinned::parse(&at).map_err(|reason| ModelError::Companion {
                 reference: reference.to_owned(),
                 detail: format!("index location {at:?}: {reason}"),
             })?;

@@ -192,6 +192,27 @@ async fn errors_carry_containerds_codes() {
         })
         .await;
     assert_eq!(code(r), Code::InvalidArgument, "labels are limited to 4096 bytes");
+    // So are label maps, in count and in total size; the error names the key. A model
+    // label is bounded before it is parsed.
+    let prepare_labelled = |key: &str, labels: HashMap<String, String>| pb::PrepareSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        key: key.into(),
+        parent: "".into(),
+        labels,
+    };
+    let many: HashMap<String, String> = (0..300).map(|i| (format!("k{i:03}"), "v".to_owned())).collect();
+    let e = c.prepare(prepare_labelled("many", many)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("\"k256\""), "{}", e.message());
+    let heavy: HashMap<String, String> = (0..100).map(|i| (format!("k{i:03}"), "v".repeat(4000))).collect();
+    assert_eq!(code(c.prepare(prepare_labelled("heavy", heavy)).await), Code::InvalidArgument);
+    let index_key = "containerd.io/snapshot/modelpack.index";
+    let e = c.prepare(prepare_labelled("model", labels(&[(index_key, &huge)]))).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(index_key), "{}", e.message());
+    for key in ["many", "heavy", "model"] {
+        assert_eq!(code(stat(&mut c, key).await), Code::NotFound, "{key} was not recorded");
+    }
 
     let r = c
         .list(pb::ListSnapshotsRequest {
@@ -306,8 +327,14 @@ async fn many_layers_stack() {
     }
 }
 
-/// The layer annotations of the companion at `reference` (first platform).
-async fn companion_annotations(reference: &str) -> HashMap<String, String> {
+/// The layer of a companion image (first platform): its annotations, digest and bytes.
+struct CompanionLayer {
+    annotations: HashMap<String, String>,
+    digest: String,
+    bytes: Vec<u8>,
+}
+
+async fn companion_layer(reference: &str) -> CompanionLayer {
     use modelpack_snapshotter::config::RegistrySettings;
     use modelpack_snapshotter::registry::{parse_reference, Registry};
     let parsed = parse_reference(reference).unwrap();
@@ -317,7 +344,83 @@ async fn companion_annotations(reference: &str) -> HashMap<String, String> {
     let first = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
     let (manifest, _) = registry.with_reference(parsed.clone_with_digest(first)).fetch_manifest().await.unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    serde_json::from_value(manifest["layers"][0]["annotations"].clone()).unwrap()
+    let layer = &manifest["layers"][0];
+    let digest: modelpack_snapshotter::modelpack::Digest = layer["digest"].as_str().unwrap().parse().unwrap();
+    let bytes = registry.fetch_small_blob(&digest, layer["size"].as_u64().unwrap()).await.unwrap().to_vec();
+    CompanionLayer {
+        annotations: serde_json::from_value(layer["annotations"].clone()).unwrap(),
+        digest: digest.to_string(),
+        bytes,
+    }
+}
+
+/// A model written to `dir` (its shards `shard_size` bytes), pushed to `registry` as
+/// `models/<name>:v1` and converted; returns its companion's layer.
+async fn converted_model(
+    registry: &TestRegistry,
+    dir: &std::path::Path,
+    name: &str,
+    shard_size: usize,
+) -> CompanionLayer {
+    write_model_dir(dir, shard_size);
+    converted_dir(registry, dir, name).await
+}
+
+/// The model in `dir` pushed to `registry` as `models/<name>:v1` and converted; returns
+/// its companion's layer.
+async fn converted_dir(registry: &TestRegistry, dir: &std::path::Path, name: &str) -> CompanionLayer {
+    let source = format!("{}/models/{name}:v1", registry.addr());
+    push_dir(dir, &source, "raw");
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "{stderr}");
+    companion_layer(&format!("{source}-lazy")).await
+}
+
+/// The `Prepare` labels containerd passes for a layer annotated with `annotations`
+/// whose chain ID is `chain`.
+fn prepare_labels(annotations: &HashMap<String, String>, chain: &str) -> HashMap<String, String> {
+    let mut labels: HashMap<String, String> = annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert("containerd.io/snapshot.ref".into(), chain.into());
+    labels
+}
+
+async fn mounts(
+    c: &mut SnapshotsClient,
+    key: &str,
+) -> Result<Vec<modelpack_snapshotter::snapshotter::proto::types::Mount>, tonic::Status> {
+    c.mounts(pb::MountsRequest { snapshotter: "modelpack".into(), key: key.into() })
+        .await
+        .map(|r| r.into_inner().mounts)
+}
+
+/// Stats `key` until it answers something other than `Unavailable`, for up to `limit`.
+async fn stat_when_available(c: &mut SnapshotsClient, key: &str, limit: std::time::Duration) -> pb::Info {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match stat(c, key).await {
+            Ok(info) => return info,
+            Err(e) if e.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("stat {key}: {e}"),
+        }
+    }
+}
+
+fn model_request(key: &str, parent: &str, labels: HashMap<String, String>) -> pb::PrepareSnapshotRequest {
+    pb::PrepareSnapshotRequest { snapshotter: "modelpack".into(), key: key.into(), parent: parent.into(), labels }
+}
+
+/// Views `parent` as `key` and checks that it shows exactly the files of `src`.
+async fn assert_serves(c: &mut SnapshotsClient, tmp: &std::path::Path, key: &str, parent: &str, src: &std::path::Path) {
+    let mounts = view(c, key, parent).await.unwrap_or_else(|e| panic!("view {key} of {parent}: {e}"));
+    let target = tmp.join(format!("m-{key}"));
+    let _m = mount_all(&mounts, &target);
+    assert_same_tree(src, &target);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,72 +436,368 @@ async fn prepare_with_model_labels_mounts_the_model_and_answers_already_exists()
     push_dir(&src, &source, "tar");
     let (ok, _, stderr) = run_bin(&["convert", &source]);
     assert!(ok, "{stderr}");
-    let mut labels = companion_annotations(&format!("{source}-lazy")).await;
-    labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
-    labels.insert("containerd.io/snapshot.ref".into(), "sha256:chain".into());
+    let layer = companion_layer(&format!("{source}-lazy")).await;
+    let chain = layer.digest.clone();
+    let labels = prepare_labels(&layer.annotations, &chain);
 
     let serve = SnapshotterProcess::start(&tmp.path().join("root"));
     let mut c = snapshots_client(&serve.socket).await;
-    let request = |key: &str, labels: HashMap<String, String>| pb::PrepareSnapshotRequest {
-        snapshotter: "modelpack".into(),
-        key: key.into(),
-        parent: String::new(),
-        labels,
-    };
+    let extract = |n: u32| format!("extract-{n} {chain}");
 
     // Bad labels are refused before anything is fetched.
     let mut unknown = labels.clone();
     unknown.insert("containerd.io/snapshot/modelpack.bogus".into(), "1".into());
-    assert_eq!(code(c.prepare(request("extract-0 sha256:chain", unknown)).await), Code::InvalidArgument);
+    assert_eq!(code(c.prepare(model_request(&extract(0), "", unknown)).await), Code::InvalidArgument);
     let mut unpinned = labels.clone();
     unpinned.insert("containerd.io/snapshot/modelpack.source".into(), source.clone());
-    assert_eq!(code(c.prepare(request("extract-0 sha256:chain", unpinned)).await), Code::InvalidArgument);
+    assert_eq!(code(c.prepare(model_request(&extract(0), "", unpinned)).await), Code::InvalidArgument);
     let mut missing = labels.clone();
     let index_ref = missing["containerd.io/snapshot/modelpack.index"].clone();
     let (repo, _) = index_ref.split_once('@').unwrap();
-    missing.insert(
-        "containerd.io/snapshot/modelpack.index".into(),
-        format!("{repo}@{}", modelpack_snapshotter::modelpack::Digest::of(b"nothing")),
-    );
-    assert_ne!(code(c.prepare(request("extract-0 sha256:chain", missing)).await), Code::Ok);
-    assert_eq!(
-        code(stat(&mut c, "sha256:chain").await),
-        Code::NotFound,
-        "a failed model prepare leaves nothing behind"
-    );
+    let nothing = modelpack_snapshotter::modelpack::Digest::of(b"nothing").to_string();
+    missing.insert("containerd.io/snapshot/modelpack.index".into(), format!("{repo}@{nothing}"));
+    missing.insert("containerd.io/snapshot.ref".into(), nothing.clone());
+    assert_ne!(code(c.prepare(model_request(&format!("extract-0 {nothing}"), "", missing)).await), Code::Ok);
+    assert_eq!(code(stat(&mut c, &nothing).await), Code::NotFound, "a failed model prepare leaves nothing behind");
 
     // The handshake: AlreadyExists, then the chain ID is committed and findable.
-    assert_eq!(code(c.prepare(request("extract-1 sha256:chain", labels.clone())).await), Code::AlreadyExists);
-    let info = stat(&mut c, "sha256:chain").await.unwrap();
+    assert_eq!(code(c.prepare(model_request(&extract(1), "", labels.clone())).await), Code::AlreadyExists);
+    let info = stat(&mut c, &chain).await.unwrap();
     assert_eq!(info.kind, pb::Kind::Committed as i32);
-    let found = list(&mut c, &["labels.\"containerd.io/snapshot.ref\"==sha256:chain,parent==\"\""]).await;
+    let found = list(&mut c, &[&format!("labels.\"containerd.io/snapshot.ref\"=={chain},parent==\"\"")]).await;
     assert_eq!(found.len(), 1);
-    assert_eq!(
-        code(stat(&mut c, "extract-1 sha256:chain").await),
-        Code::NotFound,
-        "the extraction key is never created"
-    );
-    assert_eq!(code(c.prepare(request("extract-2 sha256:chain", labels.clone())).await), Code::AlreadyExists, "again");
+    assert_eq!(code(stat(&mut c, &extract(1)).await), Code::NotFound, "the extraction key is never created");
+    assert_eq!(code(c.prepare(model_request(&extract(2), "", labels.clone())).await), Code::AlreadyExists, "again");
 
     // Children see the model: a view (bind) and an active snapshot (overlay).
-    let mounts = view(&mut c, "volume", "sha256:chain").await.unwrap();
-    {
-        let target = tmp.path().join("m-view");
-        let _m = mount_all(&mounts, &target);
-        assert_same_tree(&src, &target);
-    }
-    let mounts = prepare(&mut c, "rootfs", "sha256:chain").await.unwrap();
+    assert_serves(&mut c, tmp.path(), "volume", &chain, &src).await;
+    let mounts = prepare(&mut c, "rootfs", &chain).await.unwrap();
     {
         let target = tmp.path().join("m-rootfs");
         let _m = mount_all(&mounts, &target);
         assert_eq!(std::fs::read(target.join("config.json")).unwrap(), std::fs::read(src.join("config.json")).unwrap());
         std::fs::write(target.join("scratch"), b"writable upper").unwrap();
     }
-    assert_eq!(code(remove(&mut c, "sha256:chain").await), Code::FailedPrecondition, "children first");
+    assert_eq!(code(remove(&mut c, &chain).await), Code::FailedPrecondition, "children first");
     remove(&mut c, "volume").await.unwrap();
     remove(&mut c, "rootfs").await.unwrap();
-    remove(&mut c, "sha256:chain").await.unwrap();
+    remove(&mut c, &chain).await.unwrap();
     assert!(list(&mut c, &[]).await.is_empty());
     let leftover = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!leftover.contains(&serve.root.display().to_string()), "the model is unmounted");
+}
+
+/// The attack on the label handshake: an image whose layer is byte-identical to an
+/// honest companion's (so containerd computes the same chain ID) but whose annotations
+/// name another model's index. It must never decide what that chain ID serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_id_serves_only_the_model_its_own_index_layer_names() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let honest_src = tmp.path().join("honest");
+    let honest = converted_model(&registry, &honest_src, "honest", 1 << 20).await;
+    let evil = converted_model(&registry, &tmp.path().join("evil"), "evil", 3 << 20).await;
+    assert_ne!(honest.digest, evil.digest);
+    let chain = honest.digest.clone();
+
+    // The forged image: the honest index layer's bytes, the other model's annotations.
+    let forged_ref = format!("{}/evil/forged:v1", registry.addr());
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [chain] },
+    }))
+    .unwrap();
+    let spec = LayerSpec {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        data: honest.bytes.clone(),
+        annotations: serde_json::to_value(&evil.annotations).unwrap(),
+    };
+    let pushed = forged_ref.clone();
+    tokio::task::spawn_blocking(move || {
+        push_artifact(&pushed, "", "application/vnd.oci.image.config.v1+json", &config, &[spec])
+    })
+    .await
+    .unwrap();
+    // Its chain ID is its diff ID, the digest of the (uncompressed) layer: the honest one.
+    assert_eq!(modelpack_snapshotter::modelpack::Digest::of(&honest.bytes).to_string(), chain);
+    let forged = prepare_labels(&evil.annotations, &chain);
+    // A subtler forgery: the honest index digest in the forger's repository (the blob
+    // is there, byte-identical), with the other model as the source.
+    let mut forged_source = prepare_labels(&honest.annotations, &chain);
+    forged_source
+        .insert("containerd.io/snapshot/modelpack.index".into(), format!("{}/evil/forged@{chain}", registry.addr()));
+    forged_source.insert(
+        "containerd.io/snapshot/modelpack.source".into(),
+        evil.annotations["containerd.io/snapshot/modelpack.source"].clone(),
+    );
+
+    let serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&serve.socket).await;
+
+    // Forged first: refused, saying what did not match, and nothing is recorded.
+    let e = c.prepare(model_request(&format!("extract-1 {chain}"), "", forged.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("does not match") && e.message().contains(&evil.digest), "{}", e.message());
+    let e = c.prepare(model_request(&format!("extract-2 {chain}"), "", forged_source.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("describes"), "{}", e.message());
+    assert_eq!(code(stat(&mut c, &chain).await), Code::NotFound);
+    // A companion layer has no parent.
+    prepare(&mut c, "base-active", "").await.unwrap();
+    commit(&mut c, "base", "base-active").await.unwrap();
+    let honest_labels = prepare_labels(&honest.annotations, &chain);
+    let e = c.prepare(model_request(&format!("extract-3 {chain}"), "base", honest_labels.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // Honest labels with some other chain ID are refused as well.
+    let elsewhere = prepare_labels(&honest.annotations, "sha256:chain");
+    assert_eq!(code(c.prepare(model_request("extract-4 sha256:chain", "", elsewhere)).await), Code::InvalidArgument);
+
+    // Honest: served.
+    assert_eq!(
+        code(c.prepare(model_request(&format!("extract-5 {chain}"), "", honest_labels)).await),
+        Code::AlreadyExists
+    );
+    assert_serves(&mut c, tmp.path(), "v1", &chain, &honest_src).await;
+
+    // Forged after: the honest model stays what the chain ID serves.
+    for (n, labels) in [forged, forged_source].into_iter().enumerate() {
+        let r = c.prepare(model_request(&format!("extract-{} {chain}", 6 + n), "", labels)).await;
+        assert!(matches!(code(r), Code::InvalidArgument | Code::AlreadyExists));
+    }
+    let info = stat(&mut c, &chain).await.unwrap();
+    assert_eq!(
+        info.labels["containerd.io/snapshot/modelpack.index"],
+        honest.annotations["containerd.io/snapshot/modelpack.index"]
+    );
+    assert_serves(&mut c, tmp.path(), "v2", &chain, &honest_src).await;
+}
+
+/// The commit path (a client that unpacks the companion layer itself): the index comes
+/// from the layer's content, which containerd checked against the chain ID it commits,
+/// so labels sent with the commit decide nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_companion_serves_what_its_content_names_whatever_its_labels_say() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let honest_src = tmp.path().join("honest");
+    let honest = converted_model(&registry, &honest_src, "honest", 1 << 20).await;
+    let evil = converted_model(&registry, &tmp.path().join("evil"), "evil", 3 << 20).await;
+    let chain = honest.digest.clone();
+
+    let serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&serve.socket).await;
+    let key = format!("extract-1 {chain}");
+    let mounts = prepare(&mut c, &key, "").await.unwrap();
+    {
+        let target = tmp.path().join("m-unpack");
+        let _m = mount_all(&mounts, &target);
+        let json = modelpack_snapshotter::companion::index_from_tar(&honest.bytes).unwrap();
+        std::fs::create_dir(target.join(".modelpack")).unwrap();
+        std::fs::write(target.join(".modelpack/index.json"), json).unwrap();
+    }
+    let r = pb::CommitSnapshotRequest {
+        snapshotter: "modelpack".into(),
+        name: chain.clone(),
+        key,
+        labels: prepare_labels(&evil.annotations, &chain),
+    };
+    c.commit(r).await.unwrap();
+    let info = stat(&mut c, &chain).await.unwrap();
+    assert_eq!(
+        info.labels.get("containerd.io/snapshot/modelpack.source"),
+        honest.annotations.get("containerd.io/snapshot/modelpack.source"),
+        "the record names the source the content names"
+    );
+    assert_eq!(info.labels.get("containerd.io/snapshot/modelpack.index"), None, "no forged index is kept");
+    assert_serves(&mut c, tmp.path(), "v", &chain, &honest_src).await;
+}
+
+/// A model whose registry is gone across a restart (and whose index the cache lost) is
+/// never handed out as an empty directory: the model and its children answer
+/// `Unavailable` with the cause, until a background retry mounts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_cannot_be_mounted_after_a_restart_is_unavailable_until_a_retry_mounts_it() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut registry = TestRegistry::start();
+    let src = tmp.path().join("model");
+    let layer = converted_model(&registry, &src, "retried", 1 << 20).await;
+    let chain = layer.digest.clone();
+    let root = tmp.path().join("root");
+    let socket = root.join("snapshotter.sock");
+    let config = write_config(&tmp.path().join("config"), "[models]\nretry_initial_secs = 1\nretry_max_secs = 2\n");
+
+    let mut serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    let labels = prepare_labels(&layer.annotations, &chain);
+    assert_eq!(code(c.prepare(model_request(&format!("extract-1 {chain}"), "", labels)).await), Code::AlreadyExists);
+    view(&mut c, "volume", &chain).await.unwrap();
+    serve.stop();
+
+    // The registry goes away, and with the cache the index: mounting needs the registry.
+    registry.stop();
+    std::fs::remove_dir_all(root.join("cache")).unwrap();
+    let _serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    let e = stat(&mut c, &chain).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains(&chain) && e.message().contains("next attempt"), "{}", e.message());
+    assert!(e.message().contains(&registry.addr()), "the cause names the registry: {}", e.message());
+    let e = mounts(&mut c, "volume").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "the child of an unmounted model has no mounts: {e}");
+    assert_eq!(code(prepare(&mut c, "rootfs", &chain).await), Code::Unavailable);
+    assert_eq!(code(view(&mut c, "volume-2", &chain).await), Code::Unavailable);
+    for key in ["rootfs", "volume-2"] {
+        assert_eq!(code(stat(&mut c, key).await), Code::NotFound, "{key} was not recorded");
+    }
+
+    registry.restart();
+    stat_when_available(&mut c, &chain, std::time::Duration::from_secs(60)).await;
+    {
+        let mounts = mounts(&mut c, "volume").await.unwrap();
+        let target = tmp.path().join("m-volume");
+        let _m = mount_all(&mounts, &target);
+        assert_same_tree(&src, &target);
+    }
+    assert_serves(&mut c, tmp.path(), "volume-2", &chain, &src).await;
+    prepare(&mut c, "rootfs", &chain).await.unwrap();
+}
+
+/// `serve` answers on its socket before it has mounted its models again, and mounts
+/// them concurrently: one model behind a registry that accepts connections and never
+/// replies holds up none of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_answers_at_once_and_a_hung_registry_holds_up_no_other_model() {
+    if !prerequisites(true) {
+        return;
+    }
+    const MODELS: usize = 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let mut doomed = TestRegistry::start();
+    let mut models = Vec::new();
+    for i in 0..MODELS {
+        let dir = tmp.path().join(format!("model-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("weights.bin"), pseudo_random(64 << 10, i as u64 + 1)).unwrap();
+        std::fs::write(dir.join("config.json"), format!("{{\"model\":{i}}}")).unwrap();
+        let on = if i == MODELS - 1 { &doomed } else { &registry };
+        let layer = converted_dir(on, &dir, &format!("m{i}")).await;
+        models.push((dir, layer.digest.clone(), prepare_labels(&layer.annotations, &layer.digest)));
+    }
+    // A request timeout far beyond the test's, so that only concurrency can let the
+    // others through; a short wait for a model still being mounted.
+    let request_timeout = std::time::Duration::from_secs(600);
+    let config = write_config(
+        &tmp.path().join("config"),
+        &format!("[registry]\nrequest_timeout_secs = {}\n[models]\nrestore_wait_secs = 1\n", request_timeout.as_secs()),
+    );
+    let root = tmp.path().join("root");
+    let socket = root.join("snapshotter.sock");
+    let mut serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    for (_, chain, labels) in &models {
+        let r = c.prepare(model_request(&format!("extract {chain}"), "", labels.clone())).await;
+        assert_eq!(code(r), Code::AlreadyExists);
+    }
+    serve.stop();
+
+    // One registry now hangs, and the cache is gone: every model needs its registry.
+    doomed.stop();
+    let _hung = HungServer::start(doomed.port);
+    std::fs::remove_dir_all(root.join("cache")).unwrap();
+    let started = std::time::Instant::now();
+    let _serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    assert_eq!(list(&mut c, &["kind==committed"]).await.len(), MODELS);
+    let (_, hung_chain, _) = &models[MODELS - 1];
+    let e = stat(&mut c, hung_chain).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("still being mounted"), "{}", e.message());
+
+    for (n, (dir, chain, _)) in models[..MODELS - 1].iter().enumerate() {
+        stat_when_available(&mut c, chain, request_timeout / 2).await;
+        assert_serves(&mut c, tmp.path(), &format!("v{n}"), chain, dir).await;
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < request_timeout, "{elapsed:?}: the others waited for the hung registry");
+    assert_eq!(code(stat(&mut c, hung_chain).await), Code::Unavailable, "still hung");
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The state (where unpacked layers, setuid files among them, live) and the socket are
+/// out of other local users' reach: created so, and tightened when an earlier build
+/// left them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_and_the_socket_are_private() {
+    if !prerequisites(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("state/root");
+    let run = tmp.path().join("run/modelpack");
+    let socket = run.join("snapshotter.sock");
+    let config = write_config(&tmp.path().join("config"), "");
+    let private = [root.clone(), root.join("snapshots"), run.clone()];
+    let metadata = root.join("metadata.redb");
+    let check = || {
+        for dir in &private {
+            assert_eq!(mode_of(dir), 0o700, "{}", dir.display());
+        }
+        assert_eq!(mode_of(&metadata), 0o600, "{}", metadata.display());
+    };
+    {
+        let serve = SnapshotterProcess::start_with(&root, &socket, &config);
+        check();
+        let mut c = snapshots_client(&serve.socket).await;
+        prepare(&mut c, "a", "").await.unwrap();
+    }
+    for dir in &private {
+        set_mode(dir, 0o755);
+    }
+    set_mode(&metadata, 0o644);
+    {
+        let serve = SnapshotterProcess::start_with(&root, &socket, &config);
+        check();
+        let mut c = snapshots_client(&serve.socket).await;
+        assert_eq!(stat(&mut c, "a").await.unwrap().kind, pb::Kind::Active as i32, "the state is kept");
+    }
+
+    // A socket directory shared with other files is refused, not closed to everyone.
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    set_mode(&shared, 0o755);
+    std::fs::write(shared.join("other.txt"), b"someone else's").unwrap();
+    let address = shared.join("snapshotter.sock");
+    let (ok, _, stderr) = run_bin(&[
+        "serve",
+        "--root",
+        root.to_str().unwrap(),
+        "--address",
+        address.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!ok, "serve started with a shared socket directory");
+    assert!(stderr.contains(shared.to_str().unwrap()) && stderr.contains("other.txt"), "{stderr}");
+    assert_eq!(mode_of(&shared), 0o755);
+    assert!(!address.exists());
 }

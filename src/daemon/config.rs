@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{FetchSettings, RegistrySettings, Settings};
+use crate::config::{FetchSettings, ModelMountSettings, RegistrySettings, Settings};
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub cache: CacheConfig,
     /// How registries are reached.
     pub registry: RegistryConfig,
+    /// How model snapshots are kept mounted.
+    pub models: ModelsConfig,
 }
 
 /// `[cache]`
@@ -72,6 +74,32 @@ pub struct RegistryConfig {
     pub retries: u32,
 }
 
+/// `[models]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Models mounted at once in the background (after a restart, and retries).
+    pub mount_concurrency: usize,
+    /// Seconds a request about a model still being mounted after a restart waits.
+    pub restore_wait_secs: u64,
+    /// Seconds before the first retry of a model that could not be mounted.
+    pub retry_initial_secs: u64,
+    /// Most seconds between two retries.
+    pub retry_max_secs: u64,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        let m = ModelMountSettings::default();
+        Self {
+            mount_concurrency: m.concurrency,
+            restore_wait_secs: m.restore_wait.as_secs(),
+            retry_initial_secs: m.retry_initial.as_secs(),
+            retry_max_secs: m.retry_max.as_secs(),
+        }
+    }
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -80,6 +108,7 @@ impl Default for DaemonConfig {
             log_level: "info".to_owned(),
             cache: CacheConfig::default(),
             registry: RegistryConfig::default(),
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -142,6 +171,15 @@ impl DaemonConfig {
         if self.registry.request_timeout_secs == 0 || self.registry.connect_timeout_secs == 0 {
             return Err(invalid("registry timeouts", "must be at least 1 second"));
         }
+        if self.models.mount_concurrency == 0 {
+            return Err(invalid("models.mount_concurrency", "must be at least 1"));
+        }
+        if self.models.retry_initial_secs == 0 {
+            return Err(invalid("models.retry_initial_secs", "must be at least 1 second"));
+        }
+        if self.models.retry_max_secs < self.models.retry_initial_secs {
+            return Err(invalid("models.retry_max_secs", "must be at least models.retry_initial_secs"));
+        }
         if !self.root.is_absolute() || !self.address.is_absolute() {
             return Err(invalid("root and address", "must be absolute paths"));
         }
@@ -154,6 +192,16 @@ impl DaemonConfig {
             self.root.join("cache")
         } else {
             self.cache.dir.clone()
+        }
+    }
+
+    /// How model snapshots are kept mounted.
+    pub fn model_mounts(&self) -> ModelMountSettings {
+        ModelMountSettings {
+            concurrency: self.models.mount_concurrency,
+            restore_wait: Duration::from_secs(self.models.restore_wait_secs),
+            retry_initial: Duration::from_secs(self.models.retry_initial_secs),
+            retry_max: Duration::from_secs(self.models.retry_max_secs),
         }
     }
 
@@ -201,6 +249,12 @@ mod tests {
         assert!(e.contains("chunk_size"), "{e}");
         let e = DaemonConfig::parse("root = 5\n", "cfg.toml").unwrap_err().to_string();
         assert!(e.contains("root"), "{e}");
+        let e = DaemonConfig::parse("[models]\nretry_max_secs = 1\nretry_initial_secs = 5\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("retry_max_secs"), "{e}");
+        let e = DaemonConfig::parse("[models]\nmount_concurrency = 0\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("mount_concurrency"), "{e}");
     }
 
     #[test]
@@ -208,5 +262,6 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml");
         let c = DaemonConfig::load(&path).unwrap();
         assert_eq!(c.settings().fetch.chunk_size, FetchSettings::default().chunk_size);
+        assert_eq!(c.models, ModelsConfig::default(), "the sample shows the defaults");
     }
 }

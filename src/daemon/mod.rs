@@ -1,6 +1,6 @@
 //! `serve`: the long-running snapshotter daemon containerd talks to. Binds the Unix
-//! socket, serves the snapshots API until SIGINT/SIGTERM, and tells systemd when it is
-//! ready (`Type=notify`).
+//! socket inside a directory only its owner can enter, serves the snapshots API until
+//! SIGINT/SIGTERM, and tells systemd when it is ready (`Type=notify`).
 
 pub mod config;
 
@@ -14,7 +14,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::cache::ChunkCache;
 use crate::snapshotter::grpc::Grpc;
 use crate::snapshotter::remote::RemoteSnapshotter;
-use crate::snapshotter::{SnapshotError, Snapshotter};
+use crate::snapshotter::{private_dir, SnapshotError, Snapshotter, STATE_MODE};
 pub use config::{ConfigError, DaemonConfig};
 
 /// Why the daemon could not start or stopped with an error.
@@ -26,9 +26,11 @@ pub enum DaemonError {
     /// Opening the snapshotter state failed.
     #[error(transparent)]
     Snapshotter(#[from] SnapshotError),
-    /// A worker thread died.
-    #[error("restoring model snapshots: {0}")]
-    Task(String),
+    /// The socket's directory is shared with other files, so it cannot be made private.
+    #[error(
+        "socket directory {dir} is open to other users and holds {other:?}: give `address` a directory of its own (it is created with mode 0700)"
+    )]
+    SharedSocketDir { dir: String, other: String },
     /// The chunk cache could not be opened.
     #[error(transparent)]
     Cache {
@@ -44,12 +46,37 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     move |source| DaemonError::Io { what, path: path.display().to_string(), source }
 }
 
-/// Binds `address` afresh: a socket file left by an earlier run is replaced, anything
-/// else in the way is an error.
-fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+/// Makes `dir` the socket's private directory ([`STATE_MODE`]): created so, or
+/// tightened when it holds nothing but the socket (a directory an earlier build made).
+/// Anyone who can connect drives the snapshotter, so the directory, not a mode set on
+/// the socket after it is already listening, is what keeps other users out. A shared
+/// directory (`/run` itself, say) is refused rather than closed to everyone else.
+fn socket_dir(dir: &Path, socket: &Path) -> Result<(), DaemonError> {
+    let loose = match std::fs::metadata(dir) {
+        Ok(meta) => meta.permissions().mode() & 0o7777 != STATE_MODE,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_err("checking", dir)(e)),
+    };
+    if loose {
+        let entries = std::fs::read_dir(dir).map_err(io_err("reading", dir))?;
+        let mut others =
+            entries.filter_map(Result::ok).filter(|e| Some(e.file_name().as_os_str()) != socket.file_name());
+        if let Some(other) = others.next() {
+            return Err(DaemonError::SharedSocketDir {
+                dir: dir.display().to_string(),
+                other: other.file_name().to_string_lossy().into_owned(),
+            });
+        }
     }
+    private_dir(dir)?;
+    Ok(())
+}
+
+/// Binds `address` afresh inside its private directory: a socket file left by an
+/// earlier run is replaced, anything else in the way is an error.
+fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
+    let dir = address.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    socket_dir(dir, address)?;
     match std::fs::symlink_metadata(address) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
             std::fs::remove_file(address).map_err(io_err("removing stale socket", address))?;
@@ -64,29 +91,36 @@ fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("checking", address)(e)),
     }
-    let listener = UnixListener::bind(address).map_err(io_err("binding", address))?;
-    // Only root (containerd) may drive the snapshotter.
-    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600)).map_err(io_err("securing", address))?;
-    Ok(listener)
+    UnixListener::bind(address).map_err(io_err("binding", address))
 }
 
 /// Runs the daemon until `shutdown` completes.
+///
+/// The socket is bound as soon as the state is open, before any model is mounted again:
+/// start-up does not grow with the number of models, and one model behind an
+/// unreachable registry holds up nobody. Models recorded before a restart are mounted in
+/// the background; requests about one not mounted yet wait for it (bounded) or answer
+/// `Unavailable`.
 pub async fn serve(
     config: &DaemonConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&config.root).map_err(io_err("creating", &config.root))?;
+    // The state first: it creates the root private, before the cache (by default
+    // inside it) exists.
+    let base = tokio::task::block_in_place(|| Snapshotter::open(&config.root))?;
     let settings = config.settings();
     let cache_dir = config.cache_dir();
     let cache =
         ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?;
-    let base = tokio::task::block_in_place(|| Snapshotter::open(&config.root))?;
-    let snapshotter =
-        Arc::new(RemoteSnapshotter::new(base, Arc::new(cache), settings, tokio::runtime::Handle::current()));
-    // Models committed before a restart are mounted again before containerd can ask.
-    let restoring = snapshotter.clone();
-    tokio::task::spawn_blocking(move || restoring.restore()).await.map_err(|e| DaemonError::Task(e.to_string()))??;
+    let snapshotter = Arc::new(RemoteSnapshotter::new(
+        base,
+        Arc::new(cache),
+        settings,
+        config.model_mounts(),
+        tokio::runtime::Handle::current(),
+    ));
     let listener = bind(&config.address)?;
+    tokio::task::block_in_place(|| snapshotter.restore())?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
     println!("serving: {}", config.address.display());
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {

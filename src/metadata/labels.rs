@@ -1,5 +1,5 @@
-//! Label rules shared by every write: containerd's size limit, and the field paths an
-//! update may name.
+//! Label rules shared by every write: containerd's size limit, bounds on how many labels
+//! one snapshot carries, and the field paths an update may name.
 
 use std::collections::BTreeMap;
 
@@ -7,6 +7,39 @@ use super::MetadataError;
 
 /// The most bytes a label's key and value may hold together, as containerd enforces.
 pub const MAX_LABEL_SIZE: usize = 4096;
+/// The most labels one snapshot may carry. containerd passes a handful (the chain ID and
+/// the `containerd.io/snapshot/cri.*` labels); the bound keeps a client from growing one
+/// record, and every read of it, without limit.
+pub const MAX_LABELS: usize = 256;
+/// The most bytes all labels of one snapshot may hold together (keys and values): room
+/// for 64 labels of the largest size.
+pub const MAX_LABELS_SIZE: usize = 64 * MAX_LABEL_SIZE;
+
+/// Checks labels against containerd's rules and this store's bounds, naming the first
+/// key that breaks one. Labels with an empty value are not counted: they are never
+/// stored.
+pub fn check(labels: &BTreeMap<String, String>) -> Result<(), MetadataError> {
+    let (mut count, mut total) = (0usize, 0usize);
+    for (key, value) in labels.iter().filter(|(_, value)| !value.is_empty()) {
+        let invalid = |reason: String| MetadataError::InvalidLabel { key: key.clone(), reason };
+        if key.is_empty() {
+            return Err(invalid("label key is empty".to_owned()));
+        }
+        let size = key.len() + value.len();
+        if size > MAX_LABEL_SIZE {
+            return Err(invalid(format!("key and value hold {size} bytes, more than the {MAX_LABEL_SIZE} allowed")));
+        }
+        count += 1;
+        total += size;
+        if count > MAX_LABELS {
+            return Err(invalid(format!("a snapshot carries at most {MAX_LABELS} labels")));
+        }
+        if total > MAX_LABELS_SIZE {
+            return Err(invalid(format!("a snapshot's labels hold at most {MAX_LABELS_SIZE} bytes together")));
+        }
+    }
+    Ok(())
+}
 
 /// Checks every label and drops those with an empty value.
 ///
@@ -15,18 +48,7 @@ pub const MAX_LABEL_SIZE: usize = 4096;
 /// from containerd's built-in ones.
 pub(super) fn checked(mut labels: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, MetadataError> {
     labels.retain(|_, value| !value.is_empty());
-    for (key, value) in &labels {
-        if key.is_empty() {
-            return Err(MetadataError::InvalidLabel { key: key.clone(), reason: "label key is empty".to_owned() });
-        }
-        let size = key.len() + value.len();
-        if size > MAX_LABEL_SIZE {
-            return Err(MetadataError::InvalidLabel {
-                key: key.clone(),
-                reason: format!("key and value hold {size} bytes, more than the {MAX_LABEL_SIZE} allowed"),
-            });
-        }
-    }
+    check(&labels)?;
     Ok(labels)
 }
 

@@ -25,7 +25,8 @@
 //!   even after its snapshot is removed or the process restarts. A stale directory left
 //!   behind by a removed snapshot can therefore never be mistaken for a new one.
 //! - No stored label has an empty key, an empty value, or more than [`MAX_LABEL_SIZE`]
-//!   bytes of key and value.
+//!   bytes of key and value; no record has more than [`MAX_LABELS`] labels or more than
+//!   [`MAX_LABELS_SIZE`] bytes of them.
 //!
 //! # Concurrency
 //!
@@ -46,7 +47,7 @@ use redb::{
     ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
 };
 
-pub use self::labels::MAX_LABEL_SIZE;
+pub use self::labels::{check as check_labels, MAX_LABELS, MAX_LABELS_SIZE, MAX_LABEL_SIZE};
 
 /// The on-disk layout this build reads and writes. A store written by a newer layout is
 /// refused rather than misread.
@@ -152,6 +153,9 @@ pub enum MetadataError {
     /// A record could not be serialized (e.g. a timestamp before 1970 from a broken clock).
     #[error("cannot encode the record of snapshot {key}: {source}")]
     Encode { key: String, source: serde_json::Error },
+    /// The file could not be created, or kept, readable by its owner only.
+    #[error("cannot make metadata store {path} private (mode 0600): {source}")]
+    Private { path: PathBuf, source: std::io::Error },
     /// The file was written by a build with another on-disk layout.
     #[error("metadata store {path} has schema version {found}; this build understands version {SCHEMA_VERSION}")]
     UnsupportedSchema { path: PathBuf, found: u64 },
@@ -169,6 +173,22 @@ fn validate_key(key: &str, what: &str) -> Result<(), MetadataError> {
     Ok(())
 }
 
+/// The mode of the store's file: it names every snapshot, its labels and its model's
+/// source, which are no business of other local users.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` with [`FILE_MODE`] before the database opens it (an empty file is a
+/// new database to redb), or tightens an existing file to it.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(FILE_MODE).open(path)?;
+    if file.metadata()?.permissions().mode() & 0o777 != FILE_MODE {
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+        tracing::info!(path = %path.display(), "made the metadata store readable by its owner only");
+    }
+    Ok(())
+}
+
 /// The durable snapshot table. See the module docs for its invariants.
 #[derive(Debug)]
 pub struct MetaStore {
@@ -178,11 +198,14 @@ pub struct MetaStore {
 
 impl MetaStore {
     /// Opens the store at `path`, creating the file (not its directory) if it is absent.
+    /// The file is readable and writable by its owner only ([`FILE_MODE`]): created so,
+    /// or tightened if an earlier build left it open to others.
     ///
     /// Fails with [`MetadataError::Store`] if another `MetaStore` in any process has the
     /// file open.
     pub fn open(path: &Path) -> Result<Self, MetadataError> {
         let context = format!("open {}", path.display());
+        make_private(path).map_err(|source| MetadataError::Private { path: path.to_owned(), source })?;
         let db = Database::create(path).map_err(store_error(&context))?;
         let store = MetaStore { db, path: path.to_owned() };
         store.write(&context, |tables| {
@@ -286,6 +309,31 @@ impl MetaStore {
         labels: BTreeMap<String, String>,
         usage: Usage,
     ) -> Result<SnapshotRecord, MetadataError> {
+        self.commit_with(name, key, labels, usage, None)
+    }
+
+    /// Commits active snapshot `key` as `name` like [`Self::commit`], attaching the
+    /// snapshotter's remote data in the same transaction: the snapshot is never seen
+    /// committed without it.
+    pub fn commit_remote(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+        remote: String,
+    ) -> Result<SnapshotRecord, MetadataError> {
+        self.commit_with(name, key, labels, usage, Some(remote))
+    }
+
+    fn commit_with(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+        remote: Option<String>,
+    ) -> Result<SnapshotRecord, MetadataError> {
         validate_key(name, "commit name")?;
         let labels = labels::checked(labels)?;
         let now = SystemTime::now();
@@ -308,6 +356,9 @@ impl MetaStore {
                 record.labels = labels;
             }
             record.usage = Some(usage);
+            if let Some(remote) = remote {
+                record.remote = Some(remote);
+            }
             record.updated = now;
             tables.put(&record)?;
             Ok(record)
@@ -350,20 +401,6 @@ impl MetaStore {
             let mut updated = std::mem::take(&mut record.labels);
             labels::apply(&mut updated, &labels, &paths);
             record.labels = labels::checked(updated)?;
-            record.updated = now;
-            tables.put(&record)?;
-            Ok(record)
-        })
-    }
-
-    /// Attaches remote data to a committed snapshot (one whose contents the snapshotter
-    /// replaced with a lazily mounted model after commit), and the usage to report.
-    pub fn set_remote(&self, key: &str, remote: String, usage: Usage) -> Result<SnapshotRecord, MetadataError> {
-        let now = SystemTime::now();
-        self.write("record remote snapshot data", |tables| {
-            let mut record = tables.require(key)?;
-            record.remote = Some(remote.clone());
-            record.usage = Some(usage);
             record.updated = now;
             tables.put(&record)?;
             Ok(record)

@@ -71,6 +71,22 @@ fn create_view_on_committed_parent() {
 }
 
 #[test]
+fn commit_remote_attaches_remote_data_in_the_same_commit() {
+    let (_dir, store) = open();
+    store.create("active", None, Kind::Active, labels(&[("a", "1")])).unwrap();
+    store.create("taken", None, Kind::Active, no_labels()).unwrap();
+    let remote = r#"{"source":"example"}"#.to_owned();
+    let refused = store.commit_remote("taken", "active", no_labels(), USAGE, remote.clone());
+    assert!(matches!(refused, Err(MetadataError::AlreadyExists { .. })));
+    let untouched = store.get("active").unwrap().unwrap();
+    assert_eq!((untouched.kind, untouched.remote), (Kind::Active, None), "a refused commit changes nothing");
+    let record = store.commit_remote("model", "active", no_labels(), USAGE, remote.clone()).unwrap();
+    assert_eq!((record.kind, record.remote.as_ref(), record.usage), (Kind::Committed, Some(&remote), Some(USAGE)));
+    assert_eq!(store.get("model").unwrap().unwrap(), record);
+    assert_eq!(record.labels, labels(&[("a", "1")]), "empty commit labels keep the snapshot's own");
+}
+
+#[test]
 fn create_committed_keeps_remote_data_and_usage() {
     let (_dir, store) = open();
     committed(&store, "base", None);
@@ -214,6 +230,34 @@ fn label_size_limit_and_empty_key() {
     assert!(matches!(store.commit("name", "fits", over.clone(), USAGE), Err(MetadataError::InvalidLabel { .. })));
     assert_eq!(store.get("fits").unwrap().unwrap().kind, Kind::Active);
     assert!(matches!(store.update_labels("fits", over, &[]), Err(MetadataError::InvalidLabel { .. })));
+}
+
+#[test]
+fn label_count_and_total_are_bounded() {
+    let (_dir, store) = open();
+    let many: BTreeMap<String, String> = (0..=MAX_LABELS).map(|i| (format!("k{i:04}"), "v".to_owned())).collect();
+    let err = store.create("many", None, Kind::Active, many.clone()).unwrap_err();
+    let last = format!("k{MAX_LABELS:04}");
+    assert!(matches!(&err, MetadataError::InvalidLabel { key, .. } if *key == last), "{err}");
+    assert!(err.to_string().contains(&last), "the message names the key: {err}");
+    let mut at_count = many;
+    at_count.remove(&last);
+    store.create("at-count", None, Kind::Active, at_count).unwrap();
+
+    let big = "v".repeat(MAX_LABEL_SIZE - 8);
+    let heavy: BTreeMap<String, String> =
+        (0..MAX_LABELS_SIZE / MAX_LABEL_SIZE + 1).map(|i| (format!("k{i:04}"), big.clone())).collect();
+    let err = store.create("heavy", None, Kind::Active, heavy).unwrap_err();
+    assert!(matches!(&err, MetadataError::InvalidLabel { .. }), "{err}");
+    assert!(err.to_string().contains("together"), "{err}");
+
+    // An update is checked on the labels it leaves, not only on those it names.
+    let grow: BTreeMap<String, String> = [("one-more".to_owned(), "v".to_owned())].into();
+    let e = store.update_labels("at-count", grow, &["labels.one-more".to_owned()]).unwrap_err();
+    assert!(matches!(e, MetadataError::InvalidLabel { .. }), "{e}");
+    // Empty values are never stored, so they do not count.
+    let empties: BTreeMap<String, String> = (0..2 * MAX_LABELS).map(|i| (format!("e{i}"), String::new())).collect();
+    store.create("empties", None, Kind::Active, empties).unwrap();
 }
 
 #[test]
@@ -401,10 +445,12 @@ fn second_open_of_the_same_file_is_a_store_error() {
 }
 
 #[test]
-fn missing_directory_is_a_store_error() {
+fn missing_directory_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let err = MetaStore::open(&dir.path().join("absent/metadata.redb")).unwrap_err();
-    assert!(matches!(err, MetadataError::Store { .. }), "{err}");
+    let path = dir.path().join("absent/metadata.redb");
+    let err = MetaStore::open(&path).unwrap_err();
+    assert!(matches!(err, MetadataError::Private { .. }), "{err}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
 }
 
 #[test]
@@ -482,4 +528,18 @@ fn timestamp_before_1970_is_an_encode_error() {
 #[test]
 fn kind_names_match_containerd() {
     assert_eq!([Kind::View, Kind::Active, Kind::Committed].map(Kind::as_str), ["view", "active", "committed"]);
+}
+
+#[test]
+fn the_file_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metadata.redb");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    drop(MetaStore::open(&path).unwrap());
+    assert_eq!(mode(&path), FILE_MODE);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = MetaStore::open(&path).unwrap();
+    assert_eq!(mode(&path), FILE_MODE, "an existing file is tightened");
+    store.create("a", None, Kind::Active, no_labels()).unwrap();
 }

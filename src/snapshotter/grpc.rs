@@ -67,7 +67,13 @@ pub fn status_of(e: &SnapshotError) -> Status {
         SnapshotError::Model { source, .. } if matches!(**source, crate::model::ModelError::Registry(_)) => {
             Status::unavailable(message)
         }
-        SnapshotError::Model { .. } | SnapshotError::Remote { .. } => Status::failed_precondition(message),
+        SnapshotError::Index { source, .. } if matches!(**source, crate::companion::CompanionError::Registry(_)) => {
+            Status::unavailable(message)
+        }
+        SnapshotError::Unavailable { .. } => Status::unavailable(message),
+        SnapshotError::Model { .. } | SnapshotError::Index { .. } | SnapshotError::Remote { .. } => {
+            Status::failed_precondition(message)
+        }
         SnapshotError::WrongKind { .. } => Status::failed_precondition(message),
         SnapshotError::Io { .. } => Status::internal(message),
     }

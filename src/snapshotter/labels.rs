@@ -1,17 +1,20 @@
 //! The snapshot labels that ask for a model, parsed at the edge. containerd passes the
 //! companion layer's `containerd.io/snapshot/modelpack.*` annotations as `Prepare` labels
 //! together with `containerd.io/snapshot.ref` (the chain ID to commit).
+//!
+//! The annotations are the least trusted input here: any image can carry them on any
+//! layer. What binds them to the layer is the chain ID. A companion is one uncompressed
+//! layer without a parent, so its chain ID is its diff ID, which is the digest of the
+//! index layer itself; labels whose chain ID is anything else describe some other layer
+//! and are refused. A chain ID therefore only ever serves the model its own bytes name.
 
 use std::collections::BTreeMap;
 
-pub use crate::companion::Pinned;
-use crate::convert::labels as keys;
 use crate::modelpack::index::INDEX_VERSION;
+use crate::modelpack::labels::{self as keys, Pinned, PREFIX as MODELPACK_PREFIX};
 
 /// containerd's label naming the chain ID a remote snapshotter should commit.
 pub const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-/// The prefix of our labels.
-pub const MODELPACK_PREFIX: &str = "containerd.io/snapshot/modelpack.";
 
 /// Why the labels are unusable; answered with `InvalidArgument`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,6 +28,13 @@ pub enum LabelError {
     /// A label's value is malformed.
     #[error("label {key:?} = {value:?}: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
+    /// The chain ID is not the one the index layer yields: the labels came with some
+    /// other layer.
+    #[error(
+        "label {SNAPSHOT_REF:?} = {chain_id:?} does not match label {:?}: a companion layer's chain ID is its index layer's digest {index}",
+        keys::INDEX
+    )]
+    ChainId { chain_id: String, index: String },
 }
 
 /// What a model snapshot needs.
@@ -50,7 +60,7 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     if ours.is_empty() {
         return Ok(None);
     }
-    if let Some((k, _)) = ours.iter().find(|(k, _)| ![keys::SOURCE, keys::INDEX, keys::VERSION].contains(&k.as_str())) {
+    if let Some((k, _)) = ours.iter().find(|(k, _)| !keys::KEYS.contains(&k.as_str())) {
         return Err(LabelError::Unknown((*k).clone()));
     }
     let get = |key: &'static str| labels.get(key).ok_or(LabelError::Missing(key));
@@ -66,11 +76,12 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     if chain_id.is_empty() {
         return Err(LabelError::Invalid { key: SNAPSHOT_REF, value: String::new(), reason: "is empty".to_owned() });
     }
-    Ok(Some(ModelLabels {
-        chain_id: chain_id.clone(),
-        source: pinned(keys::SOURCE, get(keys::SOURCE)?)?,
-        index: pinned(keys::INDEX, get(keys::INDEX)?)?,
-    }))
+    let source = pinned(keys::SOURCE, get(keys::SOURCE)?)?;
+    let index = pinned(keys::INDEX, get(keys::INDEX)?)?;
+    if *chain_id != index.digest.to_string() {
+        return Err(LabelError::ChainId { chain_id: chain_id.clone(), index: index.digest.to_string() });
+    }
+    Ok(Some(ModelLabels { chain_id: chain_id.clone(), source, index }))
 }
 
 #[cfg(test)]
@@ -79,11 +90,11 @@ mod tests {
     use crate::modelpack::Digest;
 
     fn good() -> BTreeMap<String, String> {
-        let d = Digest::of(b"x");
+        let (source, index) = (Digest::of(b"manifest"), Digest::of(b"index layer"));
         [
-            (SNAPSHOT_REF, "sha256:chain".to_owned()),
-            (keys::SOURCE, format!("127.0.0.1:5000/models/m@{d}")),
-            (keys::INDEX, format!("127.0.0.1:5000/models/m@{d}")),
+            (SNAPSHOT_REF, index.to_string()),
+            (keys::SOURCE, format!("127.0.0.1:5000/models/m@{source}")),
+            (keys::INDEX, format!("127.0.0.1:5000/models/m@{index}")),
             (keys::VERSION, "1".to_owned()),
             ("containerd.io/snapshot/cri.image-ref", "whatever".to_owned()),
         ]
@@ -95,8 +106,9 @@ mod tests {
     #[test]
     fn parses_complete_labels_and_ignores_others() {
         let m = model_labels(&good()).unwrap().unwrap();
-        assert_eq!(m.chain_id, "sha256:chain");
-        assert_eq!(m.index.digest, Digest::of(b"x"));
+        assert_eq!(m.chain_id, Digest::of(b"index layer").to_string());
+        assert_eq!(m.index.digest, Digest::of(b"index layer"));
+        assert_eq!(m.source.digest, Digest::of(b"manifest"));
         let plain: BTreeMap<String, String> = [(SNAPSHOT_REF.to_owned(), "x".to_owned())].into();
         assert_eq!(model_labels(&plain).unwrap(), None);
     }
@@ -115,5 +127,88 @@ mod tests {
         let mut l = good();
         l.insert(keys::VERSION.into(), "2".into());
         assert!(matches!(model_labels(&l), Err(LabelError::Invalid { key: keys::VERSION, .. })));
+    }
+
+    #[test]
+    fn the_chain_id_must_be_the_index_layers_digest() {
+        // The attack: a layer with the honest companion's bytes (so its chain ID) whose
+        // annotations name another index.
+        let mut l = good();
+        l.insert(keys::INDEX.into(), format!("127.0.0.1:5000/evil/m@{}", Digest::of(b"forged index")));
+        let e = model_labels(&l).unwrap_err();
+        assert!(matches!(e, LabelError::ChainId { .. }), "{e}");
+        let message = e.to_string();
+        assert!(message.contains(SNAPSHOT_REF) && message.contains(keys::INDEX), "{message}");
+        assert!(message.contains(&Digest::of(b"forged index").to_string()), "{message}");
+        let mut l = good();
+        l.insert(SNAPSHOT_REF.into(), "sha256:chain".into());
+        assert!(matches!(model_labels(&l), Err(LabelError::ChainId { .. })));
+    }
+
+    /// Deterministic pseudo-random strings built from the pieces a reference is made of.
+    fn garbage(seed: u64, n: usize) -> Vec<String> {
+        let long = "x".repeat(300);
+        let pieces = [
+            "@",
+            ":",
+            "/",
+            "sha256:",
+            "sha512:",
+            "127.0.0.1",
+            ":5000",
+            "a",
+            "A",
+            "-",
+            "_",
+            ".",
+            "..",
+            "%",
+            "\u{0}",
+            "\u{e9}",
+            "\u{1F600}",
+            "0123456789abcdef",
+            " ",
+            "\n",
+            "@@",
+            "//",
+            "localhost",
+            "[::1]",
+            &long,
+        ];
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                let mut s = String::new();
+                for _ in 0..(x % 12) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    s.push_str(pieces[(x % pieces.len() as u64) as usize]);
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn malformed_labels_never_panic() {
+        let sha = Digest::of(b"index layer").to_string();
+        for (n, value) in garbage(0x9e37_79b9_7f4a_7c15, 1000).into_iter().enumerate() {
+            for key in [keys::SOURCE, keys::INDEX, keys::VERSION, SNAPSHOT_REF] {
+                let mut l = good();
+                l.insert(key.to_owned(), value.clone());
+                let _ = model_labels(&l);
+                let mut l = good();
+                l.insert(key.to_owned(), format!("{value}@{sha}"));
+                let _ = model_labels(&l);
+            }
+            let _ = Pinned::parse(&value);
+            let mut l = good();
+            l.insert(format!("{MODELPACK_PREFIX}{value}"), n.to_string());
+            let _ = model_labels(&l);
+        }
     }
 }

@@ -16,6 +16,7 @@
 pub mod filter;
 pub mod grpc;
 pub mod labels;
+mod models;
 pub mod proto;
 pub mod remote;
 
@@ -51,9 +52,16 @@ pub enum SnapshotError {
     /// The model could not be opened.
     #[error("model snapshot {name}: {source}")]
     Model { name: String, source: Box<crate::model::ModelError> },
-    /// The lazy index or the model mount failed.
+    /// The lazy index could not be loaded.
+    #[error("model snapshot {name}: {source}")]
+    Index { name: String, source: Box<crate::companion::CompanionError> },
+    /// The model mount failed, or the model cannot be served.
     #[error("model snapshot {name}: {detail}")]
     Remote { name: String, detail: String },
+    /// A model snapshot exists but is not mounted (yet): answered rather than handing
+    /// out its directory empty.
+    #[error("model snapshot {name} is not mounted: {reason}")]
+    Unavailable { name: String, reason: String },
     /// Creating, measuring or removing snapshot directories failed.
     #[error("{op} {path}: {source}")]
     Io { op: &'static str, path: String, source: std::io::Error },
@@ -94,10 +102,12 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     /// Opens (creating) the snapshotter state under `root`: `metadata.redb` and
-    /// `snapshots/`.
+    /// `snapshots/`. `root` and `snapshots/` are private to their owner ([`STATE_MODE`]):
+    /// created so, or tightened if they exist.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        private_dir(root)?;
         let snapshots = root.join("snapshots");
-        std::fs::create_dir_all(&snapshots).map_err(io_err("creating", &snapshots))?;
+        private_dir(&snapshots)?;
         let meta = MetaStore::open(&root.join("metadata.redb"))?;
         // `index=off` keeps overlay from tying upper dirs to lower inodes; only kernels
         // with the parameter accept it.
@@ -231,6 +241,19 @@ impl Snapshotter {
         Ok(self.meta.commit(name, key, labels, usage)?)
     }
 
+    /// Commits active snapshot `key` as `name`, a model snapshot: `remote` (what is
+    /// needed to mount it again) and `usage` are recorded in the same transaction.
+    pub fn commit_remote(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        remote: String,
+        usage: Usage,
+    ) -> Result<SnapshotRecord, SnapshotError> {
+        Ok(self.meta.commit_remote(name, key, labels, usage, remote)?)
+    }
+
     /// Removes a snapshot without children, and its directory.
     pub fn remove(&self, key: &str) -> Result<SnapshotRecord, SnapshotError> {
         let record = self.meta.remove(key)?;
@@ -303,6 +326,36 @@ impl Snapshotter {
         }
         Ok(())
     }
+}
+
+/// The mode of the state root and `snapshots/`. Snapshot directories hold unpacked
+/// layers, setuid binaries among them: a local user who could reach them could run those
+/// (containerd moved its own roots to 0700 for this, CVE-2021-41103). Containers reach
+/// their layers through the mounts containerd makes, not through these paths.
+pub const STATE_MODE: u32 = 0o700;
+
+/// Creates `dir` with [`STATE_MODE`] (its missing parents as usual), or tightens an
+/// existing one to it.
+pub fn private_dir(dir: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+    }
+    match std::fs::DirBuilder::new().mode(STATE_MODE).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err("creating", dir)(e)),
+    }
+    let meta = std::fs::metadata(dir).map_err(io_err("checking", dir))?;
+    if !meta.is_dir() {
+        return Err(io_err("using", dir)(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "not a directory")));
+    }
+    // Set even when just created: the umask may have taken more than group and others.
+    if meta.permissions().mode() & 0o7777 != STATE_MODE {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(STATE_MODE)).map_err(io_err("securing", dir))?;
+        tracing::info!(path = %dir.display(), mode = format!("{STATE_MODE:o}"), "made a state directory private");
+    }
+    Ok(())
 }
 
 /// A snapshot's fields as containerd's filters see them.

@@ -139,6 +139,13 @@ impl TestRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Starts the registry again after [`Self::stop`], on the same port with the same data.
+    pub fn restart(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
     /// Stops the registry process (the data stays).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -390,9 +397,20 @@ pub struct SnapshotterProcess {
 }
 
 impl SnapshotterProcess {
-    /// Starts `serve` on `root` and waits until the socket accepts connections.
+    /// Starts `serve` on `root` with the sample configuration (every default) and waits
+    /// until the socket accepts connections.
     pub fn start(root: &Path) -> Self {
-        let socket = root.join("snapshotter.sock");
+        Self::start_with(
+            root,
+            &root.join("snapshotter.sock"),
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml"),
+        )
+    }
+
+    /// Starts `serve` on `root` with its socket at `socket` and configuration `config`,
+    /// and waits until the socket accepts connections.
+    pub fn start_with(root: &Path, socket: &Path, config: &Path) -> Self {
+        let socket = socket.to_owned();
         let child = Command::new(BIN)
             .arg("serve")
             .arg("--root")
@@ -400,7 +418,7 @@ impl SnapshotterProcess {
             .arg("--address")
             .arg(&socket)
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml"))
+            .arg(config)
             .stdout(Stdio::null())
             .spawn()
             .expect("starting serve");
@@ -423,6 +441,52 @@ impl SnapshotterProcess {
 impl Drop for SnapshotterProcess {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Writes a `serve` configuration file holding `text` (every other key defaults).
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A TCP server on loopback that accepts connections and never answers: a registry that
+/// hangs. Stops accepting, and drops what it holds, on drop.
+pub struct HungServer {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HungServer {
+    /// Listens on 127.0.0.1:`port`.
+    pub fn start(port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self { port, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for HungServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
