@@ -198,7 +198,7 @@ impl Model {
                 LayerFormat::Tar => {
                     let reader = BlobCursor { store: store.clone(), blob, pos: 0, handle: Handle::current() };
                     let (index, digest) = (layer.index, layer.digest);
-                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(reader))
+                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(reader, blob.size))
                         .await
                         .map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?
                         .map_err(|source| ModelError::Tar { index, digest, source })?;
@@ -208,9 +208,10 @@ impl Model {
                 LayerFormat::TarGzip | LayerFormat::TarZstd => {
                     let file = unpack_layer(&registry, &cache, layer.index, blob, layer.media_type.format).await?;
                     let (index, digest) = (layer.index, layer.digest);
-                    let for_index =
-                        file.try_clone().map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?;
-                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(for_index))
+                    let unpack_err = |e: std::io::Error| ModelError::Unpack { index, digest, detail: e.to_string() };
+                    let for_index = file.try_clone().map_err(unpack_err)?;
+                    let unpacked_size = file.metadata().map_err(unpack_err)?.len();
+                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(for_index, unpacked_size))
                         .await
                         .map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?
                         .map_err(|source| ModelError::Tar { index, digest, source })?;
