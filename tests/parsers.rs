@@ -634,6 +634,49 @@ fn generated_tar_layers_keep_their_promises() {
     check(prop::collection::vec(tar_entry(), 0..8), |entries| assert_tar_index(&build_tar(&entries)));
 }
 
+/// Files of a well-formed archive: a path (long ones travel in GNU long-name records),
+/// content, and whether a PAX record precedes the file.
+fn tar_files() -> impl Strategy<Value = Vec<(String, Vec<u8>, bool)>> {
+    let component = prop_oneof![4 => "[a-z0-9_.-]{1,12}", 1 => "[a-zé]{100,120}"]
+        .prop_filter("not . or ..", |c| c != "." && c != "..");
+    let path = prop::collection::vec(component, 1..4).prop_map(|c| c.join("/"));
+    prop::collection::vec((path, prop::collection::vec(any::<u8>(), 0..1500), any::<bool>()), 0..6)
+}
+
+#[test]
+fn well_formed_tar_layers_read_back_what_was_archived() {
+    check(tar_files(), |files| {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (path, data, pax) in &files {
+            // A path that is another file's directory (or the other way round) cannot be
+            // both; the later entry is left out.
+            let clash = want.keys().any(|p| p.starts_with(&format!("{path}/")) || path.starts_with(&format!("{p}/")));
+            if clash {
+                continue;
+            }
+            if *pax {
+                builder.append_pax_extensions([("mtime", b"1700000000.5".as_slice())]).unwrap();
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, path, &data[..]).unwrap();
+            want.insert(path.clone(), data.clone());
+        }
+        let blob = builder.into_inner().unwrap();
+        let entries =
+            index_tar(Cursor::new(&blob), blob.len() as u64).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut got = BTreeMap::new();
+        for e in entries.iter().filter(|e| e.kind == TarEntryKind::File) {
+            let range = e.data_offset as usize..(e.data_offset + e.size) as usize;
+            got.insert(e.path.as_str().to_owned(), blob[range].to_vec());
+        }
+        prop_assert_eq!(got, want);
+        Ok(())
+    });
+}
+
 #[test]
 fn mutated_tar_layers_keep_their_promises() {
     let seed = valid_tar();
