@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/modelpack-snapshotter
 
-.PHONY: all build setup test demo bench lint clean
+.PHONY: all build setup test fuzz demo bench lint clean
 
 all: build
 
@@ -16,6 +16,13 @@ setup:
 
 test: setup
 	$(CARGO) test --locked
+
+# The parser properties of tests/parsers.rs, all at once, for FUZZ_SECS seconds each
+# (every round of cases from a fresh random seed); `make test` runs 10,000 cases of each.
+FUZZ_SECS ?= 300
+
+fuzz:
+	FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --locked --test parsers -- --test-threads=64 --nocapture
 
 lint:
 	$(CARGO) fmt --check

@@ -59,6 +59,12 @@ pub struct FetchSettings {
     pub passthrough: bool,
     /// Most bytes of chunk data the cache keeps; `None` is unlimited.
     pub cache_budget: Option<u64>,
+    /// Most bytes a compressed (`tar+gzip`, `tar+zstd`) layer may unpack to when its file
+    /// metadata does not declare the size of the one file it holds (a layer that does is
+    /// held to that size plus room for tar headers, and never to more than this). A
+    /// decompression bomb stops here instead of filling the cache's disk. 256 GiB is
+    /// above any single model layer seen, a whole directory of shards included.
+    pub max_unpacked_bytes: u64,
 }
 
 impl Default for FetchSettings {
@@ -71,6 +77,7 @@ impl Default for FetchSettings {
             prefetch_concurrency: 4,
             passthrough: true,
             cache_budget: None,
+            max_unpacked_bytes: 256 << 30,
         }
     }
 }

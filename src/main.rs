@@ -141,6 +141,9 @@ struct CacheArgs {
     /// Parallel requests of the background prefetch.
     #[arg(long, default_value_t = FetchSettings::default().prefetch_concurrency)]
     prefetch_concurrency: usize,
+    /// Most bytes a compressed layer may unpack to when it does not declare its size.
+    #[arg(long, default_value_t = FetchSettings::default().max_unpacked_bytes)]
+    max_unpacked_bytes: u64,
 }
 
 impl CacheArgs {
@@ -155,6 +158,7 @@ impl CacheArgs {
             prefetch_concurrency: self.prefetch_concurrency,
             passthrough: !self.no_passthrough,
             cache_budget: self.cache_budget,
+            max_unpacked_bytes: self.max_unpacked_bytes,
         })
     }
 

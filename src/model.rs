@@ -3,7 +3,10 @@
 //!
 //! Raw and plain tar layers stay remote and are read lazily through
 //! [`crate::blob::BlobStore`]. Compressed tar layers have no random access: each is
-//! fetched once, verified, and unpacked into the cache, then served from there.
+//! fetched once, verified, and unpacked into the cache, then served from there. What a
+//! compressed layer unpacks to is bounded (by the size it declares, else by
+//! [`crate::config::FetchSettings::max_unpacked_bytes`]) and checked against the model
+//! config's `diffIds` before it is first used and whenever an unpacked copy is reused.
 //! Resolved manifests and configs are kept in the cache, so a model opened before opens
 //! again while its registry is unreachable. A companion reference (made by `convert`)
 //! opens the model its lazy index describes, with every chunk checked against the index.
@@ -11,6 +14,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -24,9 +28,9 @@ use crate::config::Settings;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::VerifiedIndex;
 use crate::modelpack::labels::Pinned;
-use crate::modelpack::manifest::{self, ManifestError, ModelArtifact};
+use crate::modelpack::manifest::{self, ManifestError, ModelArtifact, ModelLayer};
 use crate::modelpack::media::LayerFormat;
-use crate::modelpack::tar_index::{self, TarError};
+use crate::modelpack::tar_index::{self, TarError, BLOCK_SIZE, MAX_EXTENSION_BYTES};
 use crate::modelpack::tree::{Tree, TreeBuilder, TreeError};
 use crate::modelpack::Digest;
 use crate::registry::{self, Registry, RegistryError};
@@ -52,6 +56,19 @@ pub enum ModelError {
     /// A compressed layer could not be fetched or unpacked.
     #[error("unpacking layer {index} ({digest}): {detail}")]
     Unpack { index: usize, digest: Digest, detail: String },
+    /// A compressed layer unpacks to more bytes than it may: a decompression bomb, or a
+    /// layer larger than the configured maximum.
+    #[error("unpacking layer {index} ({digest}): it unpacks to more than {limit} bytes, the limit set by {why}")]
+    UnpackTooLarge { index: usize, digest: Digest, limit: u64, why: &'static str },
+    /// A compressed layer unpacks to other content than the model config's `diffIds` says.
+    #[error(
+        "unpacking layer {index} ({digest}): the unpacked tar has digest {actual}, but the model config's \
+         diffIds lists {expected}"
+    )]
+    DiffId { index: usize, digest: Digest, actual: Digest, expected: Digest },
+    /// The model config lists diffIds, but none for this compressed layer.
+    #[error("unpacking layer {index} ({digest}): the model config lists {listed} diffIds, none for this layer")]
+    MissingDiffId { index: usize, digest: Digest, listed: usize },
     /// The cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
@@ -81,6 +98,8 @@ struct Parts<'a> {
     offline: bool,
     /// The lazy index's chunk digests, when the model is served from one.
     index: Option<IndexDigests>,
+    /// The model config's `diffIds`; empty when it lists none.
+    diff_ids: Vec<Digest>,
 }
 
 /// An opened model.
@@ -147,8 +166,8 @@ impl Model {
         let manifest_err = |source| ModelError::Manifest { reference: reference.to_owned(), source };
         let artifact = manifest::parse_manifest(&manifest_bytes).map_err(manifest_err)?;
         let config = fetch_config(&registry, &cache, &artifact).await?;
-        manifest::parse_config(&config).map_err(manifest_err)?;
-        let parts = Parts { reference, registry, artifact, manifest_digest, offline, index: None };
+        let diff_ids = manifest::parse_config(&config).map_err(manifest_err)?.diff_ids;
+        let parts = Parts { reference, registry, artifact, manifest_digest, offline, index: None, diff_ids };
         Self::assemble(parts, settings, cache).await
     }
 
@@ -163,7 +182,7 @@ impl Model {
         let reference = index.index.source.reference.clone();
         let registry = Arc::new(Registry::new(registry::parse_reference(&reference)?, settings.registry.clone()));
         let manifest_err = |source| ModelError::Manifest { reference: reference.clone(), source };
-        manifest::parse_config(index.index.config.as_bytes()).map_err(manifest_err)?;
+        let diff_ids = manifest::parse_config(index.index.config.as_bytes()).map_err(manifest_err)?.diff_ids;
         let mut chunks = HashMap::new();
         for (layer, pieces) in index.artifact.layers.iter().zip(index.chunks) {
             if !BlobStore::check_digests(settings.fetch.chunk_size, pieces.chunk_size) {
@@ -178,12 +197,13 @@ impl Model {
             manifest_digest: index.manifest_digest,
             offline: false,
             index: Some(IndexDigests { index: index.digest, chunks }),
+            diff_ids,
         };
         Self::assemble(parts, settings, cache).await
     }
 
     async fn assemble(parts: Parts<'_>, settings: &Settings, cache: Arc<ChunkCache>) -> Result<Self, ModelError> {
-        let Parts { reference, registry, artifact, manifest_digest, offline, index } = parts;
+        let Parts { reference, registry, artifact, manifest_digest, offline, index, diff_ids } = parts;
         cache.bind_chunk_size(settings.fetch.chunk_size)?;
         let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone(), index);
         let mut builder = TreeBuilder::new(SystemTime::UNIX_EPOCH);
@@ -200,7 +220,7 @@ impl Model {
                 LayerFormat::Tar => {
                     let reader = BlobCursor { store: store.clone(), blob, pos: 0, handle: Handle::current() };
                     let (index, digest) = (layer.index, layer.digest);
-                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(reader))
+                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(reader, blob.size))
                         .await
                         .map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?
                         .map_err(|source| ModelError::Tar { index, digest, source })?;
@@ -208,11 +228,18 @@ impl Model {
                     layers.push(LayerData::Remote(blob));
                 }
                 LayerFormat::TarGzip | LayerFormat::TarZstd => {
-                    let file = unpack_layer(&registry, &cache, layer.index, blob, layer.media_type.format).await?;
                     let (index, digest) = (layer.index, layer.digest);
-                    let for_index =
-                        file.try_clone().map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?;
-                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(for_index))
+                    let diff_id = match diff_ids.get(index) {
+                        Some(d) => Some(*d),
+                        None if diff_ids.is_empty() => None,
+                        None => return Err(ModelError::MissingDiffId { index, digest, listed: diff_ids.len() }),
+                    };
+                    let file =
+                        unpack_layer(&registry, &cache, layer, diff_id, settings.fetch.max_unpacked_bytes).await?;
+                    let unpack_err = |e: std::io::Error| ModelError::Unpack { index, digest, detail: e.to_string() };
+                    let for_index = file.try_clone().map_err(unpack_err)?;
+                    let unpacked_size = file.metadata().map_err(unpack_err)?.len();
+                    let entries = tokio::task::spawn_blocking(move || tar_index::index_tar(for_index, unpacked_size))
                         .await
                         .map_err(|e| ModelError::Unpack { index, digest, detail: e.to_string() })?
                         .map_err(|source| ModelError::Tar { index, digest, source })?;
@@ -282,22 +309,149 @@ async fn fetch_config(
     Ok(bytes.to_vec())
 }
 
+/// GNU tar pads an archive to whole records of this many bytes (20 blocks).
+const TAR_RECORD_SIZE: u64 = 20 * BLOCK_SIZE;
+/// Room allowed beyond the size a layer's file metadata declares, for the tar records
+/// around that one file: its header, a long name, a long link and a PAX record (each at
+/// most [`MAX_EXTENSION_BYTES`] with a header and padding), the end-of-archive blocks, and
+/// padding to a whole tar record.
+const TAR_OVERHEAD_BYTES: u64 = 3 * (MAX_EXTENSION_BYTES + 2 * BLOCK_SIZE) + 2 * TAR_RECORD_SIZE;
+/// Bytes moved per read while decompressing.
+const COPY_BUFFER_BYTES: usize = 1 << 20;
+
+/// How many bytes `layer` may unpack to, and why: the size its file metadata declares
+/// for the one regular file it holds (typeflag `0`) plus [`TAR_OVERHEAD_BYTES`], else
+/// `max`; never more than `max`. Metadata of a directory or with no typeflag says
+/// nothing about the archive's size.
+fn unpack_limit(layer: &ModelLayer, max: u64) -> (u64, &'static str) {
+    match &layer.metadata {
+        Some(m) if m.typeflag == b'0' && m.size.saturating_add(TAR_OVERHEAD_BYTES) < max => {
+            (m.size + TAR_OVERHEAD_BYTES, "the file size its metadata annotation declares plus room for tar headers")
+        }
+        _ => (max, "max_unpacked_bytes (--max-unpacked-bytes)"),
+    }
+}
+
+/// A file in the cache's temporary directory, removed when dropped unless persisted.
+struct TempFile {
+    path: PathBuf,
+    persisted: bool,
+}
+
+impl TempFile {
+    fn new(path: PathBuf) -> Self {
+        Self { path, persisted: false }
+    }
+
+    /// Renames the file to `to`; from then on it is no longer removed.
+    fn persist(mut self, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(&self.path, to)?;
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// How a bounded decompression ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Decompressed {
+    /// Everything was written: the digest of the bytes.
+    Done(Digest),
+    /// The stream held more than the limit; at most one byte past it was read.
+    OverLimit,
+}
+
+/// Decompresses `src` (gzip or zstd, by `format`) into `out`, hashing what it writes, and
+/// stops as soon as more than `limit` bytes come out.
+fn decompress(format: LayerFormat, src: impl Read, out: &mut impl Write, limit: u64) -> std::io::Result<Decompressed> {
+    let decoder: Box<dyn Read + '_> = match format {
+        LayerFormat::TarZstd => Box::new(zstd::stream::read::Decoder::new(src)?),
+        _ => Box::new(flate2::read::GzDecoder::new(src)),
+    };
+    let mut limited = decoder.take(limit.saturating_add(1));
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut written = 0u64;
+    loop {
+        let n = match limited.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        written += n as u64;
+        if written > limit {
+            return Ok(Decompressed::OverLimit);
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+    }
+    Ok(Decompressed::Done(hasher.finish()))
+}
+
+/// The digest of everything `file` holds, read from its start.
+fn digest_of_file(mut file: &File) -> std::io::Result<Digest> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(hasher.finish()),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Fetches a compressed layer once, checks its digest while streaming, and unpacks it
-/// into the cache (atomically: a temp file renamed into place). Reuses an earlier copy.
+/// into the cache (atomically: a temp file renamed into place), no larger than
+/// [`unpack_limit`] allows and, when the config lists one, matching `diff_id`. An earlier
+/// copy is reused only if it passes the same checks; otherwise it is deleted and the layer
+/// unpacked again. Nothing is left in the cache's temporary directory on failure.
 async fn unpack_layer(
     registry: &Registry,
     cache: &Arc<ChunkCache>,
-    index: usize,
-    blob: BlobInfo,
-    format: LayerFormat,
+    layer: &ModelLayer,
+    diff_id: Option<Digest>,
+    max_unpacked: u64,
 ) -> Result<File, ModelError> {
+    let (index, blob) = (layer.index, BlobInfo { digest: layer.digest, size: layer.size });
     let err = |detail: String| ModelError::Unpack { index, digest: blob.digest, detail };
+    let (limit, why) = unpack_limit(layer, max_unpacked);
     let path = cache.unpacked_path(&blob.digest);
+
     if let Ok(file) = File::open(&path) {
-        return Ok(file);
+        let checked = tokio::task::spawn_blocking(move || -> std::io::Result<(File, bool)> {
+            let fits = file.metadata()?.len() <= limit;
+            let matches = match diff_id {
+                Some(expected) if fits => digest_of_file(&file)? == expected,
+                _ => fits,
+            };
+            Ok((file, matches))
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(format!("checking the unpacked copy {}: {e}", path.display())))?;
+        match checked {
+            (file, true) => return Ok(file),
+            (_, false) => {
+                tracing::warn!(layer = index, digest = %blob.digest, "unpacked copy does not match the layer; unpacking it again");
+                std::fs::remove_file(&path).map_err(|e| err(format!("removing {}: {e}", path.display())))?;
+            }
+        }
     }
-    let packed_path = cache.temp_path();
-    let mut packed = File::create(&packed_path).map_err(|e| err(format!("creating {}: {e}", packed_path.display())))?;
+
+    let packed = TempFile::new(cache.temp_path());
+    let mut packed_file =
+        File::create(&packed.path).map_err(|e| err(format!("creating {}: {e}", packed.path.display())))?;
     let mut stream = registry.stream_blob(&blob.digest, 0).await?;
     let mut hasher = Hasher::default();
     let mut received = 0u64;
@@ -308,31 +462,40 @@ async fn unpack_layer(
             break;
         }
         hasher.update(&piece);
-        packed.write_all(&piece).map_err(|e| err(format!("writing {}: {e}", packed_path.display())))?;
+        packed_file.write_all(&piece).map_err(|e| err(format!("writing {}: {e}", packed.path.display())))?;
     }
+    drop(packed_file);
     let actual = hasher.finish();
     if received != blob.size || actual != blob.digest {
-        let _ = std::fs::remove_file(&packed_path);
         return Err(err(format!("received {received} of {} bytes with digest {actual}", blob.size)));
     }
-    let unpacked_tmp = cache.temp_path();
-    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let src = File::open(&packed_path).map_err(|e| e.to_string())?;
-        let mut out = File::create(&unpacked_tmp).map_err(|e| e.to_string())?;
-        let copied = match format {
-            LayerFormat::TarGzip => std::io::copy(&mut flate2::read::GzDecoder::new(src), &mut out),
-            _ => zstd::stream::read::Decoder::new(src).and_then(|mut d| std::io::copy(&mut d, &mut out)),
-        };
-        let _ = std::fs::remove_file(&packed_path);
-        copied.map_err(|e| format!("decompressing: {e}"))?;
-        out.sync_all().map_err(|e| e.to_string())?;
-        std::fs::rename(&unpacked_tmp, &path).map_err(|e| e.to_string())?;
-        Ok(())
+
+    let unpacked = TempFile::new(cache.temp_path());
+    let format = layer.media_type.format;
+    let outcome = tokio::task::spawn_blocking(move || -> Result<Decompressed, String> {
+        let src = File::open(&packed.path).map_err(|e| format!("opening {}: {e}", packed.path.display()))?;
+        let mut out = File::create(&unpacked.path).map_err(|e| format!("creating {}: {e}", unpacked.path.display()))?;
+        let outcome = decompress(format, std::io::BufReader::new(src), &mut out, limit)
+            .map_err(|e| format!("decompressing: {e}"))?;
+        drop(packed);
+        if let Decompressed::Done(actual) = outcome {
+            if diff_id.is_none_or(|expected| expected == actual) {
+                out.sync_all().map_err(|e| format!("flushing {}: {e}", unpacked.path.display()))?;
+                unpacked.persist(&path).map_err(|e| format!("renaming into {}: {e}", path.display()))?;
+            }
+        }
+        Ok(outcome)
     })
     .await
-    .map_err(|e| err(e.to_string()))?;
-    result.map_err(err)?;
-    File::open(cache.unpacked_path(&blob.digest)).map_err(|e| err(e.to_string()))
+    .map_err(|e| err(e.to_string()))?
+    .map_err(err)?;
+    match (outcome, diff_id) {
+        (Decompressed::OverLimit, _) => Err(ModelError::UnpackTooLarge { index, digest: blob.digest, limit, why }),
+        (Decompressed::Done(actual), Some(expected)) if actual != expected => {
+            Err(ModelError::DiffId { index, digest: blob.digest, actual, expected })
+        }
+        (Decompressed::Done(_), _) => File::open(cache.unpacked_path(&blob.digest)).map_err(|e| err(e.to_string())),
+    }
 }
 
 /// A blocking `Read + Seek` view of a remote blob, for indexing tar headers. Used only
@@ -368,5 +531,101 @@ impl Seek for BlobCursor {
         };
         self.pos = target.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range"))?;
         Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::modelpack::manifest::FileMetadata;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// A reader that counts the bytes handed out.
+    struct Counting<R> {
+        inner: R,
+        read: u64,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn decompression_stops_past_the_limit() {
+        // 64 MiB of zeros: 64 KiB of gzip, a few hundred bytes of zstd.
+        let zeros = vec![0u8; 64 << 20];
+        let gz = gzip(&zeros);
+        let zst = zstd::encode_all(&zeros[..], 19).unwrap();
+        assert!(gz.len() < 100 << 10 && zst.len() < 10 << 10, "{} {}", gz.len(), zst.len());
+        for (format, packed) in [(LayerFormat::TarGzip, &gz), (LayerFormat::TarZstd, &zst)] {
+            let mut out = Vec::new();
+            let mut src = Counting { inner: &packed[..], read: 0 };
+            let outcome = decompress(format, &mut src, &mut out, 1 << 20).unwrap();
+            assert_eq!(outcome, Decompressed::OverLimit, "{format:?}");
+            assert!(out.len() <= 1 << 20, "{format:?}: {} bytes written", out.len());
+            assert!(
+                src.read < packed.len() as u64 / 4 + (64 << 10),
+                "{format:?}: read {} of {}",
+                src.read,
+                packed.len()
+            );
+        }
+    }
+
+    #[test]
+    fn decompression_at_the_limit_completes_with_the_digest() {
+        let data = b"exactly this much".repeat(1000);
+        for (format, packed) in
+            [(LayerFormat::TarGzip, gzip(&data)), (LayerFormat::TarZstd, zstd::encode_all(&data[..], 3).unwrap())]
+        {
+            let mut out = Vec::new();
+            let limit = data.len() as u64;
+            assert_eq!(
+                decompress(format, &packed[..], &mut out, limit).unwrap(),
+                Decompressed::Done(Digest::of(&data))
+            );
+            assert_eq!(out, data);
+            let mut out = Vec::new();
+            assert_eq!(decompress(format, &packed[..], &mut out, limit - 1).unwrap(), Decompressed::OverLimit);
+        }
+        let err = decompress(LayerFormat::TarGzip, &b"not gzip"[..], &mut Vec::new(), 100).unwrap_err();
+        assert!(!err.to_string().is_empty());
+    }
+
+    fn layer(metadata: Option<FileMetadata>) -> ModelLayer {
+        ModelLayer {
+            index: 0,
+            media_type: "application/vnd.cncf.model.weight.v1.tar+gzip".parse().unwrap(),
+            digest: Digest::of(b"layer"),
+            size: 10,
+            path: None,
+            metadata,
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_limit_is_the_declared_file_size_when_there_is_one() {
+        let max = 1 << 40;
+        let file = FileMetadata { size: 5000, typeflag: b'0', ..FileMetadata::default() };
+        assert_eq!(unpack_limit(&layer(Some(file)), max).0, 5000 + TAR_OVERHEAD_BYTES);
+        assert_eq!(unpack_limit(&layer(None), max).0, max);
+        let dir = FileMetadata { size: 4096, typeflag: b'5', ..FileMetadata::default() };
+        assert_eq!(unpack_limit(&layer(Some(dir)), max).0, max, "a directory's size says nothing");
+        assert_eq!(unpack_limit(&layer(Some(FileMetadata::default())), max).0, max, "nor does metadata without a type");
+        let huge = FileMetadata { size: u64::MAX, typeflag: b'0', ..FileMetadata::default() };
+        assert_eq!(unpack_limit(&layer(Some(huge)), max).0, max, "never above the configured maximum");
+        assert!(unpack_limit(&layer(None), max).1.contains("max_unpacked_bytes"));
     }
 }

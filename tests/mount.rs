@@ -603,3 +603,136 @@ fn complete_blobs_are_read_through_kernel_passthrough() {
         assert!(opens > 0, "no passthrough opens: {last}");
     }
 }
+
+/// A tar holding one file, `name`, of `data`.
+fn one_file_tar(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    builder.append_data(&mut header, name, data).unwrap();
+    builder.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// The cache's temporary directory and where it keeps the unpacked copy of `layer`,
+/// learnt from the cache itself (opened and closed before the test's processes use it).
+fn cache_paths(
+    cache_dir: &Path,
+    layer: &modelpack_snapshotter::modelpack::Digest,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cache = modelpack_snapshotter::cache::ChunkCache::open(cache_dir, None).unwrap();
+    (cache.temp_path().parent().unwrap().to_owned(), cache.unpacked_path(layer))
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true)
+}
+
+/// A gzip bomb (64 MiB of zeros in ~64 KiB) is refused, whether its metadata declares a
+/// small file or it declares nothing and meets the configured maximum, and leaves nothing
+/// in the cache's temporary directory.
+#[test]
+fn compressed_layer_bombs_are_refused() {
+    if !prerequisites(false) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let tar = one_file_tar("weights.bin", &vec![0u8; 64 << 20]);
+    let bomb = gzip(&tar);
+    assert!(bomb.len() < 128 << 10, "{} bytes", bomb.len());
+    let digest = modelpack_snapshotter::modelpack::Digest::of(&bomb);
+    let declared = json!({"org.cncf.model.file.metadata+json":
+        r#"{"name":"weights.bin","mode":420,"size":1024,"typeflag":48}"#});
+    let cases = [
+        ("declared", declared, vec![], "the file size its metadata annotation declares"),
+        (
+            "undeclared",
+            json!({}),
+            vec!["--max-unpacked-bytes", "8388608"],
+            "more than 8388608 bytes, the limit set by max_unpacked_bytes",
+        ),
+    ];
+    for (name, annotations, args, why) in cases {
+        let reference = format!("{}/bombs/{name}:v1", registry.addr());
+        let layer = LayerSpec {
+            media_type: "application/vnd.cncf.model.weight.v1.tar+gzip".into(),
+            data: bomb.clone(),
+            annotations,
+        };
+        push_artifact(&reference, CNCF_ARTIFACT, CNCF_CONFIG, &model_config(&[&tar]), &[layer]);
+        let cache = tmp.path().join(name);
+        let (tmp_dir, unpacked) = cache_paths(&cache, &digest);
+        let mut cmd = vec!["inspect", &reference, "--cache-dir", cache.to_str().unwrap()];
+        cmd.extend(&args);
+        let (ok, _, stderr) = run_bin(&cmd);
+        assert!(!ok, "{name}: the bomb was accepted");
+        assert!(
+            stderr.contains(&format!("unpacking layer 0 ({digest})")) && stderr.contains("unpacks to more than"),
+            "{name}: {stderr}"
+        );
+        assert!(stderr.contains(why), "{name}: {stderr}");
+        assert!(is_empty_dir(&tmp_dir), "{name}: left in {}: {:?}", tmp_dir.display(), std::fs::read_dir(&tmp_dir));
+        assert!(!unpacked.exists(), "{name}: an unpacked copy was kept");
+    }
+}
+
+/// A compressed layer whose unpacked tar does not match the config's diffId is refused;
+/// an unpacked copy in the cache that no longer matches is unpacked again, and the mount
+/// serves the layer's real bytes.
+#[test]
+fn compressed_layers_are_checked_against_their_diff_ids() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = pseudo_random(300_000, 11);
+    let tar = one_file_tar("weights.bin", &weights);
+    let layer = || LayerSpec {
+        media_type: "application/vnd.cncf.model.weight.v1.tar+gzip".into(),
+        data: gzip(&tar),
+        annotations: json!({}),
+    };
+    let digest = modelpack_snapshotter::modelpack::Digest::of(&layer().data);
+
+    let wrong = format!("{}/models/wrong-diffid:v1", registry.addr());
+    push_artifact(&wrong, CNCF_ARTIFACT, CNCF_CONFIG, &model_config(&[b"another tar"]), &[layer()]);
+    let cache = tmp.path().join("wrong");
+    let (tmp_dir, unpacked) = cache_paths(&cache, &digest);
+    let (ok, _, stderr) = run_bin(&["inspect", &wrong, "--cache-dir", cache.to_str().unwrap()]);
+    assert!(!ok, "a layer with the wrong diffId was accepted");
+    let expected = modelpack_snapshotter::modelpack::Digest::of(b"another tar");
+    assert!(
+        stderr.contains(&format!("unpacking layer 0 ({digest})"))
+            && stderr.contains(&format!(
+                "the unpacked tar has digest {}",
+                modelpack_snapshotter::modelpack::Digest::of(&tar)
+            ))
+            && stderr.contains(&format!("diffIds lists {expected}")),
+        "{stderr}"
+    );
+    assert!(is_empty_dir(&tmp_dir) && !unpacked.exists(), "the refused layer left files behind");
+
+    let good = format!("{}/models/good-diffid:v1", registry.addr());
+    push_artifact(&good, CNCF_ARTIFACT, CNCF_CONFIG, &model_config(&[&tar]), &[layer()]);
+    let cache = tmp.path().join("cache");
+    let (_, unpacked) = cache_paths(&cache, &digest);
+    let (ok, _, stderr) = run_bin(&["inspect", &good, "--cache-dir", cache.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read(&unpacked).unwrap(), tar);
+    // Same length, other bytes: only the digest tells.
+    let mut tampered = tar.clone();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 0xff;
+    std::fs::write(&unpacked, &tampered).unwrap();
+    let m = mount(&good, tmp.path(), &[]);
+    assert_eq!(std::fs::read(m.mountpoint.join("weights.bin")).unwrap(), weights);
+    assert_eq!(std::fs::read(&unpacked).unwrap(), tar, "the copy was unpacked again");
+}

@@ -60,6 +60,8 @@ pub struct CacheConfig {
     pub prefetch_concurrency: usize,
     /// Let the kernel read verified raw-layer blobs from the cache (FUSE passthrough).
     pub passthrough: bool,
+    /// Most bytes a compressed layer that does not declare its size may unpack to.
+    pub max_unpacked_bytes: u64,
 }
 
 /// `[registry]`
@@ -125,6 +127,7 @@ impl Default for CacheConfig {
             pending_store_chunks: f.pending_store_chunks,
             prefetch_concurrency: f.prefetch_concurrency,
             passthrough: f.passthrough,
+            max_unpacked_bytes: f.max_unpacked_bytes,
         }
     }
 }
@@ -222,6 +225,7 @@ impl DaemonConfig {
                 prefetch_concurrency: self.cache.prefetch_concurrency,
                 passthrough: self.cache.passthrough,
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
+                max_unpacked_bytes: self.cache.max_unpacked_bytes,
             },
         }
     }
@@ -263,5 +267,6 @@ mod tests {
         let c = DaemonConfig::load(&path).unwrap();
         assert_eq!(c.settings().fetch.chunk_size, FetchSettings::default().chunk_size);
         assert_eq!(c.models, ModelsConfig::default(), "the sample shows the defaults");
+        assert_eq!(c.settings().fetch.max_unpacked_bytes, FetchSettings::default().max_unpacked_bytes);
     }
 }

@@ -20,10 +20,23 @@ use super::path::{ModelPath, PathError};
 pub const MAX_BLOB_SIZE: u64 = 1 << 50;
 /// Most layers accepted in one manifest.
 pub const MAX_LAYERS: usize = 100_000;
+/// Largest manifest accepted, in bytes: the most the registry client fetches
+/// (`registry::MAX_SMALL_BLOB`), which is also the size the OCI distribution spec asks
+/// registries to accept. Applies as well to manifests from the cache or a lazy index.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Largest model config accepted, in bytes (its descriptor's size and its content): the
+/// registry client's limit too. A config holds a few strings and one diffId per layer.
+pub const MAX_CONFIG_BYTES: usize = 4 << 20;
+/// Largest file metadata annotation accepted, in bytes: its fields are a name (at most a
+/// path, 4096 bytes) and a few numbers and a timestamp.
+pub const MAX_METADATA_BYTES: usize = 64 << 10;
 
 /// Why a manifest or config is not a model we can mount.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// The manifest is larger than [`MAX_MANIFEST_BYTES`].
+    #[error("manifest is {0} bytes, more than the limit of {MAX_MANIFEST_BYTES}")]
+    ManifestTooLarge(usize),
     /// The manifest is not JSON of the expected shape.
     #[error("manifest is not valid json: {0}")]
     Json(#[source] serde_json::Error),
@@ -52,8 +65,11 @@ pub enum ManifestError {
     /// The config descriptor's size is missing or out of range.
     #[error("manifest config has size {0}, outside 0..=2^50")]
     ConfigSize(String),
+    /// The config descriptor, or the config itself, is larger than [`MAX_CONFIG_BYTES`].
+    #[error("model config is {0} bytes, more than the limit of {MAX_CONFIG_BYTES}")]
+    ConfigTooLarge(u64),
     /// More layers than [`MAX_LAYERS`].
-    #[error("manifest has {0} layers, more than the limit of 100000")]
+    #[error("manifest has {0} layers, more than the limit of {MAX_LAYERS}")]
     TooManyLayers(usize),
     /// A layer's media type is not a model layer type.
     #[error("layer {index}: {reason}")]
@@ -160,7 +176,14 @@ pub struct FileMetadata {
 impl FileMetadata {
     /// Parses the annotation's JSON. `typeflag` may be a number or a one-character
     /// string; `mtime` is an RFC 3339 string, and a bad one is dropped, not an error.
+    /// JSON longer than [`MAX_METADATA_BYTES`] is an error.
     pub fn from_json(json: &str) -> Result<FileMetadata, serde_json::Error> {
+        if json.len() > MAX_METADATA_BYTES {
+            return Err(serde::de::Error::custom(format_args!(
+                "{} bytes, more than the limit of {MAX_METADATA_BYTES}",
+                json.len()
+            )));
+        }
         let raw: RawFileMetadata = from_object(json.as_bytes())?;
         Ok(FileMetadata {
             name: raw.name,
@@ -220,6 +243,9 @@ pub struct ModelConfig {
 
 /// Parses and validates a manifest. See [`ManifestError`] for everything refused.
 pub fn parse_manifest(bytes: &[u8]) -> Result<ModelArtifact, ManifestError> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::ManifestTooLarge(bytes.len()));
+    }
     let raw: RawManifest = from_object(bytes).map_err(ManifestError::Json)?;
 
     match raw.media_type.as_deref() {
@@ -257,6 +283,9 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<ModelArtifact, ManifestError> {
         size: check_size(config.size.as_ref()).map_err(ManifestError::ConfigSize)?,
         media_type: config.media_type,
     };
+    if config.size > MAX_CONFIG_BYTES as u64 {
+        return Err(ManifestError::ConfigTooLarge(config.size));
+    }
 
     if raw.layers.len() > MAX_LAYERS {
         return Err(ManifestError::TooManyLayers(raw.layers.len()));
@@ -269,6 +298,9 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<ModelArtifact, ManifestError> {
 
 /// Parses a model config blob. Everything is optional: some builders write `{}`.
 pub fn parse_config(bytes: &[u8]) -> Result<ModelConfig, ManifestError> {
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(ManifestError::ConfigTooLarge(bytes.len() as u64));
+    }
     let raw: RawConfig = from_object(bytes).map_err(ManifestError::ConfigJson)?;
     let modelfs = raw.modelfs.unwrap_or_default();
     let diff_ids = modelfs
@@ -759,6 +791,40 @@ mod tests {
             let e = err(&manifest(vec![l]));
             assert!(e.contains("layer 0") && e.contains(&digest(4)) && e.contains("metadata"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn refuses_oversized_manifests_configs_and_metadata() {
+        let mut m = manifest(vec![raw_layer(1, "a")]);
+        let padding = "x".repeat(MAX_MANIFEST_BYTES);
+        m["annotations"] = json!({ "pad": padding });
+        let e = parse(&m).unwrap_err();
+        assert!(matches!(e, ManifestError::ManifestTooLarge(n) if n > MAX_MANIFEST_BYTES), "{e}");
+        assert!(e.to_string().contains("more than the limit of 4194304"), "{e}");
+
+        let mut m = manifest(vec![]);
+        m["config"]["size"] = json!(MAX_CONFIG_BYTES + 1);
+        assert_eq!(err(&m), "model config is 4194305 bytes, more than the limit of 4194304");
+        m["config"]["size"] = json!(MAX_CONFIG_BYTES);
+        assert!(parse(&m).is_ok());
+
+        let mut config = br#"{"descriptor":{"name":""#.to_vec();
+        config.resize(MAX_CONFIG_BYTES + 1 - 3, b'n');
+        config.extend_from_slice(br#""}}"#);
+        assert!(
+            matches!(parse_config(&config), Err(ManifestError::ConfigTooLarge(n)) if n == MAX_CONFIG_BYTES as u64 + 1)
+        );
+        config.remove(30);
+        assert!(parse_config(&config).is_ok());
+
+        let big_name = format!(r#"{{"name":"{}"}}"#, "n".repeat(MAX_METADATA_BYTES));
+        let mut l = raw_layer(4, "a");
+        l["annotations"][media::ANNOTATION_FILE_METADATA] = json!(big_name);
+        let e = err(&manifest(vec![l]));
+        assert!(e.contains("layer 0") && e.contains(&digest(4)) && e.contains("more than the limit of 65536"), "{e}");
+        let fits = format!(r#"{{"name":"{}"}}"#, "n".repeat(MAX_METADATA_BYTES - 11));
+        assert_eq!(fits.len(), MAX_METADATA_BYTES);
+        assert!(FileMetadata::from_json(&fits).is_ok());
     }
 
     #[test]

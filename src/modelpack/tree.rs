@@ -473,7 +473,8 @@ mod tests {
     fn tar_entries(f: impl FnOnce(&mut Builder<Vec<u8>>)) -> Vec<TarEntry> {
         let mut t = Builder::new(Vec::new());
         f(&mut t);
-        index_tar(Cursor::new(t.into_inner().unwrap())).unwrap()
+        let bytes = t.into_inner().unwrap();
+        index_tar(Cursor::new(&bytes), bytes.len() as u64).unwrap()
     }
 
     fn append(t: &mut Builder<Vec<u8>>, kind: EntryType, path: &str, data: &[u8], mode: u32) {

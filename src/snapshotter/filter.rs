@@ -37,10 +37,29 @@
 //! search rather than match whole values, as Go's `MatchString` does. Unlike containerd,
 //! which logs an invalid expression and then matches nothing, an invalid expression is a
 //! parse error, so the caller is told.
+//!
+//! Filters come from whoever can reach the socket, so their size is bounded: at most
+//! [`MAX_FILTERS`] strings of at most [`MAX_FILTER_BYTES`] each, and a regular expression
+//! compiles to at most [`MAX_REGEX_BYTES`].
 
 use std::sync::LazyLock;
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
+
+/// Longest filter string accepted, in bytes. containerd's own lookups quote one label key
+/// and value (at most 4096 bytes together) and a parent key; 16 KiB leaves room for
+/// several such selectors.
+pub const MAX_FILTER_BYTES: usize = 16 << 10;
+/// Most filter strings in one request: each one is tested against every snapshot listed,
+/// and containerd sends one.
+pub const MAX_FILTERS: usize = 256;
+/// Largest compiled `~=` regular expression (the `regex` crate's size limit, 10 MiB by
+/// default), so that a short pattern with nested repetitions such as `(a{200}){200}` is
+/// refused rather than built at length.
+pub const MAX_REGEX_BYTES: usize = 1 << 20;
+
+/// How much of an over-long filter its error quotes.
+const EXCERPT_LEN: usize = 64;
 
 /// The characters an unquoted value continues with: Go's `unicode.IsGraphic` without the
 /// spaces (categories L, M, N, P, S), and not the selector separator `,`.
@@ -52,6 +71,12 @@ static VALUE_TAIL: LazyLock<Regex> =
 /// Positions are byte offsets into the filter string; the length of the string means its end.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
+    /// A filter string longer than [`MAX_FILTER_BYTES`]; quotes its start.
+    #[error("filter of {len} bytes starting {excerpt:?} is longer than the limit of {MAX_FILTER_BYTES}")]
+    TooLong { excerpt: String, len: usize },
+    /// More filter strings than [`MAX_FILTERS`] in one request.
+    #[error("{0} filters in one request, more than the limit of {MAX_FILTERS}")]
+    TooMany(usize),
     /// A selector or a `.` is not followed by a field name or a quoted field.
     #[error("filter {input:?} at byte {pos}: expected a field name or a quoted field")]
     ExpectedField { input: String, pos: usize },
@@ -107,9 +132,12 @@ impl Filter {
     /// # Errors
     ///
     /// The first string that does not follow the grammar in the module doc, or whose `~=`
-    /// value is not a valid regular expression. containerd answers that with
-    /// `InvalidArgument`.
+    /// value is not a valid regular expression, or a request over the size limits.
+    /// containerd answers that with `InvalidArgument`.
     pub fn parse_all(filters: &[String]) -> Result<Filter, FilterError> {
+        if filters.len() > MAX_FILTERS {
+            return Err(FilterError::TooMany(filters.len()));
+        }
         let alternatives = filters.iter().map(|filter| Parser::new(filter).filter()).collect::<Result<_, _>>()?;
         Ok(Filter { alternatives })
     }
@@ -184,6 +212,13 @@ impl<'a> Parser<'a> {
         if self.input.is_empty() {
             return Ok(Vec::new());
         }
+        if self.input.len() > MAX_FILTER_BYTES {
+            let mut end = EXCERPT_LEN;
+            while !self.input.is_char_boundary(end) {
+                end -= 1;
+            }
+            return Err(FilterError::TooLong { excerpt: self.input[..end].to_owned(), len: self.input.len() });
+        }
         if let Some(pos) = self.input.find('\0') {
             return Err(FilterError::Nul { input: self.owned_input(), pos });
         }
@@ -212,7 +247,7 @@ impl<'a> Parser<'a> {
         let test = match operator {
             Operator::Equal => Test::Equal(value),
             Operator::NotEqual => Test::NotEqual(value),
-            Operator::Matches => match Regex::new(&value) {
+            Operator::Matches => match RegexBuilder::new(&value).size_limit(MAX_REGEX_BYTES).build() {
                 Ok(re) => Test::Matches(re),
                 Err(source) => {
                     return Err(FilterError::Regex {
@@ -756,6 +791,30 @@ mod tests {
         let err = parse_err("name~=[a-");
         assert!(matches!(&err, FilterError::Regex { pos: 6, pattern, .. } if pattern == "[a-"));
         assert_eq!(err.to_string(), r#"filter "name~=[a-" at byte 6: "[a-" is not a valid regular expression"#);
+    }
+
+    #[test]
+    fn size_limits() {
+        let at_limit = format!("name=={}", "v".repeat(MAX_FILTER_BYTES - 6));
+        assert_eq!(at_limit.len(), MAX_FILTER_BYTES);
+        assert_eq!(value_of(&at_limit).len(), MAX_FILTER_BYTES - 6);
+        let over = format!("{at_limit}v");
+        let err = parse_err(&over);
+        assert!(matches!(err, FilterError::TooLong { len, .. } if len == MAX_FILTER_BYTES + 1), "{err}");
+        let msg = err.to_string();
+        assert!(msg.len() < 200 && msg.contains("16385 bytes") && msg.contains("limit of 16384"), "{msg}");
+        let multibyte = "é".repeat(MAX_FILTER_BYTES);
+        assert!(matches!(parse_err(&multibyte), FilterError::TooLong { .. }));
+
+        let many = vec!["name==a".to_owned(); MAX_FILTERS + 1];
+        let err = Filter::parse_all(&many).unwrap_err();
+        assert_eq!(err.to_string(), "257 filters in one request, more than the limit of 256");
+        assert!(Filter::parse_all(&many[..MAX_FILTERS]).is_ok());
+
+        // Compiles within the regex crate's default limit, not within ours.
+        let err = parse_err("name~=(a{200}){200}");
+        assert!(matches!(err, FilterError::Regex { pos: 6, .. }), "{err}");
+        assert!(Regex::new("(a{200}){200}").is_ok());
     }
 
     #[test]
