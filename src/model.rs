@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use tokio::runtime::Handle;
 
 use crate::blob::{BlobError, BlobInfo, BlobStore, IndexDigests};
-use crate::cache::{CacheError, ChunkCache};
+use crate::cache::{CacheError, ChunkCache, UnpackedLease};
 use crate::companion;
 use crate::config::Settings;
 use crate::modelpack::digest::Hasher;
@@ -119,6 +119,8 @@ pub struct Model {
     pub store: Arc<BlobStore>,
     /// True when the manifest came from the cache because the registry was unreachable.
     pub offline: bool,
+    /// Holds the unpacked copies of compressed layers while the model lives.
+    _unpacked: Vec<UnpackedLease>,
 }
 
 fn manifest_key(reference: &str) -> String {
@@ -208,6 +210,7 @@ impl Model {
         let store = BlobStore::new(registry.clone(), cache.clone(), settings.fetch.clone(), index);
         let mut builder = TreeBuilder::new(SystemTime::UNIX_EPOCH);
         let mut layers = Vec::with_capacity(artifact.layers.len());
+        let mut leases = Vec::new();
         for layer in &artifact.layers {
             let blob = BlobInfo { digest: layer.digest, size: layer.size };
             let tree_err = |source| ModelError::Tree { reference: reference.to_owned(), source };
@@ -234,8 +237,9 @@ impl Model {
                         None if diff_ids.is_empty() => None,
                         None => return Err(ModelError::MissingDiffId { index, digest, listed: diff_ids.len() }),
                     };
-                    let file =
+                    let (file, lease) =
                         unpack_layer(&registry, &cache, layer, diff_id, settings.fetch.max_unpacked_bytes).await?;
+                    leases.push(lease);
                     let unpack_err = |e: std::io::Error| ModelError::Unpack { index, digest, detail: e.to_string() };
                     let for_index = file.try_clone().map_err(unpack_err)?;
                     let unpacked_size = file.metadata().map_err(unpack_err)?.len();
@@ -256,6 +260,7 @@ impl Model {
             layers,
             store,
             offline,
+            _unpacked: leases,
         })
     }
 
@@ -422,7 +427,7 @@ async fn unpack_layer(
     layer: &ModelLayer,
     diff_id: Option<Digest>,
     max_unpacked: u64,
-) -> Result<File, ModelError> {
+) -> Result<(File, UnpackedLease), ModelError> {
     let (index, blob) = (layer.index, BlobInfo { digest: layer.digest, size: layer.size });
     let err = |detail: String| ModelError::Unpack { index, digest: blob.digest, detail };
     let (limit, why) = unpack_limit(layer, max_unpacked);
@@ -441,10 +446,12 @@ async fn unpack_layer(
         .map_err(|e| err(e.to_string()))?
         .map_err(|e| err(format!("checking the unpacked copy {}: {e}", path.display())))?;
         match checked {
-            (file, true) => return Ok(file),
+            (file, true) => return Ok((file, cache.lease_unpacked(&blob.digest)?)),
             (_, false) => {
                 tracing::warn!(layer = index, digest = %blob.digest, "unpacked copy does not match the layer; unpacking it again");
-                std::fs::remove_file(&path).map_err(|e| err(format!("removing {}: {e}", path.display())))?;
+                if !cache.discard_unpacked(&blob.digest)? {
+                    return Err(err(format!("{} is in use by another model and does not match", path.display())));
+                }
             }
         }
     }
@@ -494,7 +501,10 @@ async fn unpack_layer(
         (Decompressed::Done(actual), Some(expected)) if actual != expected => {
             Err(ModelError::DiffId { index, digest: blob.digest, actual, expected })
         }
-        (Decompressed::Done(_), _) => File::open(cache.unpacked_path(&blob.digest)).map_err(|e| err(e.to_string())),
+        (Decompressed::Done(_), _) => {
+            let file = File::open(cache.unpacked_path(&blob.digest)).map_err(|e| err(e.to_string()))?;
+            Ok((file, cache.lease_unpacked(&blob.digest)?))
+        }
     }
 }
 

@@ -801,3 +801,68 @@ async fn the_state_and_the_socket_are_private() {
     assert_eq!(mode_of(&shared), 0o755);
     assert!(!address.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpacked_layer_is_counted_in_the_cache_and_goes_with_its_last_model() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    // A model whose one layer is a gzip-compressed tar: served from an unpacked copy.
+    let weights = pseudo_random(300_000, 21);
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(weights.len() as u64);
+    header.set_mode(0o644);
+    tar.append_data(&mut header, "weights.bin", &weights[..]).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let layer = LayerSpec {
+        media_type: "application/vnd.cncf.model.weight.v1.tar+gzip".into(),
+        data: gz.finish().unwrap(),
+        annotations: serde_json::json!({}),
+    };
+    let layer_digest = modelpack_snapshotter::modelpack::Digest::of(&layer.data);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "modelfs": { "type": "layers", "diffIds": [modelpack_snapshotter::modelpack::Digest::of(&tar).to_string()] }
+    }))
+    .unwrap();
+    let source = format!("{}/models/packed:v1", registry.addr());
+    tokio::task::block_in_place(|| {
+        push_artifact(
+            &source,
+            "application/vnd.cncf.model.manifest.v1+json",
+            "application/vnd.cncf.model.config.v1+json",
+            &config,
+            &[layer],
+        )
+    });
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "{stderr}");
+    let companion = companion_layer(&format!("{source}-lazy")).await;
+    let chain = companion.digest.clone();
+
+    let serve = SnapshotterProcess::start(&tmp.path().join("root"));
+    let mut c = snapshots_client(&serve.socket).await;
+    let prepared = c
+        .prepare(model_request(&format!("extract-1 {chain}"), "", prepare_labels(&companion.annotations, &chain)))
+        .await;
+    assert_eq!(code(prepared), Code::AlreadyExists);
+    let unpacked = serve.root.join("cache/unpacked/sha256").join(format!("{}.tar", layer_digest.hex()));
+    assert_eq!(std::fs::read(&unpacked).unwrap(), tar, "served from its unpacked copy");
+    {
+        let mounts = view(&mut c, "volume", &chain).await.unwrap();
+        let target = tmp.path().join("m-volume");
+        let _m = mount_all(&mounts, &target);
+        assert_eq!(std::fs::read(target.join("weights.bin")).unwrap(), weights);
+    }
+    remove(&mut c, "volume").await.unwrap();
+    remove(&mut c, &chain).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while unpacked.exists() {
+        assert!(std::time::Instant::now() < deadline, "the unpacked copy outlived its model");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

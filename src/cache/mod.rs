@@ -57,8 +57,10 @@
 //! (durably) and then its files unlinked, so a file the kernel still reads for a
 //! passthrough open keeps its bytes until closed. Recency survives a restart through the
 //! data file's modification time, refreshed by reads at most once per
-//! [`MTIME_REFRESH_INTERVAL`]. Metadata records and unpacked layers are outside the
-//! budget; their owners manage them.
+//! [`MTIME_REFRESH_INTERVAL`]. Unpacked copies of compressed layers count too: a copy an
+//! open model holds ([`ChunkCache::lease_unpacked`]) is never evicted, one no model holds
+//! is evicted before any chunk, and the daemon removes a copy as soon as its last model
+//! goes ([`ChunkCache::drop_unused_unpacked`]). Metadata records are outside the budget.
 //!
 //! # Concurrency
 //!
@@ -84,7 +86,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
@@ -194,6 +196,20 @@ struct Inner {
     hashing: HashMap<Digest, HashSlot>,
     /// Lazy indexes (by JSON digest) caught vouching for bytes that are not their blob.
     condemned: HashSet<Digest>,
+    /// Unpacked copies of compressed layers, counted in `used_bytes`.
+    unpacked: HashMap<Digest, UnpackedEntry>,
+    /// Whether a copy goes when its last user does (the daemon), or stays, evictable,
+    /// for the next process (the CLI).
+    drop_unused_unpacked: bool,
+}
+
+/// What the cache remembers about one unpacked copy.
+#[derive(Debug, Clone, Copy)]
+struct UnpackedEntry {
+    size: u64,
+    /// Leases held by open models: a copy in use is never evicted.
+    users: u64,
+    touched: SystemTime,
 }
 
 #[derive(Debug, Default)]
@@ -276,7 +292,13 @@ impl ChunkCache {
             next_generation: 1,
             hashing: HashMap::new(),
             condemned: HashSet::new(),
+            unpacked: HashMap::new(),
+            drop_unused_unpacked: false,
         };
+        for (blob, size, touched) in recovered.unpacked {
+            inner.used_bytes += size;
+            inner.unpacked.insert(blob, UnpackedEntry { size, users: 0, touched });
+        }
         for (key, mut entry) in recovered.chunks {
             entry.generation = inner.next_generation;
             inner.next_generation += 1;
@@ -905,9 +927,77 @@ impl ChunkCache {
     }
 
     /// Where an unpacked (decompressed) copy of a compressed layer lives. Write it at a
-    /// [`Self::temp_path`] and rename it here. These files are outside the chunk budget.
+    /// [`Self::temp_path`] and rename it here, then take a [`Self::lease_unpacked`] for
+    /// as long as a model reads it.
     pub fn unpacked_path(&self, blob: &Digest) -> PathBuf {
         self.layout.unpacked(blob)
+    }
+
+    /// Makes unpacked copies go as soon as no open model uses them (for the daemon, where
+    /// models come and go); by default they stay for the next process, counted in the
+    /// budget and evicted first when it is exceeded.
+    pub fn drop_unused_unpacked(&self) {
+        self.lock().drop_unused_unpacked = true;
+    }
+
+    /// Counts the unpacked copy of `blob` (now at [`Self::unpacked_path`]) in the budget
+    /// and holds it for a model until the lease drops: a copy in use is never evicted.
+    /// Evicts other data if the copy takes the cache over budget.
+    pub fn lease_unpacked(self: &Arc<Self>, blob: &Digest) -> Result<UnpackedLease, CacheError> {
+        let path = self.layout.unpacked(blob);
+        let size = fs::metadata(&path).map_err(io_error("stat unpacked copy", &path))?.len();
+        let mut inner = self.lock();
+        let entry =
+            inner.unpacked.entry(*blob).or_insert(UnpackedEntry { size: 0, users: 0, touched: SystemTime::now() });
+        let old = entry.size;
+        entry.size = size;
+        entry.users += 1;
+        entry.touched = SystemTime::now();
+        inner.used_bytes = inner.used_bytes - old + size;
+        self.evict(&mut inner, None);
+        Ok(UnpackedLease { cache: self.clone(), blob: *blob })
+    }
+
+    /// Removes an unpacked copy no model uses (one that failed its check, say). Returns
+    /// false, removing nothing, while a model holds it.
+    pub fn discard_unpacked(&self, blob: &Digest) -> Result<bool, CacheError> {
+        let mut inner = self.lock();
+        if inner.unpacked.get(blob).is_some_and(|e| e.users > 0) {
+            return Ok(false);
+        }
+        inner.unpacked.remove(blob).inspect(|e| inner.used_bytes -= e.size);
+        let path = self.layout.unpacked(blob);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(io_error("remove unpacked copy", &path)(e)),
+        }
+    }
+
+    /// Drops one lease (see [`UnpackedLease`]).
+    fn release_unpacked(&self, blob: &Digest) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.unpacked.get_mut(blob) else { return };
+        entry.users = entry.users.saturating_sub(1);
+        entry.touched = SystemTime::now();
+        if entry.users == 0 && inner.drop_unused_unpacked {
+            self.remove_unpacked(&mut inner, blob);
+        } else {
+            self.evict(&mut inner, None);
+        }
+    }
+
+    /// Removes an unused unpacked copy and its bytes from the total. Called with the
+    /// bookkeeping lock held.
+    fn remove_unpacked(&self, inner: &mut Inner, blob: &Digest) {
+        let Some(entry) = inner.unpacked.remove(blob) else { return };
+        inner.used_bytes -= entry.size;
+        let path = self.layout.unpacked(blob);
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(%blob, "removed an unused unpacked copy"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove an unpacked copy"),
+        }
     }
 
     /// A fresh path in the cache's temporary directory, unique per call, on the same file
@@ -963,6 +1053,20 @@ impl ChunkCache {
     /// blob with it.
     fn evict(&self, inner: &mut Inner, keep: Option<&ChunkKey>) {
         let Some(budget) = self.budget else { return };
+        if inner.used_bytes <= budget {
+            return;
+        }
+        // Copies no open model uses go first, oldest first: they are whole layers, and
+        // whoever needs one again unpacks it again.
+        let mut idle: Vec<(SystemTime, Digest)> =
+            inner.unpacked.iter().filter(|(_, e)| e.users == 0).map(|(d, e)| (e.touched, *d)).collect();
+        idle.sort();
+        for (_, blob) in idle {
+            if inner.used_bytes <= budget {
+                return;
+            }
+            self.remove_unpacked(inner, &blob);
+        }
         if inner.used_bytes <= budget {
             return;
         }
@@ -1055,6 +1159,20 @@ impl ChunkCache {
             tracing::warn!(path = %path.display(), error = %e, "cannot free a dropped chunk's space");
         }
         true
+    }
+}
+
+/// A model's hold on an unpacked copy (see [`ChunkCache::lease_unpacked`]), released on
+/// drop.
+#[derive(Debug)]
+pub struct UnpackedLease {
+    cache: Arc<ChunkCache>,
+    blob: Digest,
+}
+
+impl Drop for UnpackedLease {
+    fn drop(&mut self) {
+        self.cache.release_unpacked(&self.blob);
     }
 }
 

@@ -18,6 +18,8 @@ pub(super) struct Recovered {
     pub(super) chunks: Vec<(ChunkKey, Entry)>,
     /// Blobs with a verified marker.
     pub(super) verified: HashSet<Digest>,
+    /// Unpacked copies of compressed layers: blob, size, modification time.
+    pub(super) unpacked: Vec<(Digest, u64, std::time::SystemTime)>,
 }
 
 /// Deletes everything in the temporary directory. Only this process writes there (the
@@ -115,7 +117,32 @@ pub(super) fn scan(layout: &Layout, drop_unverified: bool) -> Result<Recovered, 
         }));
     }
     recovered.chunks.sort_by_key(|(_, entry)| entry.touched);
+    recovered.unpacked = scan_unpacked(layout)?;
     Ok(recovered)
+}
+
+/// Lists the unpacked copies (`<hex>.tar`, each flushed before its rename, so whole);
+/// anything else there is left alone and logged.
+fn scan_unpacked(layout: &Layout) -> Result<Vec<(Digest, u64, std::time::SystemTime)>, CacheError> {
+    let dir = layout.unpacked_dir();
+    let mut found = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io_error("list unpacked directory", &dir))? {
+        let entry = entry.map_err(io_error("list unpacked directory", &dir))?;
+        let name = entry.file_name();
+        let digest = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".tar"))
+            .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+        let meta = entry.metadata().map_err(io_error("stat", &entry.path()))?;
+        match digest {
+            Some(digest) if meta.is_file() => {
+                let touched = meta.modified().map_err(io_error("read modification time of", &entry.path()))?;
+                found.push((digest, meta.len(), touched));
+            }
+            _ => tracing::warn!(path = %entry.path().display(), "ignoring unexpected entry among unpacked layers"),
+        }
+    }
+    Ok(found)
 }
 
 /// Whether a blob's marker says what markers written after a whole-blob hash say.

@@ -482,7 +482,7 @@ fn unpacked_paths_live_in_the_cache_dir() {
     drop(cache);
     let cache = open(&dir, None);
     assert_eq!(fs::read(cache.unpacked_path(&b)).unwrap(), b"tar bytes");
-    assert_eq!(cache.stats().used_bytes, 0, "unpacked files are outside the budget");
+    assert_eq!(cache.stats().used_bytes, 9, "unpacked copies count in the budget");
 }
 
 #[test]
@@ -661,4 +661,51 @@ fn the_cache_is_private_to_its_owner() {
     for entry in fs::read_dir(cache.layout.meta_dir()).unwrap() {
         assert_eq!(mode(&entry.unwrap().path()), 0o600);
     }
+}
+
+#[test]
+fn unpacked_copies_count_in_the_budget_and_go_when_unused() {
+    let dir = TempDir::new().unwrap();
+    let cache = Arc::new(ChunkCache::open(dir.path(), Some(1200)).unwrap());
+    cache.bind_chunk_size(CHUNK).unwrap();
+    let (a, b) = (blob("layer a"), blob("layer b"));
+    for (blob, size) in [(a, 600usize), (b, 300)] {
+        fs::write(cache.unpacked_path(&blob), vec![7u8; size]).unwrap();
+    }
+    let lease_a = cache.lease_unpacked(&a).unwrap();
+    let lease_b = cache.lease_unpacked(&b).unwrap();
+    assert_eq!(cache.stats().used_bytes, 900);
+    cache.put(&key("c", 0), &[1; 200], &V).unwrap();
+    assert_eq!(cache.stats().used_bytes, 1100);
+
+    // Unused, a copy stays for the next process while the budget allows, and is
+    // evicted before any chunk once it needs room.
+    drop(lease_b);
+    assert!(cache.unpacked_path(&b).exists());
+    cache.put(&key("d", 0), &[2; 300], &V).unwrap();
+    assert!(!cache.unpacked_path(&b).exists(), "the unused copy made room");
+    assert!(cache.contains(&key("c", 0)) && cache.contains(&key("d", 0)));
+    assert!(cache.unpacked_path(&a).exists(), "the copy in use stays");
+    assert_eq!(cache.stats().used_bytes, 1100);
+    assert!(!cache.discard_unpacked(&a).unwrap(), "a copy in use is not discarded");
+
+    // The daemon drops a copy with its last model.
+    cache.drop_unused_unpacked();
+    drop(lease_a);
+    assert!(!cache.unpacked_path(&a).exists());
+    assert_eq!(cache.stats().used_bytes, 500);
+}
+
+#[test]
+fn unpacked_copies_are_counted_again_at_open() {
+    let dir = TempDir::new().unwrap();
+    {
+        let cache = open(&dir, None);
+        fs::write(cache.unpacked_path(&blob("layer")), vec![1u8; 500]).unwrap();
+    }
+    let cache = open(&dir, None);
+    assert_eq!(cache.stats().used_bytes, 500);
+    drop(cache);
+    let cache = ChunkCache::open(dir.path(), Some(100)).unwrap();
+    assert_eq!(cache.stats().used_bytes, 0, "an unused copy over budget is evicted at open");
 }

@@ -112,6 +112,8 @@ pub async fn serve(
     let cache_dir = config.cache_dir();
     let cache =
         ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?;
+    // Models come and go with their snapshots: an unpacked layer goes with its last model.
+    cache.drop_unused_unpacked();
     let snapshotter = Arc::new(RemoteSnapshotter::new(
         base,
         Arc::new(cache),
