@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::liar::LyingRegistry;
 use common::*;
 use modelpack_snapshotter::companion::index_from_tar;
@@ -71,7 +70,7 @@ impl Scene {
         let blob = index.blobs.iter_mut().find(|b| b.digest == weight_digest).expect("weight blob in the index");
         blob.chunks = forged_weight.chunks(index.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
         let forged_companion = format!("{}/evil/companion:v1", registry.addr());
-        publish_companion(&forged_companion, &index).await;
+        tokio::task::block_in_place(|| publish_companion(&forged_companion, &index));
         let forged_index = Digest::of(&index.to_json());
         Self {
             _registry: registry,
@@ -106,50 +105,32 @@ async fn honest_index(companion: &str) -> LazyIndex {
 }
 
 /// Publishes a companion image (one manifest, one index layer) for `index` at `target`.
-async fn publish_companion(target: &str, index: &LazyIndex) {
+fn publish_companion(target: &str, index: &LazyIndex) {
     let json = index.to_json();
     let mut tar = tar::Builder::new(Vec::new());
     let mut header = tar::Header::new_ustar();
     header.set_size(json.len() as u64);
     header.set_mode(0o444);
     tar.append_data(&mut header, ".modelpack/index.json", &json[..]).unwrap();
-    let layer = Bytes::from(tar.into_inner().unwrap());
+    let layer = tar.into_inner().unwrap();
     let layer_digest = Digest::of(&layer);
     let reference = parse_reference(target).unwrap();
-    let registry = Registry::new(reference.clone(), RegistrySettings::default());
-    registry.push_bytes(layer.clone(), &layer_digest).await.unwrap();
-    let config = Bytes::from(
-        serde_json::to_vec(&json!({
-            "architecture": "amd64", "os": "linux",
-            "rootfs": { "type": "layers", "diff_ids": [layer_digest.to_string()] },
-        }))
-        .unwrap(),
-    );
-    let config_digest = Digest::of(&config);
-    registry.push_bytes(config.clone(), &config_digest).await.unwrap();
     let location = format!("{}/{}@{layer_digest}", reference.registry(), reference.repository());
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": config.len() },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest.to_string(),
-            "size": layer.len(),
-            "annotations": {
-                "containerd.io/snapshot/modelpack.source": index.source.reference,
-                "containerd.io/snapshot/modelpack.index": location,
-                "containerd.io/snapshot/modelpack.version": index.version.to_string(),
-            },
-        }],
-    });
-    registry
-        .push_manifest(
-            Bytes::from(serde_json::to_vec(&manifest).unwrap()),
-            "application/vnd.oci.image.manifest.v1+json",
-        )
-        .await
-        .unwrap();
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest.to_string()] },
+    }))
+    .unwrap();
+    let layer = LayerSpec {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        data: layer,
+        annotations: json!({
+            "containerd.io/snapshot/modelpack.source": index.source.reference,
+            "containerd.io/snapshot/modelpack.index": location,
+            "containerd.io/snapshot/modelpack.version": index.version.to_string(),
+        }),
+    };
+    push_artifact(target, "", "application/vnd.oci.image.config.v1+json", &config, &[layer]);
 }
 
 /// Mounts `reference` with the shared cache, reads the weight file whole, unmounts.
