@@ -432,6 +432,11 @@ pub struct SnapshotterProcess {
 impl SnapshotterProcess {
     /// Starts `serve` on `root` and waits until the socket accepts connections.
     pub fn start(root: &Path) -> Self {
+        Self::start_with_config(root, &Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml"))
+    }
+
+    /// [`Self::start`] with the configuration file `config`.
+    pub fn start_with_config(root: &Path, config: &Path) -> Self {
         let socket = root.join("snapshotter.sock");
         let child = Command::new(BIN)
             .arg("serve")
@@ -440,7 +445,7 @@ impl SnapshotterProcess {
             .arg("--address")
             .arg(&socket)
             .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/config.toml"))
+            .arg(config)
             .stdout(Stdio::null())
             .spawn()
             .expect("starting serve");
