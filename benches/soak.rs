@@ -20,8 +20,9 @@
 //!
 //! Environment: `SOAK_SECS` (120), `SOAK_MAX_REQUESTS` (blob requests through the
 //! proxies, 300000), `SOAK_FAULT_RATE` (share of blob requests broken, 0.3),
-//! `SOAK_SEED` (1), `SOAK_READERS` (reader threads per front-end, 4). Needs root
-//! (FUSE) and docker-registry; all traffic stays on 127.0.0.1.
+//! `SOAK_SEED` (1), `SOAK_READERS` (reader threads per front-end, 4),
+//! `SOAK_PENDING_STORE_CHUNKS` (the front-ends' `pending_store_chunks`, their default).
+//! Needs root (FUSE) and docker-registry; all traffic stays on 127.0.0.1.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::{Fault, FaultProxy, RandomFaults};
 use common::*;
+use modelpack_snapshotter::config::FetchSettings;
 use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
 
 /// Seconds allowed for one registry request; stalls last longer.
@@ -283,6 +285,7 @@ fn main() -> ExitCode {
     let rate: f64 = env_or("SOAK_FAULT_RATE", 0.3);
     let seed: u64 = env_or("SOAK_SEED", 1);
     let readers: usize = env_or("SOAK_READERS", 4usize).max(1);
+    let pending: u64 = env_or("SOAK_PENDING_STORE_CHUNKS", FetchSettings::default().pending_store_chunks);
     let limit = hang_limit();
     let stall = Duration::from_secs(REQUEST_TIMEOUT_SECS + 1);
 
@@ -308,6 +311,7 @@ fn main() -> ExitCode {
     let retries = RETRIES.to_string();
     let chunk = CHUNK.to_string();
     let budget = CACHE_BUDGET.to_string();
+    let pending_arg = pending.to_string();
     let mount_args = [
         "--request-timeout",
         &timeout,
@@ -317,6 +321,8 @@ fn main() -> ExitCode {
         &chunk,
         "--cache-budget",
         &budget,
+        "--pending-store-chunks",
+        &pending_arg,
         "--log-level",
         "error",
     ];
@@ -332,6 +338,7 @@ fn main() -> ExitCode {
         &config,
         format!(
             "log_level = \"error\"\n[cache]\nchunk_size = {CHUNK}\nbudget_bytes = {CACHE_BUDGET}\n\
+             pending_store_chunks = {pending}\n\
              [registry]\nrequest_timeout_secs = {REQUEST_TIMEOUT_SECS}\nretries = {RETRIES}\n"
         ),
     )
@@ -426,8 +433,8 @@ fn main() -> ExitCode {
         md,
         "{:.0} s of reads of a {model_bytes}-byte model ({} files) through {} front-ends, {readers} reader threads \
          each; fault rate {rate}, seed {seed}; request timeout {REQUEST_TIMEOUT_SECS} s, {RETRIES} retries, \
-         stalls {stall:?}; chunk {CHUNK} bytes, cache budget {CACHE_BUDGET} bytes; a read longer than {limit:?} \
-         counts as hung.\n",
+         stalls {stall:?}; chunk {CHUNK} bytes, cache budget {CACHE_BUDGET} bytes, {pending} pending store \
+         chunks; a read longer than {limit:?} counts as hung.\n",
         elapsed.as_secs_f64(),
         truth.len(),
         fronts.len(),
