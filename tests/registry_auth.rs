@@ -71,9 +71,17 @@ fn a_mount_keeps_reading_after_the_registry_credentials_change() {
     let config = docker.join("config.json");
     let file_auth = base64(format!("alice:{PASSWORD_A}").as_bytes());
     replace_file(&config, format!(r#"{{"auths":{{"{addr}":{{"auth":"{file_auth}"}}}}}}"#).as_bytes());
+    // It notes each run, to count how often credentials are read again.
     let helper = bin.join("docker-credential-rotating");
-    std::fs::write(&helper, format!("#!/bin/sh\necho '{{\"Username\":\"bob\",\"Secret\":\"{PASSWORD_B}\"}}'\n"))
-        .unwrap();
+    let runs = tmp.path().join("helper-runs");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\necho run >> {}\necho '{{\"Username\":\"bob\",\"Secret\":\"{PASSWORD_B}\"}}'\n",
+            runs.display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = std::env::join_paths(
         std::iter::once(bin.clone()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
@@ -107,7 +115,8 @@ fn a_mount_keeps_reading_after_the_registry_credentials_change() {
     assert!(head == data[..1 << 20], "the first chunk differs");
 
     // The registry now admits only bob: alice's password is refused, and the error
-    // does not repeat it.
+    // does not repeat it. The registry reads htpasswd again when its modification time
+    // changes (distribution 2.8), so it keeps running on its port.
     set_htpasswd(&htpasswd, "bob", PASSWORD_B);
     let (ok, _, stderr) =
         run_bin_env(&["inspect", &reference, "--cache-dir", tmp.path().join("c1").to_str().unwrap()], &env);
@@ -115,12 +124,22 @@ fn a_mount_keeps_reading_after_the_registry_credentials_change() {
     assert!(!stderr.contains(PASSWORD_A), "an error shows the password: {stderr}");
 
     // The configuration now sends the registry to a helper holding bob's password; the
-    // same mount reads on.
+    // same mount reads on. Its other chunks are read at once, so that several requests
+    // are refused together: they read the credentials again once.
     replace_file(&config, format!(r#"{{"credHelpers":{{"{addr}":"rotating"}}}}"#).as_bytes());
-    let mut rest = vec![0u8; data.len() - (1 << 20)];
-    file.read_exact_at(&mut rest, 1 << 20).unwrap();
-    assert!(rest == data[1 << 20..], "the rest of the file differs");
+    std::thread::scope(|s| {
+        for chunk in 1..data.len() >> 20 {
+            let (file, data) = (&file, &data);
+            s.spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                file.read_exact_at(&mut buf, (chunk << 20) as u64).unwrap();
+                assert!(buf == data[chunk << 20..(chunk + 1) << 20], "chunk {chunk} differs");
+            });
+        }
+    });
     drop(file);
+    let helper_runs = std::fs::read_to_string(&runs).unwrap_or_default().lines().count();
+    assert_eq!(helper_runs, 1, "requests refused together read the credentials again more than once");
 
     let log = m.stop_with_stderr();
     assert!(
