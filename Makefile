@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/modelpack-snapshotter
 
-.PHONY: all build setup test fuzz demo bench lint clean
+.PHONY: all build setup test fuzz demo bench soak lint clean
 
 all: build
 
@@ -32,6 +32,11 @@ lint:
 bench: setup
 	$(CARGO) bench --locked --bench bench
 	$(CARGO) bench --locked --bench cri_pull
+
+# Reads under thousands of injected registry faults, every byte checked (not part of
+# `make test`); SOAK_SECS (default 120) bounds it. Report: target/soak/report.md.
+soak: setup
+	$(CARGO) bench --locked --bench soak
 
 demo: setup build
 	./scripts/demo.sh $(RELEASE_BIN)

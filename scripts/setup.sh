@@ -4,7 +4,7 @@
 set -eu
 
 need_apt=""
-for pkg in fuse3 docker-registry curl containerd runc busybox-static protobuf-compiler; do
+for pkg in fuse3 docker-registry curl containerd runc busybox-static protobuf-compiler apache2-utils; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt $pkg"
 done
 if [ -n "$need_apt" ]; then

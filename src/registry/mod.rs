@@ -5,20 +5,29 @@
 //! long or failed body is retried with exponential backoff up to the configured budget.
 //! Verification against digests is the caller's job ([`crate::blob`]), except for
 //! manifests and small blobs fetched whole, which are checked here.
+//!
+//! Credentials ([`credentials`]) are read when a client is made and read again when the
+//! registry refuses a request (401 or 403): the request is then tried once more with
+//! what the source holds now, so a long-lived mount outlives credentials that expire.
+//! No error message carries a secret: text a registry sent back is redacted first.
+
+pub mod credentials;
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use tokio::io::AsyncReadExt;
 
+use self::credentials::{CredentialStore, Credentials};
 use crate::config::RegistrySettings;
 use crate::modelpack::media;
 use crate::modelpack::Digest;
@@ -35,7 +44,8 @@ pub enum RegistryError {
     /// The registry says the thing does not exist.
     #[error("{what} not found in {reference}")]
     NotFound { what: String, reference: String },
-    /// The registry refused our credentials or asked for some.
+    /// The registry refused our credentials or asked for some, even after they were
+    /// read again.
     #[error("access to {reference} denied: {detail}")]
     Unauthorized { reference: String, detail: String },
     /// Failed after every retry.
@@ -52,12 +62,26 @@ pub enum RegistryError {
 /// One attempt's failure, sorted by whether trying again can help.
 enum Attempt {
     Retry(String),
+    /// Refused: worth one more try with credentials read again.
+    Denied(RegistryError),
     Fatal(RegistryError),
+}
+
+/// Credentials and a client that uses them. The client caches what it derived from
+/// them (tokens, basic-auth headers), so new credentials get a new client.
+struct Session {
+    client: Client,
+    credentials: Credentials,
+    /// Counts renewals, so that many requests refused at once renew only once.
+    generation: u64,
 }
 
 /// A client for one repository of one registry.
 pub struct Registry {
-    client: Client,
+    session: RwLock<Arc<Session>>,
+    /// Held while credentials are read again.
+    renewing: tokio::sync::Mutex<()>,
+    credentials: CredentialStore,
     /// A client that never authenticates, for blob reads while the registry has asked
     /// for no credentials: with anonymous access to a registry that issues no token,
     /// `oci-client` probes `/v2/` before every request, which doubles the requests and
@@ -65,7 +89,6 @@ pub struct Registry {
     bare: Client,
     bare_reads: AtomicBool,
     reference: Reference,
-    auth: RegistryAuth,
     settings: RegistrySettings,
 }
 
@@ -92,40 +115,86 @@ pub fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Credentials for a registry from Docker's `config.json` (`$DOCKER_CONFIG` or
-/// `~/.docker`), including credential helpers; anonymous when there are none.
-fn credentials_for(registry: &str) -> RegistryAuth {
-    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
-    match docker_credential::get_credential(registry) {
-        Ok(DockerCredential::UsernamePassword(user, pass)) => RegistryAuth::Basic(user, pass),
-        Ok(DockerCredential::IdentityToken(token)) => RegistryAuth::Bearer(token),
-        Err(E::ConfigNotFound | E::NoCredentialConfigured | E::ConfigReadError) => RegistryAuth::Anonymous,
+/// Credentials for `registry` from `store`; anonymous, with a warning, when the source
+/// fails (the error names the source, never a secret).
+fn read_credentials(store: &CredentialStore, registry: &str) -> Credentials {
+    match store.get(registry) {
+        Ok(credentials) => {
+            tracing::debug!(registry, source = %credentials.source, "registry credentials");
+            credentials
+        }
         Err(e) => {
             tracing::warn!(registry, error = %e, "cannot read registry credentials; trying anonymously");
-            RegistryAuth::Anonymous
+            Credentials::anonymous()
         }
     }
 }
 
+/// An `oci-client` client for `registry` with our timeouts.
+fn new_client(registry: &str, settings: &RegistrySettings) -> Client {
+    let protocol = if is_loopback(registry) {
+        ClientProtocol::HttpsExcept(vec![registry.to_owned()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        connect_timeout: Some(settings.connect_timeout),
+        read_timeout: Some(settings.request_timeout),
+        use_monolithic_push: true,
+        ..Default::default()
+    })
+}
+
 impl Registry {
-    /// A client for `reference`'s repository.
+    /// A client for `reference`'s repository, with credentials from Docker's
+    /// configuration. A credential helper gets as long as one request
+    /// (`request_timeout`) to answer.
     pub fn new(reference: Reference, settings: RegistrySettings) -> Self {
+        let store = CredentialStore::from_env(settings.request_timeout);
+        Self::with_credentials(reference, settings, store)
+    }
+
+    /// A client for `reference`'s repository, with credentials from `store`.
+    pub fn with_credentials(reference: Reference, settings: RegistrySettings, store: CredentialStore) -> Self {
         let registry = reference.resolve_registry().to_owned();
-        let protocol = if is_loopback(&registry) {
-            ClientProtocol::HttpsExcept(vec![registry.clone()])
-        } else {
-            ClientProtocol::Https
+        let credentials = read_credentials(&store, &registry);
+        let bare_reads = AtomicBool::new(matches!(credentials.auth, RegistryAuth::Anonymous));
+        let session = Session { client: new_client(&registry, &settings), credentials, generation: 0 };
+        Self {
+            session: RwLock::new(Arc::new(session)),
+            renewing: tokio::sync::Mutex::new(()),
+            credentials: store,
+            bare: new_client(&registry, &settings),
+            bare_reads,
+            reference,
+            settings,
+        }
+    }
+
+    fn session(&self) -> Arc<Session> {
+        self.session.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the credentials again after `refused` was refused, unless another request
+    /// already did since; later requests use them.
+    async fn renew(&self, refused: &Session) {
+        let _renewing = self.renewing.lock().await;
+        if self.session().generation != refused.generation {
+            return;
+        }
+        let registry = self.reference.resolve_registry().to_owned();
+        tracing::debug!(registry, "registry refused the credentials; reading them again");
+        let store = self.credentials.clone();
+        let credentials = tokio::task::spawn_blocking(move || read_credentials(&store, &registry))
+            .await
+            .unwrap_or_else(|_| Credentials::anonymous());
+        let session = Session {
+            client: new_client(self.reference.resolve_registry(), &self.settings),
+            credentials,
+            generation: refused.generation + 1,
         };
-        let config = || ClientConfig {
-            protocol: protocol.clone(),
-            connect_timeout: Some(settings.connect_timeout),
-            read_timeout: Some(settings.request_timeout),
-            use_monolithic_push: true,
-            ..Default::default()
-        };
-        let auth = credentials_for(&registry);
-        let bare_reads = AtomicBool::new(matches!(auth, RegistryAuth::Anonymous));
-        Self { client: Client::new(config()), bare: Client::new(config()), bare_reads, auth, reference, settings }
+        *self.session.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(session);
     }
 
     /// The reference this client was made for.
@@ -133,42 +202,57 @@ impl Registry {
         &self.reference
     }
 
-    /// A client for another tag or digest in the same repository, sharing credentials.
+    /// A client for another tag or digest in the same repository, with credentials
+    /// from the same source.
     pub fn with_reference(&self, reference: Reference) -> Self {
-        Self::new(reference, self.settings.clone())
+        Self::with_credentials(reference, self.settings.clone(), self.credentials.clone())
     }
 
     fn name(&self) -> String {
         self.reference.whole()
     }
 
-    /// Runs `op` with the retry budget, sorting its errors.
+    /// Runs `op` with the retry budget, sorting its errors. A refusal is tried once
+    /// more, straight away and outside the budget, with credentials read again.
     async fn with_retries<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RegistryError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Arc<Session>) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
         let attempts = self.settings.retries + 1;
         let mut delay = self.settings.backoff;
-        let mut last = String::new();
-        for attempt in 1..=attempts {
-            match tokio::time::timeout(self.settings.request_timeout, op()).await {
+        let mut last;
+        let mut renewed = false;
+        let mut attempt = 1;
+        loop {
+            let session = self.session();
+            match tokio::time::timeout(self.settings.request_timeout, op(session.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(Attempt::Fatal(e))) => return Err(e),
+                Ok(Err(Attempt::Denied(_))) if !renewed => {
+                    renewed = true;
+                    self.renew(&session).await;
+                    continue;
+                }
+                Ok(Err(Attempt::Denied(e) | Attempt::Fatal(e))) => return Err(e),
                 Ok(Err(Attempt::Retry(msg))) => last = msg,
                 Err(_) => last = format!("timed out after {:?}", self.settings.request_timeout),
             }
-            if attempt < attempts {
-                tracing::debug!(what, attempt, error = %last, "registry request failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = delay.saturating_mul(2);
+            if attempt == attempts {
+                break;
             }
+            tracing::debug!(what, attempt, error = %last, "registry request failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2);
+            attempt += 1;
         }
         Err(RegistryError::Exhausted { what: what.to_owned(), reference: self.name(), attempts, last })
     }
 
-    fn classify(&self, what: &str, e: OciDistributionError) -> Attempt {
+    /// Sorts an `oci-client` error; what the registry said is redacted of the secret
+    /// `session` sent, in case the registry echoed it.
+    fn classify(&self, session: &Session, what: &str, e: OciDistributionError) -> Attempt {
         use OciDistributionError as O;
+        let text = |e: &OciDistributionError| session.credentials.redact(e.to_string());
         match e {
             O::ImageManifestNotFoundError(_) => {
                 Attempt::Fatal(RegistryError::NotFound { what: what.to_owned(), reference: self.name() })
@@ -182,17 +266,25 @@ impl Registry {
                 Attempt::Fatal(RegistryError::NotFound { what: what.to_owned(), reference: self.name() })
             }
             O::UnauthorizedError { .. } | O::AuthenticationFailure(_) | O::ServerError { code: 401 | 403, .. } => {
-                Attempt::Fatal(RegistryError::Unauthorized { reference: self.name(), detail: e.to_string() })
+                Attempt::Denied(RegistryError::Unauthorized { reference: self.name(), detail: text(&e) })
             }
-            O::DigestError(_) => Attempt::Retry(e.to_string()),
+            O::RegistryError { ref envelope, .. }
+                if envelope
+                    .errors
+                    .iter()
+                    .any(|err| matches!(err.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
+            {
+                Attempt::Denied(RegistryError::Unauthorized { reference: self.name(), detail: text(&e) })
+            }
+            O::DigestError(_) => Attempt::Retry(text(&e)),
             O::ServerError { code, .. } if code < 500 && code != 408 && code != 429 => {
                 Attempt::Fatal(RegistryError::Invalid {
                     what: what.to_owned(),
                     reference: self.name(),
-                    detail: e.to_string(),
+                    detail: text(&e),
                 })
             }
-            other => Attempt::Retry(other.to_string()),
+            other => Attempt::Retry(text(&other)),
         }
     }
 
@@ -201,12 +293,12 @@ impl Registry {
     pub async fn fetch_manifest(&self) -> Result<(Bytes, Digest), RegistryError> {
         let accept = [media::OCI_MANIFEST, media::OCI_INDEX, media::DOCKER_MANIFEST];
         let what = "manifest";
-        self.with_retries(what, || async {
-            let (body, digest) = self
+        self.with_retries(what, |session| async move {
+            let (body, digest) = session
                 .client
-                .pull_manifest_raw(&self.reference, &self.auth, &accept)
+                .pull_manifest_raw(&self.reference, &session.credentials.auth, &accept)
                 .await
-                .map_err(|e| self.classify(what, e))?;
+                .map_err(|e| self.classify(&session, what, e))?;
             let actual = Digest::of(&body);
             if let Some(pinned) = self.reference.digest() {
                 if pinned != actual.to_string() {
@@ -248,9 +340,10 @@ impl Registry {
     pub async fn read_range(&self, blob: &Digest, offset: u64, len: u64) -> Result<Bytes, RegistryError> {
         let what = format!("bytes {offset}+{len} of blob {blob}");
         let digest = blob.to_string();
-        self.with_retries(&what, || async {
+        let (what, digest) = (what.as_str(), digest.as_str());
+        self.with_retries(what, |session| async move {
             let response =
-                self.pull_partial(digest.as_str(), offset, len).await.map_err(|e| self.classify(&what, e))?;
+                self.pull_partial(&session, digest, offset, len).await.map_err(|e| self.classify(&session, what, e))?;
             // A registry that ignores Range sends the whole blob: skip to our window.
             let (mut stream, mut skip, whole) = match response {
                 BlobResponse::Partial(s) => (s.stream, 0u64, false),
@@ -283,7 +376,13 @@ impl Registry {
     }
 
     /// One ranged GET, unauthenticated while the registry allows it (see `bare`).
-    async fn pull_partial(&self, digest: &str, offset: u64, len: u64) -> Result<BlobResponse, OciDistributionError> {
+    async fn pull_partial(
+        &self,
+        session: &Session,
+        digest: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<BlobResponse, OciDistributionError> {
         if self.bare_reads.load(Ordering::Relaxed) {
             match self.bare.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await {
                 Err(
@@ -297,8 +396,8 @@ impl Registry {
                 other => return other,
             }
         }
-        self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth).await;
-        self.client.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await
+        session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
+        session.client.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await
     }
 
     /// Streams a whole blob from `offset` to its end (for compressed layers, which are
@@ -310,21 +409,23 @@ impl Registry {
     ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>, RegistryError> {
         let what = format!("blob {blob}");
         let digest = blob.to_string();
-        self.with_retries(&what, || async {
+        let (what, digest) = (what.as_str(), digest.as_str());
+        self.with_retries(what, |session| async move {
+            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
             if offset == 0 {
                 // No Range header: `bytes=0-` is unsatisfiable for an empty blob.
-                let stream = self
+                let stream = session
                     .client
-                    .pull_blob_stream(&self.reference, digest.as_str())
+                    .pull_blob_stream(&self.reference, digest)
                     .await
-                    .map_err(|e| self.classify(&what, e))?;
+                    .map_err(|e| self.classify(&session, what, e))?;
                 return Ok(stream.stream);
             }
-            let response = self
+            let response = session
                 .client
-                .pull_blob_stream_partial(&self.reference, digest.as_str(), offset, None)
+                .pull_blob_stream_partial(&self.reference, digest, offset, None)
                 .await
-                .map_err(|e| self.classify(&what, e))?;
+                .map_err(|e| self.classify(&session, what, e))?;
             match response {
                 BlobResponse::Partial(s) => Ok(s.stream),
                 BlobResponse::Full(s) if offset == 0 => Ok(s.stream),
@@ -347,8 +448,10 @@ impl Registry {
     pub async fn blob_exists(&self, blob: &Digest) -> Result<bool, RegistryError> {
         let what = format!("blob {blob}");
         let digest = blob.to_string();
-        self.with_retries(&what, || async {
-            self.client.blob_exists(&self.reference, &digest).await.map_err(|e| self.classify(&what, e))
+        let (what, digest) = (what.as_str(), digest.as_str());
+        self.with_retries(what, |session| async move {
+            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
+            session.client.blob_exists(&self.reference, digest).await.map_err(|e| self.classify(&session, what, e))
         })
         .await
     }
@@ -356,13 +459,18 @@ impl Registry {
     /// Uploads an in-memory blob (configs, manifests' neighbours).
     pub async fn push_bytes(&self, data: Bytes, digest: &Digest) -> Result<(), RegistryError> {
         let what = format!("upload of blob {digest}");
-        self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth).await;
-        self.with_retries(&what, || async {
-            self.client
-                .push_blob(&self.reference, data.clone(), &digest.to_string())
-                .await
-                .map(drop)
-                .map_err(|e| self.classify(&what, e))
+        let what = what.as_str();
+        self.with_retries(what, |session| {
+            let data = data.clone();
+            async move {
+                session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
+                session
+                    .client
+                    .push_blob(&self.reference, data, &digest.to_string())
+                    .await
+                    .map(drop)
+                    .map_err(|e| self.classify(&session, what, e))
+            }
         })
         .await
     }
@@ -377,11 +485,14 @@ impl Registry {
         progress: impl Fn(u64) + Send + Sync + Clone + 'static,
     ) -> Result<(), RegistryError> {
         let what = format!("upload of {}", path.display());
-        self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth).await;
         let local_err = |source| RegistryError::LocalIo { path: path.display().to_string(), source };
         let attempts = self.settings.retries + 1;
         let mut last = String::new();
-        for _ in 0..attempts {
+        let mut renewed = false;
+        let mut attempt = 0;
+        while attempt < attempts {
+            let session = self.session();
+            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
             let file = tokio::fs::File::open(path).await.map_err(local_err)?;
             let progress = progress.clone();
             let stream = futures_util::stream::try_unfold((file, 0u64), move |(mut file, sent)| {
@@ -398,13 +509,20 @@ impl Registry {
                     Ok(Some((Bytes::from(buf), (file, sent))))
                 }
             });
-            match self.client.push_blob_stream(&self.reference, stream, &digest.to_string(), Some(size)).await {
+            // No request timeout: an upload takes as long as the file needs.
+            match session.client.push_blob_stream(&self.reference, stream, &digest.to_string(), Some(size)).await {
                 Ok(_) => return Ok(()),
-                Err(e) => match self.classify(&what, e) {
-                    Attempt::Fatal(e) => return Err(e),
+                Err(e) => match self.classify(&session, &what, e) {
+                    Attempt::Denied(_) if !renewed => {
+                        renewed = true;
+                        self.renew(&session).await;
+                        continue;
+                    }
+                    Attempt::Denied(e) | Attempt::Fatal(e) => return Err(e),
                     Attempt::Retry(msg) => last = msg,
                 },
             }
+            attempt += 1;
         }
         Err(RegistryError::Exhausted { what, reference: self.name(), attempts, last })
     }
@@ -415,12 +533,16 @@ impl Registry {
         let content_type: http::HeaderValue = media_type
             .parse()
             .map_err(|_| self.invalid(what, format!("media type {media_type:?} is not a header value")))?;
-        self.client.store_auth_if_needed(self.reference.resolve_registry(), &self.auth).await;
-        self.with_retries(what, || async {
-            self.client
-                .push_manifest_raw(&self.reference, body.clone(), content_type.clone())
-                .await
-                .map_err(|e| self.classify(what, e))
+        self.with_retries(what, |session| {
+            let (body, content_type) = (body.clone(), content_type.clone());
+            async move {
+                session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
+                session
+                    .client
+                    .push_manifest_raw(&self.reference, body, content_type)
+                    .await
+                    .map_err(|e| self.classify(&session, what, e))
+            }
         })
         .await?;
         Ok(Digest::of(&body))
@@ -430,6 +552,42 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn no_error_or_debug_output_shows_the_secret() {
+        const SECRET: &str = "s3cret-Value-42";
+        let dir = tempfile::tempdir().unwrap();
+        // alice:s3cret-Value-42
+        let config = r#"{"auths":{"127.0.0.1:5000":{"auth":"YWxpY2U6czNjcmV0LVZhbHVlLTQy"}}}"#;
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        let store = CredentialStore::new(Some(dir.path().to_owned()), None, std::time::Duration::from_secs(1));
+        let reference = parse_reference("127.0.0.1:5000/models/m:v1").unwrap();
+        let registry = Registry::with_credentials(reference, RegistrySettings::default(), store);
+        let session = registry.session();
+        assert!(matches!(&session.credentials.auth, RegistryAuth::Basic(_, p) if p == SECRET));
+
+        // Registries and token servers that echo the secret back.
+        let echoed = || format!("bad credentials alice:{SECRET}");
+        let url = format!("http://alice:{SECRET}@127.0.0.1:5000/v2/");
+        let errors = [
+            OciDistributionError::AuthenticationFailure(echoed()),
+            OciDistributionError::UnauthorizedError { url: url.clone() },
+            OciDistributionError::ServerError { code: 401, url: url.clone(), message: echoed() },
+            OciDistributionError::ServerError { code: 400, url: url.clone(), message: echoed() },
+            OciDistributionError::ServerError { code: 503, url, message: echoed() },
+            OciDistributionError::GenericError(Some(echoed())),
+        ];
+        for e in errors {
+            let shown = match registry.classify(&session, "manifest", e) {
+                Attempt::Retry(msg) => msg,
+                Attempt::Denied(e) | Attempt::Fatal(e) => format!("{e} {e:?}"),
+            };
+            assert!(!shown.contains(SECRET), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        let shown = format!("{registry:?} {:?} {:?}", session.credentials, registry.credentials);
+        assert!(!shown.contains(SECRET), "{shown}");
+    }
 
     #[test]
     fn loopback_hosts_are_plain_http() {

@@ -105,13 +105,24 @@ impl TestRegistry {
     }
 
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A registry that wants HTTP basic authentication from the users in `htpasswd`
+    /// (bcrypt hashes). It reads the file again when it changes.
+    pub fn start_with_htpasswd(htpasswd: &Path) -> Self {
+        Self::start_with(&format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display()))
+    }
+
+    /// A registry whose configuration has `extra` (YAML) appended.
+    fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                 dir.path().join("data").display()
             ),
         )
@@ -178,6 +189,8 @@ pub struct MountProcess {
     child: Option<Child>,
     pub mountpoint: PathBuf,
     lines: mpsc::Receiver<String>,
+    /// Everything the process printed on stderr, once it has exited.
+    stderr: mpsc::Receiver<String>,
     pub ready_line: String,
 }
 
@@ -185,6 +198,17 @@ impl MountProcess {
     /// Starts `mount REF DIR ARGS...` and waits for it to say it is ready. On failure
     /// returns what the process printed on stderr.
     pub fn start(reference: &str, mountpoint: &Path, cache_dir: &Path, args: &[&str]) -> Result<Self, String> {
+        Self::start_with_env(reference, mountpoint, cache_dir, args, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables.
+    pub fn start_with_env(
+        reference: &str,
+        mountpoint: &Path,
+        cache_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self, String> {
         // A dead mount left there (by a killed process) makes mkdir fail: leave it to `mount`.
         if !modelpack_snapshotter::fs::is_mountpoint(mountpoint) {
             std::fs::create_dir_all(mountpoint).unwrap();
@@ -195,6 +219,7 @@ impl MountProcess {
             .arg("--cache-dir")
             .arg(cache_dir)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -216,18 +241,29 @@ impl MountProcess {
             eprint!("{s}");
             let _ = etx.send(s);
         });
-        let mut proc = Self { child: Some(child), mountpoint: mountpoint.to_owned(), lines, ready_line: String::new() };
+        let mut proc = Self {
+            child: Some(child),
+            mountpoint: mountpoint.to_owned(),
+            lines,
+            stderr: erx,
+            ready_line: String::new(),
+        };
         match proc.lines.recv_timeout(Duration::from_secs(120)) {
             Ok(line) if line.starts_with("ready:") => {
                 proc.ready_line = line;
                 Ok(proc)
             }
             other => {
-                proc.stop();
-                let stderr = erx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+                let stderr = proc.stop_with_stderr();
                 Err(format!("{other:?}\n{stderr}"))
             }
         }
+    }
+
+    /// Stops the process and returns everything it printed on stderr.
+    pub fn stop_with_stderr(&mut self) -> String {
+        self.stop();
+        self.stderr.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
     }
 
     /// Waits for a stdout line starting with `prefix`.
@@ -275,7 +311,12 @@ impl Drop for MountProcess {
 
 /// Runs the binary with `args`, returning (success, stdout, stderr).
 pub fn run_bin(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("running binary");
+    run_bin_env(args, &[])
+}
+
+/// [`run_bin`] with extra environment variables.
+pub fn run_bin_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().expect("running binary");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -1,11 +1,14 @@
 //! A fault-injecting HTTP/1.1 proxy in front of the test registry. It serves one request
 //! per connection (answering `Connection: close`), counts blob bodies it forwards, and
-//! can break the next N blob GETs: reset the connection, answer 500, truncate the body,
-//! or corrupt it. It can also stand for a registry that wants a bearer token even from
+//! breaks blob GETs: the next N of them with one kind of fault, or each at random with
+//! a given rate, seed and set of kinds (counted per kind). Faults: reset the connection,
+//! answer 500, truncate the body, corrupt it (same length, bits flipped), or stall
+//! mid-body. It can also stand for a registry that wants a bearer token even from
 //! anonymous clients (as public registries do), issuing one at its own `/token`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,25 +16,66 @@ use std::time::Duration;
 /// What to do to a blob GET.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// Close the connection without answering.
+    /// Send a random part of the response (perhaps nothing, never all of it), then
+    /// reset the connection (RST).
     Reset,
     /// Answer `500 Internal Server Error`.
     Status500,
     /// Send the headers and half the body, then close.
     Truncate,
-    /// Send the whole response with bytes of the body flipped.
+    /// Send the whole response with one to eight bits of the body flipped.
     Corrupt,
+    /// Send the headers and half the body, then nothing for the stall time (see
+    /// [`FaultProxy::set_stall`]), then close.
+    Stall,
+}
+
+impl Fault {
+    /// Every kind, in the order [`FaultProxy::fault_counts`] reports them.
+    pub const ALL: [Fault; 5] = [Fault::Reset, Fault::Status500, Fault::Truncate, Fault::Corrupt, Fault::Stall];
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|f| *f == self).expect("listed")
+    }
+}
+
+/// Faults drawn at random for every blob GET.
+#[derive(Debug, Clone)]
+pub struct RandomFaults {
+    /// Chance that a blob GET is broken, 0 to 1.
+    pub rate: f64,
+    /// Seed of the draws. Requests run on threads of their own, so a seed fixes the
+    /// mix of faults, not which request gets which.
+    pub seed: u64,
+    /// Kinds drawn from, with equal chances.
+    pub kinds: Vec<Fault>,
 }
 
 #[derive(Default)]
 struct State {
     fault: Mutex<Option<Fault>>,
     faults_left: AtomicU32,
+    random: Mutex<Option<RandomFaults>>,
+    /// The xorshift state behind every random choice.
+    rng: Mutex<u64>,
+    stall: Mutex<Duration>,
+    injected: [AtomicU64; Fault::ALL.len()],
     blob_requests: AtomicU64,
     blob_bytes: AtomicU64,
     require_token: AtomicBool,
     unauthorized: AtomicU64,
     stop: AtomicBool,
+}
+
+impl State {
+    /// A pseudo-random number below `n` (n > 0).
+    fn below(&self, n: u64) -> u64 {
+        let mut x = self.rng.lock().unwrap();
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x % n
+    }
 }
 
 /// The token the proxy issues and then expects.
@@ -50,7 +94,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
-        let state = Arc::new(State::default());
+        let state = Arc::new(State { rng: Mutex::new(0x9e37_79b9_7f4a_7c15), ..State::default() });
         let st = state.clone();
         let thread = std::thread::spawn(move || {
             while !st.stop.load(Ordering::SeqCst) {
@@ -79,10 +123,28 @@ impl FaultProxy {
         self.state.faults_left.store(count, Ordering::SeqCst);
     }
 
-    /// Stops injecting faults.
+    /// Stops injecting faults (counted and random ones).
     pub fn clear_fault(&self) {
         *self.state.fault.lock().unwrap() = None;
         self.state.faults_left.store(0, Ordering::SeqCst);
+        *self.state.random.lock().unwrap() = None;
+    }
+
+    /// Breaks each blob GET at random as `faults` says, until cleared.
+    pub fn set_random_faults(&self, faults: RandomFaults) {
+        assert!(!faults.kinds.is_empty() && (0.0..=1.0).contains(&faults.rate), "{faults:?}");
+        *self.state.rng.lock().unwrap() = faults.seed | 1;
+        *self.state.random.lock().unwrap() = Some(faults);
+    }
+
+    /// How long a stalled response stays silent before the proxy closes it.
+    pub fn set_stall(&self, stall: Duration) {
+        *self.state.stall.lock().unwrap() = stall;
+    }
+
+    /// Faults injected so far, per kind (in the order of [`Fault::ALL`]).
+    pub fn fault_counts(&self) -> Vec<(Fault, u64)> {
+        Fault::ALL.iter().map(|f| (*f, self.state.injected[f.index()].load(Ordering::SeqCst))).collect()
     }
 
     /// Blob GETs forwarded intact, and the body bytes they carried.
@@ -130,7 +192,17 @@ fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The fault for this blob GET, if any: a random one when random faults are on, else
+/// one of the counted ones.
 fn take_fault(state: &State) -> Option<Fault> {
+    let random = state.random.lock().unwrap().clone();
+    if let Some(random) = random {
+        // Draws in millionths: enough resolution for any rate a soak uses.
+        if state.below(1_000_000) as f64 >= random.rate * 1e6 {
+            return None;
+        }
+        return Some(random.kinds[state.below(random.kinds.len() as u64) as usize]);
+    }
     let fault = *state.fault.lock().unwrap();
     fault?;
     let took = state
@@ -216,23 +288,38 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
     upstream.read_to_end(&mut response)?;
 
     let fault = if is_blob_get { take_fault(state) } else { None };
+    if let Some(fault) = fault {
+        state.injected[fault.index()].fetch_add(1, Ordering::SeqCst);
+    }
     let resp_head_end = find(&response, b"\r\n\r\n").map_or(response.len(), |p| p + 4);
+    let body = response.len() - resp_head_end;
     match fault {
         Some(Fault::Reset) => {
-            client.shutdown(Shutdown::Both)?;
+            // Never the whole response: the client must see it cut short.
+            let prefix = state.below(response.len().max(1) as u64) as usize;
+            client.write_all(&response[..prefix])?;
+            reset(&client);
             return Ok(());
+        }
+        Some(Fault::Stall) => {
+            client.write_all(&response[..resp_head_end + body / 2])?;
+            client.flush()?;
+            let stall = *state.stall.lock().unwrap();
+            std::thread::sleep(stall);
         }
         Some(Fault::Status500) => {
             client
                 .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
         }
         Some(Fault::Truncate) => {
-            let body = response.len() - resp_head_end;
             client.write_all(&response[..resp_head_end + body / 2])?;
         }
         Some(Fault::Corrupt) => {
-            for b in &mut response[resp_head_end..] {
-                *b ^= 0x5a;
+            if body > 0 {
+                for _ in 0..=state.below(8) {
+                    let at = resp_head_end + state.below(body as u64) as usize;
+                    response[at] ^= 1 << state.below(8);
+                }
             }
             client.write_all(&response)?;
         }
@@ -247,4 +334,20 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
     client.flush()?;
     client.shutdown(Shutdown::Write)?;
     Ok(())
+}
+
+/// Closes `client` with a TCP reset rather than an orderly shutdown.
+fn reset(client: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setting SO_LINGER on a socket we own, with a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    // Dropping the stream (by the caller) closes it; with a zero linger that sends RST.
 }
