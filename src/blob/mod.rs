@@ -140,6 +140,9 @@ pub struct BlobStore {
     verifying: Mutex<HashSet<Digest>>,
     /// Held while a blob is hashed: one at a time.
     hashing: Mutex<()>,
+    /// Fetch tasks not finished yet (their chunks stored, hashed and checked for
+    /// completeness), for [`Self::settle`].
+    runs: AtomicUsize,
     on_demand: AtomicUsize,
     /// One permit per chunk fetched but not yet cached (see [`Self::start_run`]), for
     /// readers and their read-ahead.
@@ -160,10 +163,17 @@ impl std::fmt::Debug for BlobStore {
     }
 }
 
-/// Counts an on-demand fetch for as long as it lives.
-struct OnDemandGuard<'a>(&'a AtomicUsize);
+/// Holds one count of a counter (fetches in flight, on-demand fetches) until dropped.
+struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for OnDemandGuard<'_> {
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -200,6 +210,7 @@ impl BlobStore {
             inflight: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashSet::new()),
             hashing: Mutex::new(()),
+            runs: AtomicUsize::new(0),
             on_demand: AtomicUsize::new(0),
             store_permits: Arc::new(Semaphore::new(permits)),
             prefetch_permits: Arc::new(Semaphore::new(permits)),
@@ -213,7 +224,7 @@ impl BlobStore {
     pub async fn settle(&self) {
         drop(self.store_permits.acquire_many(self.permits as u32).await);
         drop(self.prefetch_permits.acquire_many(self.permits as u32).await);
-        while !self.verifying.lock().expect("verifying lock").is_empty() {
+        while self.runs.load(Ordering::SeqCst) > 0 || !self.verifying.lock().expect("verifying lock").is_empty() {
             tokio::time::sleep(PREFETCH_YIELD).await;
         }
     }
@@ -415,8 +426,11 @@ impl BlobStore {
         }
         let this = self.clone();
         let blob = *blob;
+        // Counted before the task starts, so that `settle` never misses it.
+        self.runs.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            let guard = (priority == Priority::OnDemand).then(|| this.on_demand_guard());
+            let _run = Counted(&this.runs);
+            let guard = (priority == Priority::OnDemand).then(|| Counted::new(&this.on_demand));
             let pool = if priority == Priority::OnDemand { &this.store_permits } else { &this.prefetch_permits };
             let permits = pool.clone().acquire_many_owned(count as u32).await;
             let result = this.fetch_verified(&blob, first, count).await.map(Arc::new).map_err(Arc::new);
@@ -430,9 +444,11 @@ impl BlobStore {
             match result {
                 Ok(chunks) => {
                     let _ = tx.send(Ok(chunks.clone()));
-                    this.store_chunks(&blob, first, chunks).await;
+                    let stored = this.store_chunks(&blob, first, chunks.clone()).await;
                     drop(permits);
                     forget();
+                    this.hash_arrivals(&blob, first, chunks, stored);
+                    this.verify_if_complete(&blob);
                 }
                 Err(e) => {
                     // Forgotten first, so that a reader told of the failure can try again.
@@ -562,29 +578,47 @@ impl BlobStore {
         }
     }
 
-    /// Counts an on-demand fetch until the guard drops.
-    fn on_demand_guard(&self) -> OnDemandGuard<'_> {
-        self.on_demand.fetch_add(1, Ordering::SeqCst);
-        OnDemandGuard(&self.on_demand)
-    }
-
     /// Caches fetched, checked chunks from `first` on, in one blocking task; a cache
-    /// failure is logged, since the bytes are as good as a cached copy would be.
-    async fn store_chunks(self: &Arc<Self>, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>) {
+    /// failure is logged, since the bytes are as good as a cached copy would be. Returns,
+    /// per chunk, the generation now holding its bytes (see [`ChunkCache::put`]).
+    async fn store_chunks(&self, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>) -> Vec<Option<u64>> {
         let cache = self.cache.clone();
         let digest = blob.digest;
         let voucher = self.voucher;
         let put = tokio::task::spawn_blocking(move || {
-            chunks.iter().enumerate().try_for_each(|(i, data)| {
-                cache.put(&ChunkKey { blob: digest, index: first + i as u64 }, data, &voucher)
-            })
+            chunks
+                .iter()
+                .enumerate()
+                .map(|(i, data)| cache.put(&ChunkKey { blob: digest, index: first + i as u64 }, data, &voucher))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await;
         match put {
-            Ok(Ok(())) => self.verify_if_complete(blob),
+            Ok(Ok(generations)) => return generations,
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot cache chunk"),
             Err(e) => tracing::warn!(error = %e, "cache worker failed"),
         }
+        Vec::new()
+    }
+
+    /// Offers chunks just stored to the process's background hasher, which feeds them
+    /// to their blob's whole-blob hash so that verification need not read them back.
+    /// Readers never wait for it: it runs after the store permits are released, at a
+    /// lower CPU priority, one run at a time; a run offered while it is busy is left to
+    /// be read back at verification, so it never holds more than one run of chunks.
+    fn hash_arrivals(&self, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>, stored: Vec<Option<u64>>) {
+        if stored.is_empty() || self.cache.is_verified(&blob.digest) {
+            return;
+        }
+        let Some(hasher) = background_hasher() else { return };
+        let cache = self.cache.clone();
+        let digest = blob.digest;
+        let job = Box::new(move || {
+            let run: Vec<(Option<u64>, &[u8])> = stored.into_iter().zip(chunks.iter().map(|c| &c[..])).collect();
+            cache.feed_hash(digest, first, &run);
+        });
+        // Busy: the chunks go back to the cache's care, read back when the blob completes.
+        let _ = hasher.try_send(job);
     }
 
     /// Fetches `count` consecutive chunks from `first` with one ranged request and checks
@@ -714,6 +748,34 @@ impl BlobStore {
             Err(e) => tracing::warn!(blob = %blob.digest, error = %e, "cannot verify cached blob"),
         }
     }
+}
+
+/// Work for the background hasher.
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// The process's one background hasher (see [`BlobStore::hash_arrivals`]): a thread at a
+/// lower CPU priority taking jobs through a channel without a buffer, so that a job is
+/// accepted only while it is idle. None if the thread cannot be started.
+fn background_hasher() -> Option<&'static std::sync::mpsc::SyncSender<HashJob>> {
+    static HASHER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<HashJob>>> = std::sync::OnceLock::new();
+    HASHER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<HashJob>(0);
+            let spawned = std::thread::Builder::new().name("hash".to_owned()).spawn(move || {
+                lower_thread_priority();
+                for job in rx {
+                    job();
+                }
+            });
+            match spawned {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the background hasher; blobs are hashed when complete");
+                    None
+                }
+            }
+        })
+        .as_ref()
 }
 
 /// Lowers the calling thread's CPU priority (nice 10). A thread that exits afterwards

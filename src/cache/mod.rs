@@ -520,11 +520,12 @@ impl ChunkCache {
     /// (see the module documentation on durability). A chunk already present and trusted
     /// by `voucher` is left as it is; one present but not trusted by it gains the voucher
     /// if it holds the same bytes, and makes way for these otherwise (never in a verified
-    /// blob). A chunk that continues the blob's whole-blob hash is fed to it. Then evicts
-    /// least-recently-used chunks until within budget, never evicting the chunk just
-    /// written nor any chunk of a blob currently pinned (see [`Self::pin_blob`]).
-    /// Failures to evict are logged, not returned: the chunk is stored.
-    pub fn put(&self, key: &ChunkKey, data: &[u8], voucher: &Voucher) -> Result<(), CacheError> {
+    /// blob). Then evicts least-recently-used chunks until within budget, never evicting
+    /// the chunk just written nor any chunk of a blob currently pinned (see
+    /// [`Self::pin_blob`]). Failures to evict are logged, not returned: the chunk is
+    /// stored. Returns the generation that holds exactly these bytes now, for
+    /// [`Self::feed_hash`], or None (another writer, other bytes kept, or gone meanwhile).
+    pub fn put(&self, key: &ChunkKey, data: &[u8], voucher: &Voucher) -> Result<Option<u64>, CacheError> {
         if data.is_empty() {
             return Err(CacheError::EmptyChunk { key: *key });
         }
@@ -536,28 +537,27 @@ impl ChunkCache {
             let mut inner = self.lock();
             // Being written by another put: its bytes are about to be in place.
             if !inner.writing.insert(*key) {
-                return Ok(());
+                return Ok(None);
             }
             let verified = inner.verified.contains(&key.blob);
             match inner.lru.peek(key) {
                 None => None,
                 Some(e) if trust::standing(verified, &e.vouchers, voucher) == Standing::Trusted => {
                     inner.writing.remove(key);
-                    return Ok(());
+                    // These bytes were not compared with the present ones: they must not
+                    // be hashed as if they were the chunk.
+                    return Ok(None);
                 }
                 Some(e) => Some((e.generation, e.size)),
             }
         };
         let stored = self.put_claimed(key, data, voucher, chunk_size, existing);
         self.lock().writing.remove(key);
-        let Some(feed) = stored? else { return Ok(()) };
-        self.feed_hash(key.blob, feed, data);
-        Ok(())
+        stored
     }
 
     /// The part of [`Self::put`] done while this call alone writes `key`. `existing` is
     /// the generation and size of a present chunk `voucher` does not stand behind.
-    /// Returns the whole-blob hash to continue with the chunk, if it is next in line.
     fn put_claimed(
         &self,
         key: &ChunkKey,
@@ -565,7 +565,7 @@ impl ChunkCache {
         voucher: &Voucher,
         chunk_size: u64,
         existing: Option<(u64, u64)>,
-    ) -> Result<Option<(u64, Hasher)>, CacheError> {
+    ) -> Result<Option<u64>, CacheError> {
         if let Some((generation, size)) = existing {
             let mut present = vec![0u8; size as usize];
             let same = size == data.len() as u64
@@ -580,6 +580,7 @@ impl ChunkCache {
                     if let Some(e) = inner.lru.peek_mut(key) {
                         e.vouchers.push(*voucher);
                     }
+                    return Ok(Some(generation));
                 }
                 return Ok(None);
             }
@@ -607,25 +608,45 @@ impl ChunkCache {
             Err(e) => return Err(io_error("stat blob data", &path)(e)),
         }
         self.write_map_entry(&key.blob, key.index, data.len() as u32)?;
-        let entry = Entry {
-            size: data.len() as u64,
-            touched: SystemTime::now(),
-            generation: inner.next_generation,
-            vouchers: vec![*voucher],
-        };
+        let generation = inner.next_generation;
+        let entry = Entry { size: data.len() as u64, touched: SystemTime::now(), generation, vouchers: vec![*voucher] };
         inner.next_generation += 1;
         inner.used_bytes += entry.size;
         inner.lru.put(*key, entry);
-        let feed = take_hash_slot(&mut inner, key);
         self.evict(&mut inner, Some(key));
-        Ok(feed)
+        Ok(Some(generation))
     }
 
-    /// Feeds chunk `feed.0` (`data`) to the blob's whole-blob hash, then every chunk
-    /// present after it, until one is missing; puts the hash back for the next arrival.
-    fn feed_hash(&self, blob: Digest, (mut next, mut hasher): (u64, Hasher), data: &[u8]) {
-        hasher.update(data);
-        next += 1;
+    /// Feeds chunks just stored from `first` on (their bytes, with the generations
+    /// [`Self::put`] returned) to the blob's whole-blob hash, if they continue it, then
+    /// every chunk present after them until one is missing, and keeps the hash for the
+    /// next arrival. Chunks arriving out of order are left for [`Self::verify_blob`] to
+    /// read back. Call it off the readers' path: it hashes every byte it is given.
+    pub fn feed_hash(&self, blob: Digest, first: u64, chunks: &[(Option<u64>, &[u8])]) {
+        let (run, (mut next, mut hasher)) = {
+            let mut inner = self.lock();
+            // Only bytes that are the chunks now: a chunk stored by someone else, or gone,
+            // ends the run (its bytes are read back later).
+            let run = chunks
+                .iter()
+                .enumerate()
+                .take_while(|(i, (generation, _))| {
+                    let key = ChunkKey { blob, index: first + *i as u64 };
+                    generation.is_some() && inner.lru.peek(&key).map(|e| e.generation) == *generation
+                })
+                .count();
+            if run == 0 {
+                return;
+            }
+            match take_hash_slot(&mut inner, &ChunkKey { blob, index: first }) {
+                Some(slot) => (run, slot),
+                None => return,
+            }
+        };
+        for (_, data) in &chunks[..run] {
+            hasher.update(data);
+            next += 1;
+        }
         let mut buf = Vec::new();
         loop {
             let key = ChunkKey { blob, index: next };

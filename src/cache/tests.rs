@@ -709,3 +709,31 @@ fn unpacked_copies_are_counted_again_at_open() {
     let cache = ChunkCache::open(dir.path(), Some(100)).unwrap();
     assert_eq!(cache.stats().used_bytes, 0, "an unused copy over budget is evicted at open");
 }
+
+#[test]
+fn chunks_fed_in_order_are_not_read_back_to_verify_their_blob() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let data: Vec<u8> = (0..4 * CHUNK).map(|i| (i % 239) as u8).collect();
+    let digest = Digest::of(&data);
+    let chunk = |i: u64| &data[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize];
+    let put = |i: u64| (cache.put(&ChunkKey { blob: digest, index: i }, chunk(i), &V).unwrap(), chunk(i));
+    // Chunks 2..4 arrive first and cannot continue the hash; 0..2 then do, and the
+    // hash catches up with 2..4 from the cache.
+    let late = [put(2), put(3)];
+    cache.feed_hash(digest, 2, &late);
+    let early = [put(0), put(1)];
+    cache.feed_hash(digest, 0, &early);
+    let reads = cache.stats().hits;
+    assert_eq!(cache.verify_blob(&digest, data.len() as u64).unwrap(), Verdict::Verified);
+    assert_eq!(cache.stats().hits, reads, "nothing left to read back");
+
+    // Bytes that are not the stored chunk are never hashed as if they were.
+    let other = blob("other");
+    let k = ChunkKey { blob: other, index: 0 };
+    let generation = cache.put(&k, b"stored", &V).unwrap();
+    assert!(generation.is_some());
+    assert_eq!(cache.put(&k, b"a second answer", &V).unwrap(), None, "trusted bytes stay, unread");
+    cache.feed_hash(other, 0, &[(generation.map(|g| g + 1), &b"forged"[..])]);
+    assert!(cache.lock().hashing.is_empty(), "a stale generation feeds nothing");
+}
