@@ -28,9 +28,9 @@
 //! Who may be served which cached bytes is decided in [`trust`]: a verified blob (its
 //! whole content hashed to its digest) is trusted by every reader; a chunk of an
 //! unverified blob only by the [`Voucher`]s that stood behind its exact bytes. The
-//! whole-blob hash is fed with chunks as they arrive in order
-//! ([`ChunkCache::put`]), so [`ChunkCache::verify_blob`] reads back only what arrived
-//! out of order.
+//! whole-blob hash can be fed with chunks as they arrive in order
+//! ([`ChunkCache::feed_hash`], with the generation [`ChunkCache::put`] returned), so
+//! [`ChunkCache::verify_blob`] reads back only what was not fed.
 //!
 //! # Durability
 //!
