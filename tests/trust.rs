@@ -153,6 +153,16 @@ fn wait_for_condemned(cache: &Path, index: &Digest) {
     }
 }
 
+/// Waits until the cache at `cache` has verified `blob` (its marker is written).
+fn wait_for_verified(cache: &Path, blob: &Digest) {
+    let marker = cache.join("blobs/sha256").join(format!("{}.verified", blob.hex()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "{blob} was never verified");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Reads a file that was not read before (nothing of it in the page cache) and expects
 /// EIO: a condemned index serves nothing more.
 fn assert_refused(path: &Path) {
@@ -281,6 +291,9 @@ async fn a_forged_companion_never_poisons_the_honest_model_through_serve() {
         let mut c = snapshots_client(&serve.socket).await;
         if !forger_first {
             read_honest_view(&mut c, &scene, &format!("honest-a{round}"), tmp.path()).await;
+            // Verification finishes in the background; until then the forger's reader
+            // would fetch its own bytes, which is no test of a verified blob.
+            wait_for_verified(&root.join("cache"), &Digest::of(&honest));
         }
         let forged_dir = tmp.path().join(format!("forged-{round}"));
         let forged_view = view_model(&mut c, &scene.forged_companion, &format!("forged-{round}"), &forged_dir).await;
