@@ -213,34 +213,16 @@ fn reader(front: &Front, slot: usize, truth: &BTreeMap<String, Vec<u8>>, seed: u
     }
 }
 
-/// The layer annotations of the companion at `reference` (its first platform), which
-/// containerd would pass to `Prepare` as labels.
-async fn companion_labels(reference: &str) -> HashMap<String, String> {
-    use modelpack_snapshotter::config::RegistrySettings;
-    use modelpack_snapshotter::registry::{parse_reference, Registry};
-    let parsed = parse_reference(reference).unwrap();
-    let registry = Registry::new(parsed.clone(), RegistrySettings::default());
-    let (index, _) = registry.fetch_manifest().await.unwrap();
-    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-    let first = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let (manifest, _) = registry.with_reference(parsed.clone_with_digest(first)).fetch_manifest().await.unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let mut labels: HashMap<String, String> =
-        serde_json::from_value(manifest["layers"][0]["annotations"].clone()).unwrap();
-    labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
-    labels
-}
-
 /// Prepares the model snapshot from the companion's labels over `socket`, then a view
 /// of it mounted at `target`, as containerd does for an image volume.
 async fn serve_model(socket: &Path, companion: &str, target: &Path) -> Unmount {
-    let mut labels = companion_labels(companion).await;
-    labels.insert("containerd.io/snapshot.ref".into(), "sha256:soak".into());
+    let layer = companion_layer(companion).await;
+    let (labels, chain) = (layer.prepare_labels(), layer.digest);
     let mut client = snapshots_client(socket).await;
     let prepared = client
         .prepare(pb::PrepareSnapshotRequest {
             snapshotter: "modelpack".into(),
-            key: "extract-1 sha256:soak".into(),
+            key: format!("extract-1 {chain}"),
             parent: String::new(),
             labels,
         })
@@ -253,7 +235,7 @@ async fn serve_model(socket: &Path, companion: &str, target: &Path) -> Unmount {
         .view(pb::ViewSnapshotRequest {
             snapshotter: "modelpack".into(),
             key: "soak-view".into(),
-            parent: "sha256:soak".into(),
+            parent: chain.clone(),
             labels: HashMap::new(),
         })
         .await

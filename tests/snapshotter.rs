@@ -327,33 +327,6 @@ async fn many_layers_stack() {
     }
 }
 
-/// The layer of a companion image (first platform): its annotations, digest and bytes.
-struct CompanionLayer {
-    annotations: HashMap<String, String>,
-    digest: String,
-    bytes: Vec<u8>,
-}
-
-async fn companion_layer(reference: &str) -> CompanionLayer {
-    use modelpack_snapshotter::config::RegistrySettings;
-    use modelpack_snapshotter::registry::{parse_reference, Registry};
-    let parsed = parse_reference(reference).unwrap();
-    let registry = Registry::new(parsed.clone(), RegistrySettings::default());
-    let (index, _) = registry.fetch_manifest().await.unwrap();
-    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-    let first = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let (manifest, _) = registry.with_reference(parsed.clone_with_digest(first)).fetch_manifest().await.unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let layer = &manifest["layers"][0];
-    let digest: modelpack_snapshotter::modelpack::Digest = layer["digest"].as_str().unwrap().parse().unwrap();
-    let bytes = registry.fetch_small_blob(&digest, layer["size"].as_u64().unwrap()).await.unwrap().to_vec();
-    CompanionLayer {
-        annotations: serde_json::from_value(layer["annotations"].clone()).unwrap(),
-        digest: digest.to_string(),
-        bytes,
-    }
-}
-
 /// A model written to `dir` (its shards `shard_size` bytes), pushed to `registry` as
 /// `models/<name>:v1` and converted; returns its companion's layer.
 async fn converted_model(

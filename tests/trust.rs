@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use common::liar::LyingRegistry;
 use common::*;
 use modelpack_snapshotter::companion::index_from_tar;
-use modelpack_snapshotter::config::RegistrySettings;
 use modelpack_snapshotter::modelpack::index::LazyIndex;
 use modelpack_snapshotter::modelpack::Digest;
-use modelpack_snapshotter::registry::{parse_reference, Registry};
+use modelpack_snapshotter::registry::parse_reference;
 use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
 use serde_json::json;
 
@@ -91,17 +90,8 @@ impl Scene {
 
 /// The lazy index of a companion (its first platform).
 async fn honest_index(companion: &str) -> LazyIndex {
-    let reference = parse_reference(companion).unwrap();
-    let registry = Registry::new(reference.clone(), RegistrySettings::default());
-    let (top, _) = registry.fetch_manifest().await.unwrap();
-    let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
-    let first = top["manifests"][0]["digest"].as_str().unwrap().to_owned();
-    let (manifest, _) = registry.with_reference(reference.clone_with_digest(first)).fetch_manifest().await.unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let layer: Digest = manifest["layers"][0]["digest"].as_str().unwrap().parse().unwrap();
-    let size = manifest["layers"][0]["size"].as_u64().unwrap();
-    let tar = registry.fetch_small_blob(&layer, size).await.unwrap();
-    serde_json::from_slice(&index_from_tar(&tar).unwrap()).unwrap()
+    let layer = companion_layer(companion).await;
+    serde_json::from_slice(&index_from_tar(&layer.bytes).unwrap()).unwrap()
 }
 
 /// Publishes a companion image (one manifest, one index layer) for `index` at `target`.
@@ -230,30 +220,11 @@ async fn a_forged_companion_never_poisons_the_honest_model_through_mount() {
     assert_honest(read_through_mount(&scene.honest_companion, tmp.path()), &honest, "honest after a partial forgery");
 }
 
-/// The companion's model labels, as containerd passes them to `Prepare`, with the chain
-/// ID the index layer yields.
-async fn prepare_labels(companion: &str) -> (HashMap<String, String>, String) {
-    let reference = parse_reference(companion).unwrap();
-    let registry = Registry::new(reference.clone(), RegistrySettings::default());
-    let (mut manifest, _) = registry.fetch_manifest().await.unwrap();
-    let top: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    if let Some(first) = top["manifests"][0]["digest"].as_str() {
-        manifest =
-            registry.with_reference(reference.clone_with_digest(first.to_owned())).fetch_manifest().await.unwrap().0;
-    }
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let chain = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
-    let mut labels: HashMap<String, String> =
-        serde_json::from_value(manifest["layers"][0]["annotations"].clone()).unwrap();
-    labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
-    labels.insert("containerd.io/snapshot.ref".into(), chain.clone());
-    (labels, chain)
-}
-
 /// Prepares the model of `companion` on `serve` and returns a read-only view of it,
 /// mounted at `target`.
 async fn view_model(c: &mut SnapshotsClient, companion: &str, view: &str, target: &Path) -> Unmount {
-    let (labels, chain) = prepare_labels(companion).await;
+    let layer = companion_layer(companion).await;
+    let (labels, chain) = (layer.prepare_labels(), layer.digest);
     let request = pb::PrepareSnapshotRequest {
         snapshotter: "modelpack".into(),
         key: format!("extract-{view} {chain}"),

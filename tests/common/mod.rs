@@ -615,3 +615,43 @@ impl Drop for Unmount {
         }
     }
 }
+
+/// The layer of a companion image (of its first platform, when it is an index): its
+/// annotations, digest and bytes.
+pub struct CompanionLayer {
+    pub annotations: std::collections::HashMap<String, String>,
+    pub digest: String,
+    pub bytes: Vec<u8>,
+}
+
+impl CompanionLayer {
+    /// The labels containerd passes to `Prepare` for this layer: its
+    /// `containerd.io/snapshot/*` annotations and, as the chain ID, its digest.
+    pub fn prepare_labels(&self) -> std::collections::HashMap<String, String> {
+        let mut labels = self.annotations.clone();
+        labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
+        labels.insert("containerd.io/snapshot.ref".into(), self.digest.clone());
+        labels
+    }
+}
+
+/// Fetches the layer of the companion image at `reference`.
+pub async fn companion_layer(reference: &str) -> CompanionLayer {
+    let parsed = parse_reference(reference).unwrap();
+    let registry = Registry::new(parsed.clone(), RegistrySettings::default());
+    let (mut manifest, _) = registry.fetch_manifest().await.unwrap();
+    let top: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    if let Some(first) = top["manifests"][0]["digest"].as_str() {
+        manifest =
+            registry.with_reference(parsed.clone_with_digest(first.to_owned())).fetch_manifest().await.unwrap().0;
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layer = &manifest["layers"][0];
+    let digest: Digest = layer["digest"].as_str().unwrap().parse().unwrap();
+    let bytes = registry.fetch_small_blob(&digest, layer["size"].as_u64().unwrap()).await.unwrap().to_vec();
+    CompanionLayer {
+        annotations: serde_json::from_value(layer["annotations"].clone()).unwrap(),
+        digest: digest.to_string(),
+        bytes,
+    }
+}
