@@ -839,3 +839,37 @@ async fn an_unpacked_layer_is_counted_in_the_cache_and_goes_with_its_last_model(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// containerd keeps its connection open: a stop must not wait for it forever, or a
+/// supervisor's SIGKILL would leave the models mounted with nobody serving them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_unmounts_the_models_although_a_client_keeps_its_connection() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let layer = converted_model(&registry, &tmp.path().join("model"), "stop", 1 << 20).await;
+    let root = tmp.path().join("root");
+    let config = write_config(&tmp.path().join("config"), "shutdown_grace_secs = 1\n");
+    let mut serve = SnapshotterProcess::start_with(&root, &root.join("snapshotter.sock"), &config);
+    let mut c = snapshots_client(&serve.socket).await;
+    let prepared = c.prepare(model_request(&format!("extract-1 {}", layer.digest), "", layer.prepare_labels())).await;
+    assert_eq!(code(prepared), Code::AlreadyExists);
+    let model_dir = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .find(|p| p.starts_with(&root.display().to_string()))
+        .expect("the model is mounted under the root");
+    // A client that connected and went silent, as one whose runtime stopped polling.
+    let _silent = std::os::unix::net::UnixStream::connect(&serve.socket).unwrap();
+
+    let started = std::time::Instant::now();
+    tokio::task::block_in_place(|| serve.stop());
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "the stop waited for the silent client");
+    assert!(
+        !modelpack_snapshotter::fs::is_mountpoint(std::path::Path::new(&model_dir)),
+        "the model was left mounted with nobody serving it"
+    );
+}

@@ -32,6 +32,9 @@ pub struct DaemonConfig {
     pub address: PathBuf,
     /// Log filter (`info`, `debug`, `modelpack_snapshotter=trace`, ...).
     pub log_level: String,
+    /// Seconds a stop waits for clients (containerd keeps its connection open) to finish
+    /// their calls before it closes their connections and unmounts the models.
+    pub shutdown_grace_secs: u64,
     /// The chunk cache of model bytes.
     pub cache: CacheConfig,
     /// How registries are reached.
@@ -108,6 +111,7 @@ impl Default for DaemonConfig {
             root: PathBuf::from("/var/lib/modelpack-snapshotter"),
             address: PathBuf::from("/run/modelpack-snapshotter/snapshotter.sock"),
             log_level: "info".to_owned(),
+            shutdown_grace_secs: 10,
             cache: CacheConfig::default(),
             registry: RegistryConfig::default(),
             models: ModelsConfig::default(),

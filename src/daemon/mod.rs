@@ -7,6 +7,7 @@ pub mod config;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -128,10 +129,31 @@ pub async fn serve(
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
-    let served = tonic::transport::Server::builder()
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(Grpc::new(snapshotter.clone()).into_server())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        });
+    // A graceful stop waits for every connection to close, and containerd never closes
+    // its own: after the grace period the server (and its connections) is dropped, so
+    // that the models are unmounted before a supervisor's SIGKILL would leave them
+    // mounted with nobody serving them.
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let served = tokio::select! {
+        served = server => served,
+        () = async {
+            if stopped.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(?grace, "clients still connected after the grace period; closing their connections");
+            Ok(())
+        }
+    };
     tokio::task::block_in_place(|| snapshotter.unmount_all());
     served?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -480,8 +480,18 @@ impl SnapshotterProcess {
 }
 
 impl Drop for SnapshotterProcess {
+    /// Stops the process and detaches whatever it left mounted under its root (a test
+    /// that failed may have left a model mounted): no mount outlives a test.
     fn drop(&mut self) {
         self.stop();
+        let root = self.root.display().to_string();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut left: Vec<&str> =
+            info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with(&root)).collect();
+        left.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for path in left {
+            let _ = modelpack_snapshotter::fs::detach(Path::new(path));
+        }
     }
 }
 
