@@ -27,7 +27,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 use common::proxy::{Fault, FaultProxy, RandomFaults};
 use common::*;
 use modelpack_snapshotter::config::FetchSettings;
-use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
 
 /// Seconds allowed for one registry request; stalls last longer.
 const REQUEST_TIMEOUT_SECS: u64 = 1;
@@ -216,33 +215,8 @@ fn reader(front: &Front, slot: usize, truth: &BTreeMap<String, Vec<u8>>, seed: u
 /// Prepares the model snapshot from the companion's labels over `socket`, then a view
 /// of it mounted at `target`, as containerd does for an image volume.
 async fn serve_model(socket: &Path, companion: &str, target: &Path) -> Unmount {
-    let layer = companion_layer(companion).await;
-    let (labels, chain) = (layer.prepare_labels(), layer.digest);
     let mut client = snapshots_client(socket).await;
-    let prepared = client
-        .prepare(pb::PrepareSnapshotRequest {
-            snapshotter: "modelpack".into(),
-            key: format!("extract-1 {chain}"),
-            parent: String::new(),
-            labels,
-        })
-        .await;
-    assert_eq!(
-        prepared.map(drop).expect_err("a model prepare answers AlreadyExists").code(),
-        tonic::Code::AlreadyExists
-    );
-    let mounts = client
-        .view(pb::ViewSnapshotRequest {
-            snapshotter: "modelpack".into(),
-            key: "soak-view".into(),
-            parent: chain.clone(),
-            labels: HashMap::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts;
-    mount_all(&mounts, target)
+    view_model(&mut client, &companion_layer(companion).await, "soak", target).await
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {

@@ -349,18 +349,6 @@ async fn converted_dir(registry: &TestRegistry, dir: &std::path::Path, name: &st
     companion_layer(&format!("{source}-lazy")).await
 }
 
-/// The `Prepare` labels containerd passes for a layer annotated with `annotations`
-/// whose chain ID is `chain`.
-fn prepare_labels(annotations: &HashMap<String, String>, chain: &str) -> HashMap<String, String> {
-    let mut labels: HashMap<String, String> = annotations
-        .iter()
-        .filter(|(k, _)| k.starts_with("containerd.io/snapshot/"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    labels.insert("containerd.io/snapshot.ref".into(), chain.into());
-    labels
-}
-
 async fn mounts(
     c: &mut SnapshotsClient,
     key: &str,

@@ -19,7 +19,6 @@ use modelpack_snapshotter::companion::index_from_tar;
 use modelpack_snapshotter::modelpack::index::LazyIndex;
 use modelpack_snapshotter::modelpack::Digest;
 use modelpack_snapshotter::registry::parse_reference;
-use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
 use serde_json::json;
 
 /// The shard the attacker forges: several 4 MiB chunks, so no single chunk is the blob.
@@ -132,25 +131,25 @@ fn read_through_mount(reference: &str, tmp: &Path) -> std::io::Result<Vec<u8>> {
     read
 }
 
-/// Waits until the cache at `cache` records `index` as condemned.
-fn wait_for_condemned(cache: &Path, index: &Digest) {
-    let name = format!("condemned-index:{index}");
-    let record = cache.join("meta").join(Digest::of(name.as_bytes()).hex());
+/// Waits until `path` exists (a record the daemon writes in its own time), failing with
+/// `what` after a minute.
+fn wait_for_file(path: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !record.exists() {
-        assert!(Instant::now() < deadline, "the forged index was never condemned");
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what} never happened");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
+/// Waits until the cache at `cache` records `index` as condemned.
+fn wait_for_condemned(cache: &Path, index: &Digest) {
+    let name = format!("condemned-index:{index}");
+    wait_for_file(&cache.join("meta").join(Digest::of(name.as_bytes()).hex()), "condemning the forged index");
+}
+
 /// Waits until the cache at `cache` has verified `blob` (its marker is written).
 fn wait_for_verified(cache: &Path, blob: &Digest) {
-    let marker = cache.join("blobs/sha256").join(format!("{}.verified", blob.hex()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "{blob} was never verified");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_file(&cache.join("blobs/sha256").join(format!("{}.verified", blob.hex())), "verifying the honest blob");
 }
 
 /// Reads a file that was not read before (nothing of it in the page cache) and expects
@@ -220,33 +219,6 @@ async fn a_forged_companion_never_poisons_the_honest_model_through_mount() {
     assert_honest(read_through_mount(&scene.honest_companion, tmp.path()), &honest, "honest after a partial forgery");
 }
 
-/// Prepares the model of `companion` on `serve` and returns a read-only view of it,
-/// mounted at `target`.
-async fn view_model(c: &mut SnapshotsClient, companion: &str, view: &str, target: &Path) -> Unmount {
-    let layer = companion_layer(companion).await;
-    let (labels, chain) = (layer.prepare_labels(), layer.digest);
-    let request = pb::PrepareSnapshotRequest {
-        snapshotter: "modelpack".into(),
-        key: format!("extract-{view} {chain}"),
-        parent: String::new(),
-        labels,
-    };
-    let status = c.prepare(request).await.expect_err("a model prepare answers AlreadyExists");
-    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status}");
-    let mounts = c
-        .view(pb::ViewSnapshotRequest {
-            snapshotter: "modelpack".into(),
-            key: view.into(),
-            parent: chain,
-            labels: HashMap::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts;
-    mount_all(&mounts, target)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_companion_never_poisons_the_honest_model_through_serve() {
     if !prerequisites(true) {
@@ -267,7 +239,8 @@ async fn a_forged_companion_never_poisons_the_honest_model_through_serve() {
             wait_for_verified(&root.join("cache"), &Digest::of(&honest));
         }
         let forged_dir = tmp.path().join(format!("forged-{round}"));
-        let forged_view = view_model(&mut c, &scene.forged_companion, &format!("forged-{round}"), &forged_dir).await;
+        let forged = companion_layer(&scene.forged_companion).await;
+        let forged_view = view_model(&mut c, &forged, &format!("forged-{round}"), &forged_dir).await;
         let forged = std::fs::read(forged_dir.join(WEIGHT)).unwrap();
         if forger_first {
             assert!(forged == scene.forged_weight, "the forger's own reader gets what its index says");
@@ -285,6 +258,6 @@ async fn a_forged_companion_never_poisons_the_honest_model_through_serve() {
 /// Reads the honest model's weight through a fresh view and checks every byte.
 async fn read_honest_view(c: &mut SnapshotsClient, scene: &Scene, view: &str, tmp: &Path) {
     let dir = tmp.join(view);
-    let _m = view_model(c, &scene.honest_companion, view, &dir).await;
+    let _m = view_model(c, &companion_layer(&scene.honest_companion).await, view, &dir).await;
     assert_eq!(std::fs::read(dir.join(WEIGHT)).unwrap(), scene.honest_weight(), "the honest model ({view})");
 }

@@ -635,14 +635,53 @@ pub struct CompanionLayer {
 }
 
 impl CompanionLayer {
-    /// The labels containerd passes to `Prepare` for this layer: its
-    /// `containerd.io/snapshot/*` annotations and, as the chain ID, its digest.
+    /// The labels containerd passes to `Prepare` for this layer, with its digest as the
+    /// chain ID.
     pub fn prepare_labels(&self) -> std::collections::HashMap<String, String> {
-        let mut labels = self.annotations.clone();
-        labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
-        labels.insert("containerd.io/snapshot.ref".into(), self.digest.clone());
-        labels
+        prepare_labels(&self.annotations, &self.digest)
     }
+}
+
+/// The `Prepare` labels containerd passes for a layer annotated with `annotations` whose
+/// chain ID is `chain`: the `containerd.io/snapshot/*` annotations and the chain ID.
+pub fn prepare_labels(
+    annotations: &std::collections::HashMap<String, String>,
+    chain: &str,
+) -> std::collections::HashMap<String, String> {
+    let mut labels = annotations.clone();
+    labels.retain(|k, _| k.starts_with("containerd.io/snapshot/"));
+    labels.insert("containerd.io/snapshot.ref".into(), chain.into());
+    labels
+}
+
+/// Prepares the model of the companion `layer` over `client` as containerd does
+/// (expecting `AlreadyExists`), then mounts a read-only view of it, `view`, at `target`,
+/// as for an image volume.
+pub async fn view_model(client: &mut SnapshotsClient, layer: &CompanionLayer, view: &str, target: &Path) -> Unmount {
+    use modelpack_snapshotter::snapshotter::proto::snapshots as pb;
+    let chain = &layer.digest;
+    let prepared = client
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "modelpack".into(),
+            key: format!("extract-{view} {chain}"),
+            parent: String::new(),
+            labels: layer.prepare_labels(),
+        })
+        .await;
+    let status = prepared.map(drop).expect_err("a model prepare answers AlreadyExists");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status}");
+    let mounts = client
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "modelpack".into(),
+            key: view.into(),
+            parent: chain.clone(),
+            labels: std::collections::HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    mount_all(&mounts, target)
 }
 
 /// Fetches the layer of the companion image at `reference`.
