@@ -4,6 +4,8 @@
 
 use std::io::Read;
 
+use bytes::Bytes;
+
 use futures_util::StreamExt;
 
 use crate::cache::ChunkCache;
@@ -40,6 +42,11 @@ fn layer_key(digest: &Digest) -> String {
     format!("lazy-index-layer:{digest}")
 }
 
+/// Cache record of an index layer's blob (its tar), by the blob's digest.
+fn layer_blob_key(digest: &Digest) -> String {
+    format!("lazy-index-layer-blob:{digest}")
+}
+
 /// This machine's OCI architecture name.
 pub fn oci_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -49,9 +56,25 @@ pub fn oci_arch() -> &'static str {
     }
 }
 
+/// The index layer of a companion image, as its manifest describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexLayer {
+    /// The layer blob's digest (its diff ID too: the layer is an uncompressed tar).
+    pub digest: Digest,
+    /// The layer blob's size.
+    pub size: u64,
+    /// Where the layer is, pinned (`registry/repo@sha256:...`), from its annotation.
+    pub location: String,
+    /// The TOC digest its annotation declares (the digest of the index JSON), if any.
+    pub toc: Option<Digest>,
+    /// Both TOC annotations were set: containers/image refuses such a layer.
+    pub toc_conflict: bool,
+}
+
 /// If `manifest` (fetched through `registry`) is a companion image or an index of them,
-/// the pinned location of its lazy index layer (`registry/repo@sha256:...`).
-pub async fn index_location(registry: &Registry, manifest: &[u8]) -> Result<Option<String>, RegistryError> {
+/// its lazy index layer as the manifest (this machine's platform, else the first)
+/// describes it. Nothing here is trusted yet: the caller checks the layer's bytes.
+pub async fn index_layer(registry: &Registry, manifest: &[u8]) -> Result<Option<IndexLayer>, RegistryError> {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(manifest) else { return Ok(None) };
     let is_index = value["mediaType"] == media::OCI_INDEX || value["manifests"].is_array();
     let image = if is_index {
@@ -70,7 +93,28 @@ pub async fn index_location(registry: &Registry, manifest: &[u8]) -> Result<Opti
     } else {
         value
     };
-    Ok(image["layers"][0]["annotations"][labels::INDEX].as_str().map(str::to_owned))
+    let layer = &image["layers"][0];
+    let annotations = &layer["annotations"];
+    let Some(location) = annotations[labels::INDEX].as_str() else { return Ok(None) };
+    let (Some(digest), Some(size)) = (layer["digest"].as_str().and_then(|d| d.parse().ok()), layer["size"].as_u64())
+    else {
+        return Ok(None);
+    };
+    let toc_of = |key: &str| annotations[key].as_str().and_then(|d| d.parse::<Digest>().ok());
+    let (stargz, chunked) = (toc_of(labels::TOC_DIGEST), toc_of(labels::ZSTD_CHUNKED_TOC_DIGEST));
+    Ok(Some(IndexLayer {
+        digest,
+        size,
+        location: location.to_owned(),
+        toc_conflict: stargz.is_some() && chunked.is_some(),
+        toc: stargz.or(chunked),
+    }))
+}
+
+/// If `manifest` (fetched through `registry`) is a companion image or an index of them,
+/// the pinned location of its lazy index layer (`registry/repo@sha256:...`).
+pub async fn index_location(registry: &Registry, manifest: &[u8]) -> Result<Option<String>, RegistryError> {
+    Ok(index_layer(registry, manifest).await?.map(|layer| layer.location))
 }
 
 /// The index in the layer at `at` (pinned), and the digest of its JSON: from the cache,
@@ -90,6 +134,51 @@ pub async fn load_index(
             }
         }
     }
+    let data = fetch_layer(at, layer, settings).await?;
+    let index = keep_layer_index(at, layer, &data, cache)?;
+    let json_digest = index.digest;
+    Ok((index, json_digest))
+}
+
+/// The index layer at `at` (pinned), its tar bytes, and the index in it: from the
+/// cache, else fetched whole (digest-checked, size-capped) and cached. For front-ends
+/// that hand the layer itself out (the layer store's `blob`).
+pub async fn load_index_layer(
+    at: &str,
+    layer: &Digest,
+    cache: &ChunkCache,
+    settings: &RegistrySettings,
+) -> Result<(VerifiedIndex, Bytes), CompanionError> {
+    let cache_err = |e: crate::cache::CacheError| invalid(at, e.to_string());
+    let data = match cache.get_meta(&layer_blob_key(layer)).map_err(cache_err)? {
+        Some(data) if Digest::of(&data) == *layer => Bytes::from(data),
+        _ => {
+            let data = fetch_layer(at, layer, settings).await?;
+            cache.put_meta(&layer_blob_key(layer), &data).map_err(cache_err)?;
+            data
+        }
+    };
+    Ok((keep_layer_index(at, layer, &data, cache)?, data))
+}
+
+/// The index in `data` (the verified blob of index layer `layer`), parsed and kept in
+/// the cache with the record naming it.
+fn keep_layer_index(
+    at: &str,
+    layer: &Digest,
+    data: &[u8],
+    cache: &ChunkCache,
+) -> Result<VerifiedIndex, CompanionError> {
+    let cache_err = |e: crate::cache::CacheError| invalid(at, e.to_string());
+    let json = index_from_tar(data).map_err(|e| invalid(at, e))?;
+    let index = LazyIndex::parse(&json).map_err(|e| invalid(at, e.to_string()))?;
+    keep_index(cache, &json).map_err(cache_err)?;
+    cache.put_meta(&layer_key(layer), index.digest.to_string().as_bytes()).map_err(cache_err)?;
+    Ok(index)
+}
+
+/// The index layer blob at `at`, fetched whole, size-capped and checked against `layer`.
+async fn fetch_layer(at: &str, layer: &Digest, settings: &RegistrySettings) -> Result<Bytes, CompanionError> {
     let registry = Registry::new(parse_reference(at)?, settings.clone());
     let mut stream = registry.stream_blob(layer, 0).await?;
     let mut data = Vec::new();
@@ -105,11 +194,7 @@ pub async fn load_index(
     if hasher.finish() != *layer {
         return Err(invalid(at, "index layer does not match its digest"));
     }
-    let json = index_from_tar(&data).map_err(|e| invalid(at, e))?;
-    let index = LazyIndex::parse(&json).map_err(|e| invalid(at, e.to_string()))?;
-    let json_digest = keep_index(cache, &json).map_err(cache_err)?;
-    cache.put_meta(&layer_key(layer), json_digest.to_string().as_bytes()).map_err(cache_err)?;
-    Ok((index, json_digest))
+    Ok(Bytes::from(data))
 }
 
 /// A cached index JSON by its digest, checked and parsed.

@@ -112,6 +112,25 @@ pub struct ModelMountSettings {
     pub retry_max: Duration,
 }
 
+/// How the containers/storage additional layer store answers lookups.
+#[derive(Debug, Clone)]
+pub struct LayerStoreSettings {
+    /// How long a reference's resolution (its companion index layer, or that it is not a
+    /// companion) is reused: containers/storage looks every layer of an image up in turn,
+    /// and an ordinary image should cost one manifest request per pull, not one per layer.
+    pub resolve_ttl: Duration,
+    /// Most time one lookup may take before it answers "not found" (containers/storage
+    /// then downloads the layer itself): a registry that does not answer holds up a pull
+    /// this long, and no longer.
+    pub lookup_timeout: Duration,
+}
+
+impl Default for LayerStoreSettings {
+    fn default() -> Self {
+        Self { resolve_ttl: Duration::from_secs(60), lookup_timeout: Duration::from_secs(30) }
+    }
+}
+
 impl Default for ModelMountSettings {
     fn default() -> Self {
         Self {

@@ -251,7 +251,9 @@ pub async fn convert(
     // Check what we publish the way the snapshotter will read it.
     LazyIndex::parse(&index.to_json()).map_err(|e| ConvertError::Target(e.to_string()))?;
 
-    let layer = Bytes::from(index_tar(&index.to_json()));
+    let json = index.to_json();
+    let toc_digest = Digest::of(&json);
+    let layer = Bytes::from(index_tar(&json));
     let layer_digest = Digest::of(&layer);
     if !dst.blob_exists(&layer_digest).await? {
         dst.push_bytes(layer.clone(), &layer_digest).await?;
@@ -288,6 +290,7 @@ pub async fn convert(
                     labels::SOURCE: pinned,
                     labels::INDEX: index_location,
                     labels::VERSION: INDEX_VERSION.to_string(),
+                    labels::TOC_DIGEST: toc_digest.to_string(),
                     "org.opencontainers.image.title": "modelpack-index.tar",
                 },
             }],

@@ -6,7 +6,9 @@
 //! of the artifact format used by all layers; [`model`] ties a reference (or a
 //! [`companion`] image's lazy index) to a tree of files; [`push`] builds artifacts and
 //! [`convert`] builds companion images. [`daemon`] serves [`snapshotter`], containerd's
-//! snapshots API, whose records live in [`metadata`]; [`config`] holds every tunable.
+//! snapshots API, whose records live in [`metadata`], and [`layerstore`],
+//! containers/storage's additional layer store (CRI-O, podman); [`config`] holds every
+//! tunable.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod fs;
+pub mod layerstore;
 pub mod metadata;
 pub mod model;
 pub mod modelpack;

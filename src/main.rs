@@ -85,7 +85,8 @@ enum Command {
         #[arg(long, default_value_t = 1 << 20)]
         chunk_size: u64,
     },
-    /// Serve containerd's snapshots API on a Unix socket until SIGINT/SIGTERM.
+    /// Serve containerd's snapshots API on a Unix socket and/or containers/storage's
+    /// additional layer store (CRI-O, podman) until SIGINT/SIGTERM.
     Serve {
         /// Configuration file (TOML) [default: /etc/modelpack-snapshotter/config.toml if it exists].
         #[arg(long)]
@@ -99,6 +100,12 @@ enum Command {
         /// Chunk cache directory (overrides `cache.dir`).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Mount the additional layer store here (overrides `layer_store.path`).
+        #[arg(long)]
+        layer_store: Option<PathBuf>,
+        /// Serve no containerd socket (the layer store alone).
+        #[arg(long)]
+        no_containerd: bool,
     },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
@@ -255,7 +262,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
-        Command::Serve { config, root, address, cache_dir } => {
+        Command::Serve { config, root, address, cache_dir, layer_store, no_containerd } => {
             let mut daemon = match config {
                 Some(path) => DaemonConfig::load(&path)?,
                 None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
@@ -264,6 +271,11 @@ fn run(cli: Cli) -> Result<()> {
             daemon.root = root.unwrap_or(daemon.root);
             daemon.address = address.unwrap_or(daemon.address);
             daemon.cache.dir = cache_dir.unwrap_or(daemon.cache.dir);
+            daemon.layer_store.path = layer_store.unwrap_or(daemon.layer_store.path);
+            if no_containerd {
+                daemon.address = PathBuf::new();
+            }
+            daemon.check("the command line")?;
             init_logging(cli.log_level.as_deref().unwrap_or(&daemon.log_level));
             runtime.block_on(daemon::serve(&daemon, shutdown_signal()))?;
             Ok(())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{FetchSettings, ModelMountSettings, RegistrySettings, Settings};
+use crate::config::{FetchSettings, LayerStoreSettings, ModelMountSettings, RegistrySettings, Settings};
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,8 @@ pub enum ConfigError {
 pub struct DaemonConfig {
     /// State directory: snapshot metadata and directories, model mounts.
     pub root: PathBuf,
-    /// Unix socket containerd connects to (`[proxy_plugins.modelpack] address`).
+    /// Unix socket containerd connects to (`[proxy_plugins.modelpack] address`); empty
+    /// serves no containerd socket (the layer store alone).
     pub address: PathBuf,
     /// Log filter (`info`, `debug`, `modelpack_snapshotter=trace`, ...).
     pub log_level: String,
@@ -41,6 +42,33 @@ pub struct DaemonConfig {
     pub registry: RegistryConfig,
     /// How model snapshots are kept mounted.
     pub models: ModelsConfig,
+    /// containers/storage's additional layer store (CRI-O, podman).
+    pub layer_store: LayerStoreConfig,
+}
+
+/// `[layer_store]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayerStoreConfig {
+    /// Where the store is mounted (`storage.conf`: `additionallayerstores =
+    /// ["<path>:ref"]`); empty serves no store.
+    pub path: PathBuf,
+    /// Seconds a reference's resolution (its companion layer, or that it has none) is
+    /// reused.
+    pub resolve_ttl_secs: u64,
+    /// Seconds one lookup may take before it answers "not found".
+    pub lookup_timeout_secs: u64,
+}
+
+impl Default for LayerStoreConfig {
+    fn default() -> Self {
+        let s = LayerStoreSettings::default();
+        Self {
+            path: PathBuf::new(),
+            resolve_ttl_secs: s.resolve_ttl.as_secs(),
+            lookup_timeout_secs: s.lookup_timeout.as_secs(),
+        }
+    }
 }
 
 /// `[cache]`
@@ -115,6 +143,7 @@ impl Default for DaemonConfig {
             cache: CacheConfig::default(),
             registry: RegistryConfig::default(),
             models: ModelsConfig::default(),
+            layer_store: LayerStoreConfig::default(),
         }
     }
 }
@@ -163,7 +192,8 @@ impl DaemonConfig {
         Ok(config)
     }
 
-    fn check(&self, origin: &str) -> Result<(), ConfigError> {
+    /// Checks the values (again after command-line overrides); `origin` names them.
+    pub fn check(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid =
             |key, reason: &str| ConfigError::Invalid { path: origin.to_owned(), key, reason: reason.to_owned() };
         if self.cache.chunk_size < 4096 {
@@ -187,10 +217,39 @@ impl DaemonConfig {
         if self.models.retry_max_secs < self.models.retry_initial_secs {
             return Err(invalid("models.retry_max_secs", "must be at least models.retry_initial_secs"));
         }
-        if !self.root.is_absolute() || !self.address.is_absolute() {
-            return Err(invalid("root and address", "must be absolute paths"));
+        if self.layer_store.lookup_timeout_secs == 0 {
+            return Err(invalid("layer_store.lookup_timeout_secs", "must be at least 1 second"));
+        }
+        if !self.root.is_absolute() {
+            return Err(invalid("root", "must be an absolute path"));
+        }
+        if !self.serves_containerd() && self.layer_store().is_none() {
+            return Err(invalid("address", "is empty and no layer_store.path is set: there is nothing to serve"));
+        }
+        if !(self.address.as_os_str().is_empty() || self.address.is_absolute()) {
+            return Err(invalid("address", "must be an absolute path, or empty"));
+        }
+        if !(self.layer_store.path.as_os_str().is_empty() || self.layer_store.path.is_absolute()) {
+            return Err(invalid("layer_store.path", "must be an absolute path, or empty"));
         }
         Ok(())
+    }
+
+    /// Whether the containerd socket is served.
+    pub fn serves_containerd(&self) -> bool {
+        !self.address.as_os_str().is_empty()
+    }
+
+    /// Where the layer store is mounted and how it answers, if it is served.
+    pub fn layer_store(&self) -> Option<(PathBuf, LayerStoreSettings)> {
+        if self.layer_store.path.as_os_str().is_empty() {
+            return None;
+        }
+        let settings = LayerStoreSettings {
+            resolve_ttl: Duration::from_secs(self.layer_store.resolve_ttl_secs),
+            lookup_timeout: Duration::from_secs(self.layer_store.lookup_timeout_secs),
+        };
+        Some((self.layer_store.path.clone(), settings))
     }
 
     /// The cache directory in effect.
@@ -263,6 +322,10 @@ mod tests {
         assert!(e.contains("retry_max_secs"), "{e}");
         let e = DaemonConfig::parse("[models]\nmount_concurrency = 0\n", "cfg.toml").unwrap_err().to_string();
         assert!(e.contains("mount_concurrency"), "{e}");
+        let e = DaemonConfig::parse("address = \"\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("nothing to serve"), "{e}");
+        let e = DaemonConfig::parse("[layer_store]\npath = \"store\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("layer_store.path"), "{e}");
     }
 
     #[test]
@@ -272,5 +335,16 @@ mod tests {
         assert_eq!(c.settings().fetch.chunk_size, FetchSettings::default().chunk_size);
         assert_eq!(c.models, ModelsConfig::default(), "the sample shows the defaults");
         assert_eq!(c.settings().fetch.max_unpacked_bytes, FetchSettings::default().max_unpacked_bytes);
+        assert_eq!(c.layer_store, LayerStoreConfig::default(), "the sample shows the defaults");
+    }
+
+    #[test]
+    fn the_layer_store_alone() {
+        let c = DaemonConfig::parse("address = \"\"\n[layer_store]\npath = \"/var/lib/s/store\"\n", "t").unwrap();
+        assert!(!c.serves_containerd());
+        let (path, settings) = c.layer_store().unwrap();
+        assert_eq!(path, PathBuf::from("/var/lib/s/store"));
+        assert_eq!(settings.lookup_timeout, LayerStoreSettings::default().lookup_timeout);
+        assert!(DaemonConfig::default().layer_store().is_none());
     }
 }

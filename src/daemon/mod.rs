@@ -1,6 +1,7 @@
-//! `serve`: the long-running snapshotter daemon containerd talks to. Binds the Unix
-//! socket inside a directory only its owner can enter, serves the snapshots API until
-//! SIGINT/SIGTERM, and tells systemd when it is ready (`Type=notify`).
+//! `serve`: the long-running daemon of the node's front-ends, over one cache. Binds
+//! containerd's Unix socket inside a directory only its owner can enter and serves the
+//! snapshots API, and/or mounts containers/storage's additional layer store, until
+//! SIGINT/SIGTERM; tells systemd when it is ready (`Type=notify`).
 
 pub mod config;
 
@@ -13,6 +14,8 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cache::ChunkCache;
+use crate::fs;
+use crate::layerstore::LayerStore;
 use crate::snapshotter::grpc::Grpc;
 use crate::snapshotter::remote::RemoteSnapshotter;
 use crate::snapshotter::{private_dir, SnapshotError, Snapshotter, STATE_MODE};
@@ -41,6 +44,12 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The layer store's records could not be opened.
+    #[error(transparent)]
+    LayerStore(#[from] crate::layerstore::StoreError),
+    /// The layer store could not be mounted.
+    #[error("layer store: {0}")]
+    Mount(#[from] crate::fs::FsError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
@@ -97,28 +106,83 @@ fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
 
 /// Runs the daemon until `shutdown` completes.
 ///
-/// The socket is bound as soon as the state is open, before any model is mounted again:
-/// start-up does not grow with the number of models, and one model behind an
-/// unreachable registry holds up nobody. Models recorded before a restart are mounted in
-/// the background; requests about one not mounted yet wait for it (bounded) or answer
-/// `Unavailable`.
+/// The socket is bound and the layer store mounted as soon as the state is open, before
+/// any model is mounted again: start-up does not grow with the number of models, and one
+/// model behind an unreachable registry holds up nobody. Models recorded before a
+/// restart are mounted in the background; requests about one not mounted yet wait for
+/// it (bounded) or answer `Unavailable` (snapshots API) or "not found" (layer store).
 pub async fn serve(
     config: &DaemonConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
     // The state first: it creates the root private, before the cache (by default
     // inside it) exists.
-    let base = tokio::task::block_in_place(|| Snapshotter::open(&config.root))?;
+    let base = if config.serves_containerd() {
+        Some(tokio::task::block_in_place(|| Snapshotter::open(&config.root))?)
+    } else {
+        private_dir(&config.root)?;
+        None
+    };
     let settings = config.settings();
     let cache_dir = config.cache_dir();
-    let cache =
-        ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?;
-    // Models come and go with their snapshots: an unpacked layer goes with its last model.
+    let cache = Arc::new(
+        ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?,
+    );
+    // Models come and go with their snapshots and layers: an unpacked layer goes with
+    // its last model.
     cache.drop_unused_unpacked();
+    let store = match config.layer_store() {
+        Some((path, store_settings)) => {
+            let state = config.root.join("layer-store");
+            private_dir(&state)?;
+            let store = Arc::new(LayerStore::open(&state, cache.clone(), settings.clone(), store_settings)?);
+            let runtime = tokio::runtime::Handle::current();
+            let passthrough = settings.fetch.passthrough;
+            let mounted =
+                tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, runtime, passthrough))?;
+            let restoring = store.restore()?;
+            tracing::info!(path = %path.display(), restoring, "serving the containers/storage layer store");
+            println!("layer store: {}", path.display());
+            Some(mounted)
+        }
+        None => None,
+    };
+    let served = match base {
+        Some(base) => serve_containerd(config, base, cache, shutdown).await,
+        None => {
+            notify_ready();
+            shutdown.await;
+            Ok(())
+        }
+    };
+    if let Some(mounted) = store {
+        tracing::info!("unmounting the layer store");
+        tokio::task::block_in_place(|| mounted.unmount());
+    }
+    served?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Serves containerd's snapshots API over `base` until `shutdown` completes, then
+/// unmounts its models.
+async fn serve_containerd(
+    config: &DaemonConfig,
+    base: Snapshotter,
+    cache: Arc<ChunkCache>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
     let snapshotter = Arc::new(RemoteSnapshotter::new(
         base,
-        Arc::new(cache),
-        settings,
+        cache,
+        config.settings(),
         config.model_mounts(),
         tokio::runtime::Handle::current(),
     ));
@@ -126,9 +190,7 @@ pub async fn serve(
     tokio::task::block_in_place(|| snapshotter.restore())?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
     println!("serving: {}", config.address.display());
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-        tracing::debug!(error = %e, "cannot notify systemd");
-    }
+    notify_ready();
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(Grpc::new(snapshotter.clone()).into_server())
@@ -155,9 +217,6 @@ pub async fn serve(
         }
     };
     tokio::task::block_in_place(|| snapshotter.unmount_all());
-    served?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = std::fs::remove_file(&config.address);
-    tracing::info!("stopped");
-    Ok(())
+    Ok(served?)
 }

@@ -7,6 +7,8 @@
 //! the session loop or other readers. A read whose bytes cannot be fetched or verified
 //! gets `EIO` (errors become errno here and nowhere else).
 
+pub mod store;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
@@ -25,7 +27,7 @@ use tokio::runtime::Handle;
 
 use crate::blob::BlobError;
 use crate::model::{LayerData, Model};
-use crate::modelpack::tree::{FileSource, Node, NodeKind};
+use crate::modelpack::tree::{FileSource, Node, NodeKind, ROOT_INO};
 
 /// Entries and attributes never change while mounted.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -86,6 +88,12 @@ pub struct ModelFs {
     readahead_bytes: u64,
     /// Whether the kernel accepted FUSE passthrough at init.
     passthrough: bool,
+    /// Where this model's inodes sit among the session's: the kernel's inode number is
+    /// `base` + the tree's. 0 for a model mounted on its own; the layer store serves
+    /// many models in one session, each in a range of its own.
+    base: u64,
+    /// The inode `..` of the model's root names (the root itself when mounted alone).
+    root_parent: u64,
     /// Per inode: open files served by us (cached) and by the kernel (passthrough), and
     /// the backing file of the latter. The kernel refuses to mix the two modes on one
     /// inode, so an inode switches to passthrough only when no cached open remains.
@@ -103,6 +111,13 @@ struct InodeMode {
 impl ModelFs {
     /// A filesystem for `model`, running reads on `runtime`.
     pub fn new(model: Arc<Model>, runtime: Handle) -> Self {
+        Self::within(model, runtime, 0, ROOT_INO, false)
+    }
+
+    /// A filesystem for `model` served inside another one's session: its inodes start at
+    /// `base`, its root's `..` is `root_parent`, and `passthrough` is what that session's
+    /// kernel accepted.
+    pub(crate) fn within(model: Arc<Model>, runtime: Handle, base: u64, root_parent: u64, passthrough: bool) -> Self {
         let readahead_bytes = model.store.chunk_size() * model.store.readahead_chunks();
         Self {
             model,
@@ -110,9 +125,26 @@ impl ModelFs {
             open_files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             readahead_bytes,
-            passthrough: false,
+            passthrough,
             modes: Mutex::new(HashMap::new()),
+            base,
+            root_parent,
         }
+    }
+
+    /// The tree's inode for the kernel's `ino`.
+    fn local(&self, ino: INodeNo) -> u64 {
+        ino.0.wrapping_sub(self.base)
+    }
+
+    /// The kernel's inode for the tree's `ino`.
+    fn global(&self, ino: u64) -> INodeNo {
+        INodeNo(self.base + ino)
+    }
+
+    /// The attributes of the model's root directory.
+    pub(crate) fn root_attr(&self) -> FileAttr {
+        self.attr(self.model.tree.get(ROOT_INO).expect("a tree has a root"))
     }
 
     fn attr(&self, node: &Node) -> FileAttr {
@@ -128,7 +160,7 @@ impl ModelFs {
             _ => 1,
         };
         FileAttr {
-            ino: INodeNo(node.ino),
+            ino: self.global(node.ino),
             size: node.size,
             blocks: node.size.div_ceil(512),
             atime: node.mtime,
@@ -165,6 +197,18 @@ fn is_dir(node: &Node) -> bool {
     matches!(node.kind, NodeKind::Dir { .. })
 }
 
+/// Sets up a session with the kernel: the read-ahead window, and passthrough if `wanted`
+/// and the kernel accepts it (returned).
+fn negotiate(config: &mut KernelConfig, wanted: bool) -> bool {
+    // Older kernels offer less; take what they give.
+    let _ = config.set_max_readahead(MAX_READAHEAD);
+    // Passthrough backing files live on a plain file system (depth 0); depth 1 leaves
+    // room for an overlay mounted on top of this one (container rootfs, volumes).
+    wanted
+        && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
+        && config.set_max_stack_depth(1).is_ok()
+}
+
 /// The one place errors become errno.
 fn errno_of(e: &BlobError) -> Errno {
     match e {
@@ -197,36 +241,27 @@ async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -
 
 impl Filesystem for ModelFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Older kernels offer less; take what they give.
-        let _ = config.set_max_readahead(MAX_READAHEAD);
-        // Passthrough backing files live on a plain file system (depth 0); depth 1 leaves
-        // room for an overlay mounted on top of this one (container rootfs, volumes).
-        if self.model.store.passthrough_wanted()
-            && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(1).is_ok()
-        {
-            self.passthrough = true;
-        }
+        self.passthrough = negotiate(config, self.model.store.passthrough_wanted());
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
-        match self.model.tree.lookup(parent.0, name) {
+        match self.model.tree.lookup(self.local(parent), name) {
             Some(node) => reply.entry(&TTL, &self.attr(node), Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.model.tree.get(ino.0) {
+        match self.model.tree.get(self.local(ino)) {
             Some(node) => reply.attr(&TTL, &self.attr(node)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.model.tree.get(ino.0).map(|n| &n.kind) {
+        match self.model.tree.get(self.local(ino)).map(|n| &n.kind) {
             Some(NodeKind::Symlink(target)) => reply.data(target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
@@ -234,7 +269,8 @@ impl Filesystem for ModelFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.model.tree.get(ino.0).map(|n| &n.kind) {
+        let ino = self.local(ino);
+        match self.model.tree.get(ino).map(|n| &n.kind) {
             Some(NodeKind::File(_)) => {}
             Some(NodeKind::Dir { .. }) => return reply.error(Errno::EISDIR),
             Some(NodeKind::Symlink(_)) => return reply.error(Errno::ELOOP),
@@ -248,13 +284,13 @@ impl Filesystem for ModelFs {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut modes = self.modes.lock().expect("modes lock");
-        let mode = modes.entry(ino.0).or_default();
+        let mode = modes.entry(ino).or_default();
         if self.passthrough && mode.cached == 0 {
             if mode.backing.is_none() {
-                mode.backing = self.complete_file(ino.0).and_then(|file| match reply.open_backing(&file) {
+                mode.backing = self.complete_file(ino).and_then(|file| match reply.open_backing(&file) {
                     Ok(id) => Some(id),
                     Err(e) => {
-                        tracing::debug!(ino = ino.0, error = %e, "passthrough unavailable; serving reads");
+                        tracing::debug!(ino, error = %e, "passthrough unavailable; serving reads");
                         None
                     }
                 });
@@ -284,7 +320,8 @@ impl Filesystem for ModelFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(NodeKind::File(source)) = self.model.tree.get(ino.0).map(|n| &n.kind) else {
+        let ino = self.local(ino);
+        let Some(NodeKind::File(source)) = self.model.tree.get(ino).map(|n| &n.kind) else {
             return reply.error(Errno::EBADF);
         };
         let source = *source;
@@ -305,7 +342,7 @@ impl Filesystem for ModelFs {
             match read_file(&model, &source, offset, u64::from(size)).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
-                    tracing::error!(reference = %model.reference, ino = ino.0, offset, size, error = %e, "read failed");
+                    tracing::error!(reference = %model.reference, ino, offset, size, error = %e, "read failed");
                     reply.error(errno_of(&e));
                 }
             }
@@ -326,9 +363,10 @@ impl Filesystem for ModelFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.local(ino);
         let open = self.open_files.lock().expect("open files lock").remove(&fh.0);
         let mut modes = self.modes.lock().expect("modes lock");
-        if let (Some(open), Some(mode)) = (open, modes.get_mut(&ino.0)) {
+        if let (Some(open), Some(mode)) = (open, modes.get_mut(&ino)) {
             if open.passthrough {
                 mode.passthrough = mode.passthrough.saturating_sub(1);
             } else {
@@ -336,14 +374,14 @@ impl Filesystem for ModelFs {
             }
             if mode.passthrough == 0 && mode.cached == 0 {
                 // Dropping the backing id closes it in the kernel.
-                modes.remove(&ino.0);
+                modes.remove(&ino);
             }
         }
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.model.tree.get(ino.0) {
+        match self.model.tree.get(self.local(ino)) {
             Some(node) if is_dir(node) => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
             }
@@ -353,19 +391,20 @@ impl Filesystem for ModelFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(node) = self.model.tree.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let Some(children) = self.model.tree.children(ino.0) else { return reply.error(Errno::ENOTDIR) };
-        let dots = [(".", node.ino, FileType::Directory), ("..", node.parent, FileType::Directory)];
+        let Some(node) = self.model.tree.get(self.local(ino)) else { return reply.error(Errno::ENOENT) };
+        let Some(children) = self.model.tree.children(node.ino) else { return reply.error(Errno::ENOTDIR) };
+        let parent = if node.ino == ROOT_INO { INodeNo(self.root_parent) } else { self.global(node.parent) };
+        let dots = [(".", self.global(node.ino), FileType::Directory), ("..", parent, FileType::Directory)];
         let entries = dots.into_iter().chain(children.filter_map(|(name, child)| {
             let kind = match self.model.tree.get(child)?.kind {
                 NodeKind::Dir { .. } => FileType::Directory,
                 NodeKind::File(_) => FileType::RegularFile,
                 NodeKind::Symlink(_) => FileType::Symlink,
             };
-            Some((name, child, kind))
+            Some((name, self.global(child), kind))
         }));
         for (i, (name, child, kind)) in entries.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+            if reply.add(child, i as u64 + 1, kind, name) {
                 break;
             }
         }
@@ -423,14 +462,7 @@ impl Drop for Mounted {
 /// Mounts `model` at `mountpoint`: read-only, nosuid, nodev, visible to every user with
 /// the kernel checking permissions.
 pub fn mount(model: Arc<Model>, mountpoint: &Path, runtime: Handle) -> Result<Mounted, FsError> {
-    let err = |source| FsError::Mount { path: mountpoint.display().to_string(), source };
-    // A daemon killed earlier leaves a dead FUSE mount ("transport endpoint is not connected").
-    if is_mountpoint(mountpoint) && std::fs::metadata(mountpoint).is_err() {
-        tracing::warn!(path = %mountpoint.display(), "detaching a stale mount");
-        detach(mountpoint).map_err(err)?;
-    }
-    let mut config = Config::default();
-    config.mount_options = vec![
+    let options = vec![
         MountOption::FSName(format!("modelpack:{}", model.reference)),
         MountOption::Subtype("modelpack".to_owned()),
         MountOption::RO,
@@ -438,8 +470,26 @@ pub fn mount(model: Arc<Model>, mountpoint: &Path, runtime: Handle) -> Result<Mo
         MountOption::NoDev,
         MountOption::DefaultPermissions,
     ];
-    config.acl = SessionACL::All;
-    let fs = ModelFs::new(model, runtime);
+    spawn(ModelFs::new(model, runtime), mountpoint, options, SessionACL::All)
+}
+
+/// Mounts `fs` at `mountpoint` with `options`, replacing a dead mount an earlier
+/// process left there.
+fn spawn(
+    fs: impl Filesystem + 'static,
+    mountpoint: &Path,
+    options: Vec<MountOption>,
+    acl: SessionACL,
+) -> Result<Mounted, FsError> {
+    let err = |source| FsError::Mount { path: mountpoint.display().to_string(), source };
+    // A daemon killed earlier leaves a dead FUSE mount ("transport endpoint is not connected").
+    if is_mountpoint(mountpoint) && std::fs::metadata(mountpoint).is_err() {
+        tracing::warn!(path = %mountpoint.display(), "detaching a stale mount");
+        detach(mountpoint).map_err(err)?;
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = acl;
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(err)?;
     Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_owned() })
 }

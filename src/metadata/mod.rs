@@ -179,7 +179,7 @@ pub const FILE_MODE: u32 = 0o600;
 
 /// Creates `path` with [`FILE_MODE`] before the database opens it (an empty file is a
 /// new database to redb), or tightens an existing file to it.
-fn make_private(path: &Path) -> std::io::Result<()> {
+pub fn make_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(FILE_MODE).open(path)?;
     if file.metadata()?.permissions().mode() & 0o777 != FILE_MODE {

@@ -14,6 +14,14 @@ pub const SOURCE: &str = "containerd.io/snapshot/modelpack.source";
 pub const INDEX: &str = "containerd.io/snapshot/modelpack.index";
 /// The index format version.
 pub const VERSION: &str = "containerd.io/snapshot/modelpack.version";
+/// The TOC digest of an eStargz layer, the key containers/storage (>= 1.54) looks a
+/// layer up by in an additional layer store. A companion's index layer carries it with
+/// the digest of its index JSON, the model's table of contents. Not under [`PREFIX`]:
+/// the snapshotter does not read it.
+pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The TOC digest of a zstd:chunked layer, the other key containers/image reads; a layer
+/// carrying both is refused by containers/image, and by the layer store.
+pub const ZSTD_CHUNKED_TOC_DIGEST: &str = "io.github.containers.zstd-chunked.manifest-checksum";
 /// Every key this build reads.
 pub const KEYS: [&str; 3] = [SOURCE, INDEX, VERSION];
 
