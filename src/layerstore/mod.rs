@@ -339,6 +339,7 @@ impl LayerStore {
         let model =
             Arc::new(Model::open_indexed(index, &self.settings, self.cache.clone()).await.map_err(|e| e.to_string())?);
         models.insert(digest, Arc::downgrade(&model));
+        tracing::info!(index = %digest, source = %model.reference, "opened a model for the layer store");
         Ok(model)
     }
 

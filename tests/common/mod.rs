@@ -471,6 +471,47 @@ impl SnapshotterProcess {
         Self { child: Some(child), root: root.to_owned(), socket }
     }
 
+    /// Starts `serve` on `root` serving the layer store alone, mounted at `store`, with
+    /// configuration `config`, and waits until the store is mounted. What it logs goes
+    /// to `<root>.log` (see [`SnapshotterProcess::log`]).
+    pub fn start_layer_store(root: &Path, store: &Path, config: &Path) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(Self::log_path(root)).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--no-containerd", "--root"])
+            .arg(root)
+            .arg("--layer-store")
+            .arg(store)
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting serve");
+        let mut process = Self { child: Some(child), root: root.to_owned(), socket: PathBuf::new() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !modelpack_snapshotter::fs::is_mountpoint(store) {
+            let exited = process.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "serve did not mount {}: {}",
+                store.display(),
+                process.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+
+    fn log_path(root: &Path) -> PathBuf {
+        root.with_extension("log")
+    }
+
+    /// What a process started by [`SnapshotterProcess::start_layer_store`] on this root
+    /// has logged so far (every run, restarts included).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(Self::log_path(&self.root)).unwrap_or_default()
+    }
+
     /// Stops the process with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
