@@ -5,7 +5,8 @@
 //! page cache is kept across opens (`FOPEN_KEEP_CACHE`): a byte is asked of us once.
 //! Reads run on the tokio runtime and reply from there, so one slow fetch never blocks
 //! the session loop or other readers. A read whose bytes cannot be fetched or verified
-//! gets `EIO` (errors become errno here and nowhere else).
+//! gets `EIO` (errors become errno here and nowhere else). [`store`] serves
+//! containers/storage's additional layer store, with models inside it.
 
 pub mod store;
 
@@ -215,6 +216,12 @@ fn errno_of(e: &BlobError) -> Errno {
         BlobError::OutOfRange { .. } => Errno::EINVAL,
         _ => Errno::EIO,
     }
+}
+
+/// The errno of a layer store lookup that serves nothing: always "not there", whatever
+/// the cause, since that is what makes containers/storage download the layer itself.
+fn store_errno(_e: &crate::layerstore::StoreError) -> Errno {
+    Errno::ENOENT
 }
 
 /// Reads `size` bytes at `offset` of a file.

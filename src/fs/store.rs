@@ -29,7 +29,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use super::{negotiate, spawn, FsError, ModelFs, Mounted, BLOCK_SIZE};
+use super::{negotiate, spawn, store_errno, FsError, ModelFs, Mounted, BLOCK_SIZE};
 use crate::layerstore::{encode_reference, LayerPath, LayerStore, Released, StoreLayer};
 
 /// Control entries are asked for again on every walk.
@@ -286,7 +286,7 @@ impl Filesystem for StoreFs {
                     }
                     Err(e) => {
                         log_miss(&e);
-                        reply.error(Errno::ENOENT);
+                        reply.error(store_errno(&e));
                     }
                 };
                 if let Some(layer) = self.inner.store.served(&path) {
