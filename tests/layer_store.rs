@@ -69,6 +69,22 @@ impl Scene {
     }
 }
 
+/// The companion is what CRI-O (>= 1.33) pulls as an image, not as an OCI artifact for
+/// its artifact store: an image index whose manifests have image configs and no
+/// `artifactType` (their `subject` does not count).
+async fn assert_plain_image(registry: &Registry, top: &[u8]) {
+    let top: serde_json::Value = serde_json::from_slice(top).unwrap();
+    assert_eq!(top["mediaType"], "application/vnd.oci.image.index.v1+json");
+    for entry in top["manifests"].as_array().unwrap() {
+        let pinned = registry.reference().clone_with_digest(entry["digest"].as_str().unwrap().to_owned());
+        let (manifest, _) = registry.with_reference(pinned).fetch_manifest().await.unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        assert!(manifest.get("artifactType").is_none(), "{manifest}");
+        assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.image.config.v1+json");
+        assert!(manifest["subject"]["digest"].is_string(), "the companion still names its model");
+    }
+}
+
 /// containers/storage's `use` notice: creating the file fails with `ENOENT`.
 fn notify_use(layer: &Path) {
     let e = std::fs::File::create(layer.join("use")).unwrap_err();
@@ -110,10 +126,9 @@ async fn a_companion_is_served_under_both_keys_and_nothing_else_is() {
     let json = modelpack_snapshotter::companion::index_from_tar(&scene.layer.bytes).unwrap();
     assert_eq!(Digest::of(&json).to_string(), scene.toc());
     // The same model under a digest reference too: opened once for all three.
-    let index_digest = {
-        let registry = Registry::new(parse_reference(&scene.companion).unwrap(), Default::default());
-        registry.fetch_manifest().await.unwrap().1
-    };
+    let registry = Registry::new(parse_reference(&scene.companion).unwrap(), Default::default());
+    let (top, index_digest) = registry.fetch_manifest().await.unwrap();
+    assert_plain_image(&registry, &top).await;
     let pinned = format!("{}/models/m@{index_digest}", scene.proxy.addr());
     assert_same_tree(&scene.src, &scene.layer_dir(&pinned, &scene.toc()).join("diff"));
     assert_eq!(scene.log().matches("opened a model for the layer store").count(), 1, "{}", scene.log());
