@@ -13,11 +13,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::containerd::{push_busybox_image_with, Containerd, Flavor};
+use common::containerd::{push_busybox_image_with, push_ordinary_image, Containerd, Flavor};
 use common::cri::{image_volume, read_cri_log, spec, Cri};
 use common::*;
 use k8s_cri::v1 as cri;
-use serde_json::json;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -26,39 +25,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-/// An ordinary image with one uncompressed tar layer per weight file of `dir`.
-fn push_ordinary_image(reference: &str, dir: &Path) {
-    let mut layers = Vec::new();
-    let mut diff_ids = Vec::new();
-    for (path, data) in read_tree(dir) {
-        let mut builder = tar::Builder::new(Vec::with_capacity(data.len() + 4096));
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        builder.append_data(&mut header, format!("model/{path}"), &data[..]).unwrap();
-        let layer = builder.into_inner().unwrap();
-        diff_ids.push(modelpack_snapshotter::modelpack::Digest::of(&layer).to_string());
-        layers.push(LayerSpec {
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            data: layer,
-            annotations: json!({}),
-        });
-    }
-    let config = json!({
-        "architecture": common::containerd::oci_arch(),
-        "os": "linux",
-        "config": {},
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    });
-    push_artifact(
-        reference,
-        "",
-        "application/vnd.oci.image.config.v1+json",
-        &serde_json::to_vec(&config).unwrap(),
-        &layers,
-    );
 }
 
 struct Run {

@@ -309,3 +309,37 @@ pub fn push_busybox_image_with(reference: &str, cmd: &[&str]) {
         &[spec],
     );
 }
+
+/// An ordinary image with one uncompressed tar layer per file of `dir`, under `model/`:
+/// the same bytes as a model, for benchmarks to compare with its companion.
+pub fn push_ordinary_image(reference: &str, dir: &Path) {
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (path, data) in super::read_tree(dir) {
+        let mut builder = tar::Builder::new(Vec::with_capacity(data.len() + 4096));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        builder.append_data(&mut header, format!("model/{path}"), &data[..]).unwrap();
+        let layer = builder.into_inner().unwrap();
+        diff_ids.push(modelpack_snapshotter::modelpack::Digest::of(&layer).to_string());
+        layers.push(super::LayerSpec {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            data: layer,
+            annotations: json!({}),
+        });
+    }
+    let config = json!({
+        "architecture": oci_arch(),
+        "os": "linux",
+        "config": {},
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    super::push_artifact(
+        reference,
+        "",
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config).unwrap(),
+        &layers,
+    );
+}
