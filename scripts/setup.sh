@@ -4,7 +4,10 @@
 set -eu
 
 need_apt=""
-for pkg in fuse3 docker-registry curl containerd runc busybox-static protobuf-compiler apache2-utils; do
+# podman (4.3, with conmon) and mmdebstrap (to build podman 5's root) are for the tests of the
+# additional layer store; as root podman needs neither uidmap nor fuse-overlayfs.
+for pkg in fuse3 docker-registry curl containerd runc busybox-static protobuf-compiler apache2-utils \
+    podman mmdebstrap; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt $pkg"
 done
 if [ -n "$need_apt" ]; then
@@ -20,6 +23,9 @@ fi
 
 # containerd 2.x for the CRI tests, unpacked beside the system's 1.6.
 "$(dirname "$0")/fetch-containerd2.sh"
+
+# podman 5.x (TOC-digest lookups in the additional layer store) in a Debian trixie root.
+"$(dirname "$0")/fetch-podman5.sh"
 
 if [ ! -e /dev/fuse ]; then
     echo "setup: /dev/fuse is missing; FUSE mounts will not work on this machine" >&2
