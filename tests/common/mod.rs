@@ -8,6 +8,7 @@
 pub mod containerd;
 pub mod cri;
 pub mod liar;
+pub mod podman;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
