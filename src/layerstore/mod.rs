@@ -237,10 +237,18 @@ impl LayerStore {
         let cell = self.layers.lock().expect("layers lock").entry(path.clone()).or_default().clone();
         let timeout = self.store.lookup_timeout;
         let resolving = cell.get_or_try_init(|| self.resolve(path));
-        match tokio::time::timeout(timeout, resolving).await {
+        let found = match tokio::time::timeout(timeout, resolving).await {
             Ok(layer) => layer.cloned(),
             Err(_) => Err(StoreError::Timeout { reference: path.reference.clone(), secs: timeout.as_secs() }),
+        };
+        if found.is_err() {
+            // Every layer of every ordinary image is looked up once: keep nothing for it.
+            let mut layers = self.layers.lock().expect("layers lock");
+            if layers.get(path).is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized()) {
+                layers.remove(path);
+            }
         }
+        found
     }
 
     /// The layer at `path` if it is served now (no I/O).
