@@ -137,9 +137,7 @@ pub async fn serve(
             private_dir(&state)?;
             let store = Arc::new(LayerStore::open(&state, cache.clone(), settings.clone(), store_settings)?);
             let runtime = tokio::runtime::Handle::current();
-            let passthrough = settings.fetch.passthrough;
-            let mounted =
-                tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, runtime, passthrough))?;
+            let mounted = tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, runtime))?;
             let restoring = store.restore()?;
             tracing::info!(path = %path.display(), restoring, "serving the containers/storage layer store");
             println!("layer store: {}", path.display());

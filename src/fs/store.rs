@@ -10,6 +10,11 @@
 //! node's credentials, so nobody else may ask. Overlay mounts over a layer read it with
 //! the credentials of whoever mounted them.
 //!
+//! No FUSE passthrough here: a passthrough mount counts as one more filesystem in the
+//! kernel's stack (at most two above a disk filesystem), and podman's image mounts stack
+//! two overlays on a layer (the image's, and the container's on top of it), which the
+//! kernel then refuses. Warm reads come from the cache through the daemon.
+//!
 //! Inodes: the root is 1, reference directories follow it; every layer gets the range
 //! `id << 32` (its directory, `info` and `blob` above `1 << 31`, the model's own inodes
 //! below). Layer ids are never reused, so an inode never changes meaning. Entries above
@@ -87,7 +92,6 @@ struct References {
 struct Inner {
     store: Arc<LayerStore>,
     runtime: Handle,
-    passthrough: Mutex<bool>,
     references: Mutex<References>,
     slots: Mutex<HashMap<u32, Arc<Slot>>>,
 }
@@ -99,7 +103,6 @@ impl Inner {
 
     /// The slot of `layer`, made on first sight, under reference directory `parent`.
     fn slot_for(&self, layer: Arc<StoreLayer>, parent: u64) -> Arc<Slot> {
-        let passthrough = *self.passthrough.lock().expect("passthrough lock");
         let mut slots = self.slots.lock().expect("slots lock");
         slots
             .entry(layer.id)
@@ -110,7 +113,7 @@ impl Inner {
                     self.runtime.clone(),
                     base,
                     layer_ino(layer.id, LAYER_DIR),
-                    passthrough,
+                    false,
                 );
                 Arc::new(Slot { layer, parent, fs })
             })
@@ -144,7 +147,6 @@ impl Inner {
 #[derive(Debug)]
 pub struct StoreFs {
     inner: Arc<Inner>,
-    want_passthrough: bool,
 }
 
 fn dir_attr(ino: u64) -> FileAttr {
@@ -172,17 +174,11 @@ fn attr(ino: u64, kind: FileType, perm: u16, size: u64) -> FileAttr {
 }
 
 impl StoreFs {
-    /// The filesystem of `store`, reading on `runtime`; `passthrough` asks the kernel for
-    /// FUSE passthrough of verified blobs.
-    pub fn new(store: Arc<LayerStore>, runtime: Handle, passthrough: bool) -> Self {
-        let inner = Inner {
-            store,
-            runtime,
-            passthrough: Mutex::new(false),
-            references: Mutex::new(References::default()),
-            slots: Mutex::new(HashMap::new()),
-        };
-        Self { inner: Arc::new(inner), want_passthrough: passthrough }
+    /// The filesystem of `store`, reading on `runtime`.
+    pub fn new(store: Arc<LayerStore>, runtime: Handle) -> Self {
+        let inner =
+            Inner { store, runtime, references: Mutex::new(References::default()), slots: Mutex::new(HashMap::new()) };
+        Self { inner: Arc::new(inner) }
     }
 
     /// The attributes of a control inode, if it exists.
@@ -260,7 +256,7 @@ impl StoreFs {
 
 impl Filesystem for StoreFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        *self.inner.passthrough.lock().expect("passthrough lock") = negotiate(config, self.want_passthrough);
+        negotiate(config, false);
         Ok(())
     }
 
@@ -277,7 +273,10 @@ impl Filesystem for StoreFs {
                 }
             }
             Node::Reference(ino) => {
-                let Some(path) = self.inner.path_of(ino, name) else { return reply.error(Errno::ENOENT) };
+                let Some(path) = self.inner.path_of(ino, name) else {
+                    tracing::debug!(parent = ino, ?name, "not a layer key");
+                    return reply.error(Errno::ENOENT);
+                };
                 let inner = self.inner.clone();
                 let answer = move |found: Result<Arc<StoreLayer>, crate::layerstore::StoreError>| match found {
                     Ok(layer) => {
@@ -488,12 +487,7 @@ fn log_miss(e: &crate::layerstore::StoreError) {
 
 /// Mounts the layer store at `mountpoint` (created if missing): nosuid, nodev, for root
 /// only, writable only in the ways containers/storage counts users.
-pub fn mount_store(
-    store: Arc<LayerStore>,
-    mountpoint: &Path,
-    runtime: Handle,
-    passthrough: bool,
-) -> Result<Mounted, FsError> {
+pub fn mount_store(store: Arc<LayerStore>, mountpoint: &Path, runtime: Handle) -> Result<Mounted, FsError> {
     std::fs::create_dir_all(mountpoint)
         .map_err(|source| FsError::Mount { path: mountpoint.display().to_string(), source })?;
     let options = vec![
@@ -503,5 +497,5 @@ pub fn mount_store(
         MountOption::NoDev,
         MountOption::DefaultPermissions,
     ];
-    spawn(StoreFs::new(store, runtime, passthrough), mountpoint, options, SessionACL::Owner)
+    spawn(StoreFs::new(store, runtime), mountpoint, options, SessionACL::Owner)
 }

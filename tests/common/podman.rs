@@ -140,6 +140,18 @@ impl Podman {
         podman
     }
 
+    /// After the store at `store` was mounted again (the daemon restarted): podman 5's
+    /// root binds the new mount in place of the old one, as a node's own podman or CRI-O
+    /// sees it at once. Nothing to do for podman 4, which runs on the machine itself.
+    pub fn refresh_store(&self, store: &Path) {
+        let Some(chroot) = &self.chroot else { return };
+        let inside = chroot.join(&STORE_IN_ROOT[1..]);
+        for mount in mounts_under(&inside) {
+            let _ = modelpack_snapshotter::fs::detach(&mount);
+        }
+        mount(&["--rbind"], store, &inside, "--make-rslave");
+    }
+
     /// The additional layer store as podman sees it (the path in its `--storage-opt`).
     pub fn store_path(&self) -> Option<&str> {
         self.store.as_deref()
