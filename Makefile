@@ -32,6 +32,7 @@ lint:
 bench: setup
 	$(CARGO) bench --locked --bench bench
 	$(CARGO) bench --locked --bench cri_pull
+	$(CARGO) bench --locked --bench podman_pull
 
 # Reads under thousands of injected registry faults, every byte checked (not part of
 # `make test`); SOAK_SECS (default 120) bounds it. Report: target/soak/report.md.

@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::containerd::{push_busybox_image_with, push_ordinary_image, Containerd, Flavor};
+use common::containerd::{push_bench_model, push_busybox_image_with, Containerd, Flavor};
 use common::cri::{image_volume, read_cri_log, spec, Cri};
 use common::*;
 use k8s_cri::v1 as cri;
@@ -94,20 +94,7 @@ fn main() {
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let registry = TestRegistry::start();
     let src = tmp.path().join("model");
-    let status = std::process::Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_model.py"))
-        .arg(&src)
-        .args(["--size", &size.to_string(), "--shards", "2"])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let source = format!("{}/models/bench:v1", registry.addr());
-    push_dir(&src, &source, "raw");
-    let (ok, _, err) = run_bin(&["convert", &source]);
-    assert!(ok, "{err}");
-    let companion = format!("{source}-lazy");
-    let ordinary = format!("{}/models/bench-image:v1", registry.addr());
-    push_ordinary_image(&ordinary, &src);
+    let (companion, ordinary) = push_bench_model(&src, &registry.addr(), size);
     let busybox = format!("{}/library/busybox:bench", registry.addr());
     push_busybox_image_with(&busybox, &["/bin/sh"]);
     let sandbox = format!("{}/library/sandbox:bench", registry.addr());

@@ -10,14 +10,8 @@ DEST="$ROOT/tools/containerd2"
 if [ -x "$DEST/usr/bin/containerd" ]; then
     exit 0
 fi
-# The Debian archive this machine's apt is already configured with (the one serving its
-# release itself, not the security archive): unstable is taken from the same mirror.
-MIRROR=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' 2>/dev/null |
-    awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
-if [ -z "$MIRROR" ]; then
-    echo "setup: no Debian archive found in this machine's apt sources (run apt-get update first)" >&2
-    exit 1
-fi
+# unstable comes from the Debian mirror this machine's apt already uses.
+MIRROR=$("$ROOT/scripts/debian-mirror.sh")
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/parts" "$WORK/lists/partial" "$WORK/cache/archives/partial"

@@ -11,14 +11,8 @@ DEST="$ROOT/tools/podman5"
 if [ -x "$DEST/usr/bin/podman" ]; then
     exit 0
 fi
-# The Debian archive this machine's apt is already configured with (the one serving its
-# release itself, not the security archive): trixie is taken from the same mirror.
-MIRROR=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' 2>/dev/null |
-    awk '$2 !~ /-(security|updates|backports)$/ { print $1; exit }')
-if [ -z "$MIRROR" ]; then
-    echo "setup: no Debian archive found in this machine's apt sources (run apt-get update first)" >&2
-    exit 1
-fi
+# trixie comes from the Debian mirror this machine's apt already uses.
+MIRROR=$("$ROOT/scripts/debian-mirror.sh")
 # mmdebstrap runs apt with a configuration of its own, not this machine's: pass on its date
 # checks, which a machine pointed at a frozen mirror turns off.
 set --

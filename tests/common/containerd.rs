@@ -343,3 +343,23 @@ pub fn push_ordinary_image(reference: &str, dir: &Path) {
         &layers,
     );
 }
+
+/// A benchmark's model: a generated safetensors model of `size` bytes in two shards in
+/// `dir`, pushed to the registry at `addr` as `models/bench:v1` and converted, and an
+/// ordinary image of the same bytes (`models/bench-image:v1`): (companion, ordinary).
+pub fn push_bench_model(dir: &Path, addr: &str, size: u64) -> (String, String) {
+    let status = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_model.py"))
+        .arg(dir)
+        .args(["--size", &size.to_string(), "--shards", "2"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let source = format!("{addr}/models/bench:v1");
+    super::push_dir(dir, &source, "raw");
+    let (ok, _, err) = super::run_bin(&["convert", &source]);
+    assert!(ok, "{err}");
+    let ordinary = format!("{addr}/models/bench-image:v1");
+    push_ordinary_image(&ordinary, dir);
+    (format!("{source}-lazy"), ordinary)
+}

@@ -234,6 +234,13 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
+        if !buf[0].is_ascii_uppercase() {
+            // Not HTTP: a client trying TLS first (podman with --tls-verify=false does).
+            // Refuse at once, as the registry itself would, so it falls back to plain HTTP
+            // now rather than after its handshake timeout.
+            client.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")?;
+            return Ok(());
+        }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let body_len: usize = header_value(&head, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
