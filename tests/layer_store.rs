@@ -3,14 +3,17 @@
 //! `create(<layer>/use)`, `rmdir(<layer>)`), against a real registry and a real FUSE
 //! mount: both lookup keys, ordinary images and unknown keys, use counts across a
 //! restart with the registry gone, and the attacker — forged TOC annotations and index
-//! locations, a registry that hangs, a user who is not root. `tests/podman.rs` runs the
+//! locations, a registry that lies about the index layer, a registry that hangs, a user
+//! who is not root. `tests/podman.rs` runs the
 //! real clients.
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::containerd::push_busybox_image;
+use common::liar::LyingRegistry;
 use common::proxy::FaultProxy;
 use common::*;
 use modelpack_snapshotter::layerstore::encode_reference;
@@ -207,7 +210,7 @@ async fn push_forged(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_annotations_a_hung_registry_and_other_users_get_nothing() {
+async fn forged_annotations_lying_or_hung_registries_and_other_users_get_nothing() {
     if !prerequisites(true) || !require_tools(&["setpriv"]) {
         return;
     }
@@ -217,6 +220,21 @@ async fn forged_annotations_a_hung_registry_and_other_users_get_nothing() {
     let scene = Scene::build(tmp.path(), config).await;
     let (layer, toc) = (scene.layer.digest.clone(), scene.toc());
     let other_toc = Digest::of(b"another index").to_string();
+
+    // First, while the honest index layer is not cached yet: an index location on a
+    // registry that answers the index layer's digest with other bytes of its length.
+    let mut forged_tar = scene.layer.bytes.clone();
+    let at = forged_tar.len() / 2;
+    forged_tar[at] ^= 0x01;
+    let liar = LyingRegistry::start(HashMap::from([(layer.clone(), forged_tar)]));
+    let lied = push_forged(&scene.companion, "lied", |a| {
+        a.insert(labels::INDEX.into(), format!("{}/models/m@{layer}", liar.addr()).into());
+    })
+    .await;
+    not_found(&scene.layer_dir(&lied, &toc));
+    not_found(&scene.layer_dir(&lied, &layer));
+    let refused = scene.log().lines().any(|l| l.contains(&liar.addr()) && l.contains("digest"));
+    assert!(refused, "the refusal names the lying registry and the digest: {}", scene.log());
 
     // A TOC digest that is not the digest of the index inside the layer: refused under
     // either key (containers/storage >= 1.54 would record the layer under a TOC its
