@@ -478,7 +478,10 @@ impl Filesystem for StoreFs {
 fn log_miss(e: &crate::layerstore::StoreError) {
     use crate::layerstore::StoreError;
     match e {
-        StoreError::NotCompanion { .. } | StoreError::NoSuchLayer { .. } | StoreError::BadReference { .. } => {
+        StoreError::NotCompanion { .. }
+        | StoreError::NoSuchLayer { .. }
+        | StoreError::BadReference { .. }
+        | StoreError::BadKey { .. } => {
             tracing::debug!(error = %e, "layer not in the store");
         }
         _ => tracing::warn!(error = %e, "layer lookup failed; containers/storage will download the layer"),

@@ -47,6 +47,9 @@ pub enum StoreError {
     /// The directory name is not an image reference in standard base64.
     #[error("{name:?} is not a base64-encoded image reference")]
     BadReference { name: String },
+    /// The layer name is not a digest.
+    #[error("{key:?} is not a layer digest")]
+    BadKey { key: String },
     /// The image is not a companion (an ordinary image: containers/storage pulls it).
     #[error("{reference} is not a companion image")]
     NotCompanion { reference: String },
@@ -82,9 +85,7 @@ impl LayerPath {
     /// `key`, if both are well formed. No I/O.
     pub fn parse(name: &str, key: &str) -> Result<Self, StoreError> {
         let reference = decode_reference(name)?;
-        let key = key
-            .parse::<Digest>()
-            .map_err(|_| StoreError::NoSuchLayer { reference: reference.clone(), key: Digest::of(key.as_bytes()) })?;
+        let key = key.parse::<Digest>().map_err(|_| StoreError::BadKey { key: key.to_owned() })?;
         Ok(Self { reference, key })
     }
 }
