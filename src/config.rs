@@ -123,11 +123,18 @@ pub struct LayerStoreSettings {
     /// then downloads the layer itself): a registry that does not answer holds up a pull
     /// this long, and no longer.
     pub lookup_timeout: Duration,
+    /// Layers served again at once in the background after a restart (`[models]
+    /// mount_concurrency`, shared with the snapshotter's models).
+    pub restore_concurrency: usize,
 }
 
 impl Default for LayerStoreSettings {
     fn default() -> Self {
-        Self { resolve_ttl: Duration::from_secs(60), lookup_timeout: Duration::from_secs(30) }
+        Self {
+            resolve_ttl: Duration::from_secs(60),
+            lookup_timeout: Duration::from_secs(30),
+            restore_concurrency: ModelMountSettings::default().concurrency,
+        }
     }
 }
 

@@ -248,6 +248,7 @@ impl DaemonConfig {
         let settings = LayerStoreSettings {
             resolve_ttl: Duration::from_secs(self.layer_store.resolve_ttl_secs),
             lookup_timeout: Duration::from_secs(self.layer_store.lookup_timeout_secs),
+            restore_concurrency: self.models.mount_concurrency,
         };
         Some((self.layer_store.path.clone(), settings))
     }

@@ -215,13 +215,15 @@ impl LayerStore {
     }
 
     /// Starts serving again, in the background, every layer recorded as used (after a
-    /// restart); lookups of one wait for it.
+    /// restart), `restore_concurrency` at a time; lookups of one wait for it.
     pub fn restore(self: &Arc<Self>) -> Result<usize, StoreError> {
         let records = self.records.list()?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.store.restore_concurrency));
         for record in &records {
-            let this = self.clone();
+            let (this, slots) = (self.clone(), slots.clone());
             let path = record.path();
             tokio::spawn(async move {
+                let _slot = slots.acquire().await.expect("restore slots are never closed");
                 match this.layer(&path).await {
                     Ok(_) => tracing::info!(reference = %path.reference, key = %path.key, "layer served again"),
                     Err(e) => tracing::warn!(error = %e, "cannot serve a recorded layer yet; a lookup will try again"),
