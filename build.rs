@@ -1,8 +1,13 @@
-//! Generates the containerd snapshots gRPC service from `proto/` (pure Rust: `protox`
-//! compiles the files, so no `protoc` is needed).
+//! Generates the gRPC services we serve from `proto/`: containerd's snapshots API and
+//! CSI's Identity and Node services (pure Rust: `protox` compiles the files, so no
+//! `protoc` is needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/containerd/services/snapshots/v1/snapshots.proto", "proto/containerd/types/mount.proto"];
+    let files = [
+        "proto/containerd/services/snapshots/v1/snapshots.proto",
+        "proto/containerd/types/mount.proto",
+        "proto/csi/v1/csi.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod companion;
 pub mod config;
 pub mod convert;
+pub mod csi;
 pub mod daemon;
 pub mod fs;
 pub mod layerstore;

@@ -85,8 +85,9 @@ enum Command {
         #[arg(long, default_value_t = 1 << 20)]
         chunk_size: u64,
     },
-    /// Serve containerd's snapshots API on a Unix socket and/or containers/storage's
-    /// additional layer store (CRI-O, podman) until SIGINT/SIGTERM.
+    /// Serve containerd's snapshots API on a Unix socket, containers/storage's additional
+    /// layer store (CRI-O, podman) and the CSI node plugin (kubelet), as configured, until
+    /// SIGINT/SIGTERM.
     Serve {
         /// Configuration file (TOML) [default: /etc/modelpack-snapshotter/config.toml if it exists].
         #[arg(long)]
@@ -103,9 +104,12 @@ enum Command {
         /// Mount the additional layer store here (overrides `layer_store.path`).
         #[arg(long)]
         layer_store: Option<PathBuf>,
-        /// Serve no containerd socket (the layer store alone).
+        /// Serve no containerd socket (the layer store or CSI alone).
         #[arg(long)]
         no_containerd: bool,
+        /// Serve the CSI node plugin on this socket (overrides `csi.address`).
+        #[arg(long)]
+        csi_address: Option<PathBuf>,
     },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
@@ -262,7 +266,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
-        Command::Serve { config, root, address, cache_dir, layer_store, no_containerd } => {
+        Command::Serve { config, root, address, cache_dir, layer_store, no_containerd, csi_address } => {
             let mut daemon = match config {
                 Some(path) => DaemonConfig::load(&path)?,
                 None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
@@ -272,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
             daemon.address = address.unwrap_or(daemon.address);
             daemon.cache.dir = cache_dir.unwrap_or(daemon.cache.dir);
             daemon.layer_store.path = layer_store.unwrap_or(daemon.layer_store.path);
+            daemon.csi.address = csi_address.unwrap_or(daemon.csi.address);
             if no_containerd {
                 daemon.address = PathBuf::new();
             }

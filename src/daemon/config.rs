@@ -44,6 +44,36 @@ pub struct DaemonConfig {
     pub models: ModelsConfig,
     /// containers/storage's additional layer store (CRI-O, podman).
     pub layer_store: LayerStoreConfig,
+    /// The CSI node plugin (kubelet).
+    pub csi: CsiConfig,
+}
+
+/// `[csi]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CsiConfig {
+    /// The Unix socket kubelet (through node-driver-registrar) connects to; empty serves no
+    /// CSI.
+    pub address: PathBuf,
+    /// The driver name pods ask for (`csi.driver`).
+    pub driver_name: String,
+    /// This node's id; empty means the host name.
+    pub node_id: String,
+}
+
+impl Default for CsiConfig {
+    fn default() -> Self {
+        Self { address: PathBuf::new(), driver_name: "model.csi.modelpack.org".to_owned(), node_id: String::new() }
+    }
+}
+
+/// The CSI node plugin's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsiIdentity {
+    /// The driver name.
+    pub driver_name: String,
+    /// The node id.
+    pub node_id: String,
 }
 
 /// `[layer_store]`
@@ -144,6 +174,7 @@ impl Default for DaemonConfig {
             registry: RegistryConfig::default(),
             models: ModelsConfig::default(),
             layer_store: LayerStoreConfig::default(),
+            csi: CsiConfig::default(),
         }
     }
 }
@@ -223,8 +254,17 @@ impl DaemonConfig {
         if !self.root.is_absolute() {
             return Err(invalid("root", "must be an absolute path"));
         }
-        if !self.serves_containerd() && self.layer_store().is_none() {
-            return Err(invalid("address", "is empty and no layer_store.path is set: there is nothing to serve"));
+        if !self.serves_containerd() && self.layer_store().is_none() && self.csi.address.as_os_str().is_empty() {
+            return Err(invalid(
+                "address",
+                "is empty and neither layer_store.path nor csi.address is set: there is nothing to serve",
+            ));
+        }
+        if !(self.csi.address.as_os_str().is_empty() || self.csi.address.is_absolute()) {
+            return Err(invalid("csi.address", "must be an absolute path, or empty"));
+        }
+        if self.csi.driver_name.is_empty() {
+            return Err(invalid("csi.driver_name", "must not be empty"));
         }
         if !(self.address.as_os_str().is_empty() || self.address.is_absolute()) {
             return Err(invalid("address", "must be an absolute path, or empty"));
@@ -251,6 +291,15 @@ impl DaemonConfig {
             restore_concurrency: self.models.mount_concurrency,
         };
         Some((self.layer_store.path.clone(), settings))
+    }
+
+    /// The CSI socket and identity, if CSI is served.
+    pub fn csi(&self) -> Option<(PathBuf, CsiIdentity)> {
+        if self.csi.address.as_os_str().is_empty() {
+            return None;
+        }
+        let node_id = if self.csi.node_id.is_empty() { host_name() } else { self.csi.node_id.clone() };
+        Some((self.csi.address.clone(), CsiIdentity { driver_name: self.csi.driver_name.clone(), node_id }))
     }
 
     /// The cache directory in effect.
@@ -295,6 +344,15 @@ impl DaemonConfig {
     }
 }
 
+/// This machine's host name (the kernel's), or `localhost` if it has none.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|n| n.trim().to_owned())
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +395,7 @@ mod tests {
         assert_eq!(c.models, ModelsConfig::default(), "the sample shows the defaults");
         assert_eq!(c.settings().fetch.max_unpacked_bytes, FetchSettings::default().max_unpacked_bytes);
         assert_eq!(c.layer_store, LayerStoreConfig::default(), "the sample shows the defaults");
+        assert_eq!(c.csi, CsiConfig::default(), "the sample shows the defaults");
     }
 
     #[test]

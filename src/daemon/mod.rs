@@ -14,6 +14,8 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cache::ChunkCache;
+use crate::csi::grpc::CsiGrpc;
+use crate::csi::CsiNode;
 use crate::fs;
 use crate::layerstore::LayerStore;
 use crate::snapshotter::grpc::Grpc;
@@ -106,10 +108,10 @@ fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
 
 /// Runs the daemon until `shutdown` completes.
 ///
-/// The socket is bound and the layer store mounted as soon as the state is open, before
-/// any model is mounted again: start-up does not grow with the number of models, and one
-/// model behind an unreachable registry holds up nobody. Models recorded before a
-/// restart are mounted in the background; requests about one not mounted yet wait for
+/// The sockets are bound and the layer store mounted as soon as the state is open,
+/// before any model is mounted again: start-up does not grow with the number of models,
+/// and one model behind an unreachable registry holds up nobody. Models recorded before
+/// a restart are mounted in the background; requests about one not mounted yet wait for
 /// it (bounded) or answer `Unavailable` (snapshots API) or "not found" (layer store).
 pub async fn serve(
     config: &DaemonConfig,
@@ -128,16 +130,21 @@ pub async fn serve(
     let cache = Arc::new(
         ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?,
     );
-    // Models come and go with their snapshots and layers: an unpacked layer goes with
-    // its last model.
+    // Models come and go with their snapshots, layers and volumes: an unpacked layer goes
+    // with its last model.
     cache.drop_unused_unpacked();
+    let runtime = tokio::runtime::Handle::current();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let mut servers = Vec::new();
+
     let store = match config.layer_store() {
         Some((path, store_settings)) => {
             let state = config.root.join("layer-store");
             private_dir(&state)?;
             let store = Arc::new(LayerStore::open(&state, cache.clone(), settings.clone(), store_settings)?);
-            let runtime = tokio::runtime::Handle::current();
-            let mounted = tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, runtime))?;
+            let at = runtime.clone();
+            let mounted = tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, at))?;
             let restoring = store.restore()?;
             tracing::info!(path = %path.display(), restoring, "serving the containers/storage layer store");
             println!("layer store: {}", path.display());
@@ -145,76 +152,89 @@ pub async fn serve(
         }
         None => None,
     };
-    let served = match base {
-        Some(base) => serve_containerd(config, base, cache, shutdown).await,
-        None => {
-            notify_ready();
-            shutdown.await;
-            Ok(())
+    let csi = match config.csi() {
+        Some((address, csi)) => {
+            let models = config.root.join("csi").join("models");
+            private_dir(&models)?;
+            let node = Arc::new(CsiNode::new(cache.clone(), settings.clone(), models, runtime.clone()));
+            let grpc = CsiGrpc::new(node.clone(), csi.driver_name.clone(), csi.node_id.clone());
+            let listener = bind(&address)?;
+            let router =
+                tonic::transport::Server::builder().add_service(grpc.identity_server()).add_service(grpc.node_server());
+            servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
+            tracing::info!(address = %address.display(), driver = %csi.driver_name, node = %csi.node_id, "serving CSI");
+            println!("csi: {}", address.display());
+            Some((node, address))
         }
+        None => None,
     };
-    if let Some(mounted) = store {
-        tracing::info!("unmounting the layer store");
-        tokio::task::block_in_place(|| mounted.unmount());
+    let snapshotter = match base {
+        Some(base) => {
+            let snapshotter =
+                Arc::new(RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), runtime.clone()));
+            let listener = bind(&config.address)?;
+            tokio::task::block_in_place(|| snapshotter.restore())?;
+            let router = tonic::transport::Server::builder().add_service(Grpc::new(snapshotter.clone()).into_server());
+            servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
+            tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
+            println!("serving: {}", config.address.display());
+            Some(snapshotter)
+        }
+        None => None,
+    };
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "cannot notify systemd");
     }
+
+    shutdown.await;
+    let _ = stop.send(true);
+    let mut served = Ok(());
+    for server in servers {
+        let result = server.await.unwrap_or_else(|e| panic!("a gRPC server task failed: {e}"));
+        served = served.and(result);
+    }
+    tokio::task::block_in_place(|| {
+        if let Some(snapshotter) = &snapshotter {
+            snapshotter.unmount_all();
+            let _ = std::fs::remove_file(&config.address);
+        }
+        if let Some((node, address)) = &csi {
+            node.unmount_all();
+            let _ = std::fs::remove_file(address);
+        }
+        if let Some(mounted) = store {
+            tracing::info!("unmounting the layer store");
+            mounted.unmount();
+        }
+    });
     served?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped");
     Ok(())
 }
 
-fn notify_ready() {
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-        tracing::debug!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Serves containerd's snapshots API over `base` until `shutdown` completes, then
-/// unmounts its models.
-async fn serve_containerd(
-    config: &DaemonConfig,
-    base: Snapshotter,
-    cache: Arc<ChunkCache>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
+/// Serves `router` on `listener` until `stopping` turns true. A graceful stop waits for
+/// every connection to close, and containerd and kubelet never close their own: after
+/// `grace` the server (and its connections) is dropped, so that the models are unmounted
+/// before a supervisor's SIGKILL would leave them mounted with nobody serving them.
+async fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: UnixListener,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
 ) -> Result<(), DaemonError> {
-    let snapshotter = Arc::new(RemoteSnapshotter::new(
-        base,
-        cache,
-        config.settings(),
-        config.model_mounts(),
-        tokio::runtime::Handle::current(),
-    ));
-    let listener = bind(&config.address)?;
-    tokio::task::block_in_place(|| snapshotter.restore())?;
-    tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
-    println!("serving: {}", config.address.display());
-    notify_ready();
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(Grpc::new(snapshotter.clone()).into_server())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown.await;
-            let _ = stopping.send(());
-        });
-    // A graceful stop waits for every connection to close, and containerd never closes
-    // its own: after the grace period the server (and its connections) is dropped, so
-    // that the models are unmounted before a supervisor's SIGKILL would leave them
-    // mounted with nobody serving them.
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let served = tokio::select! {
-        served = server => served,
+    let mut stopped = stopping.clone();
+    let server = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
+    tokio::select! {
+        served = server => Ok(served?),
         () = async {
-            if stopped.await.is_ok() {
-                tokio::time::sleep(grace).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
         } => {
             tracing::warn!(?grace, "clients still connected after the grace period; closing their connections");
             Ok(())
         }
-    };
-    tokio::task::block_in_place(|| snapshotter.unmount_all());
-    let _ = std::fs::remove_file(&config.address);
-    Ok(served?)
+    }
 }

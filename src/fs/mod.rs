@@ -509,11 +509,35 @@ pub fn is_mountpoint(path: &Path) -> bool {
     info.lines().any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
+/// Bind-mounts `source` at `target`, read-only, nosuid and nodev (a bind takes its flags
+/// from a remount of the bind itself).
+pub fn bind_read_only(source: &Path, target: &Path) -> std::io::Result<()> {
+    let (source, target) = (c_path(source)?, c_path(target)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the calls; null fstype and
+    // data are allowed for bind mounts and remounts.
+    unsafe {
+        if libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        if libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), flags, std::ptr::null()) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+}
+
 /// Lazily detaches a mount (`umount2(MNT_DETACH)`).
 pub fn detach(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let c = c_path(path)?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
     let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     if rc == 0 {

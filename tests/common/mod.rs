@@ -11,6 +11,7 @@ pub mod liar;
 pub mod podman;
 pub mod proxy;
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -476,12 +477,26 @@ impl SnapshotterProcess {
     /// configuration `config`, and waits until the store is mounted. What it logs goes
     /// to `<root>.log` (see [`SnapshotterProcess::log`]).
     pub fn start_layer_store(root: &Path, store: &Path, config: &Path) -> Self {
+        let args = [OsStr::new("--layer-store"), store.as_os_str()];
+        Self::start_alone(root, &args, config, || modelpack_snapshotter::fs::is_mountpoint(store))
+    }
+
+    /// Starts `serve` on `root` serving CSI alone on `socket`, with configuration
+    /// `config`, and waits until the socket accepts connections. Logs as
+    /// [`SnapshotterProcess::start_layer_store`].
+    pub fn start_csi(root: &Path, socket: &Path, config: &Path) -> Self {
+        let args = [OsStr::new("--csi-address"), socket.as_os_str()];
+        Self::start_alone(root, &args, config, || std::os::unix::net::UnixStream::connect(socket).is_ok())
+    }
+
+    /// `serve --no-containerd --root ROOT ARGS --config CONFIG`, logging to `<root>.log`,
+    /// once `ready` says so.
+    fn start_alone(root: &Path, args: &[&OsStr], config: &Path, ready: impl Fn() -> bool) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(Self::log_path(root)).unwrap();
         let child = Command::new(BIN)
             .args(["serve", "--no-containerd", "--root"])
             .arg(root)
-            .arg("--layer-store")
-            .arg(store)
+            .args(args)
             .arg("--config")
             .arg(config)
             .stdout(Stdio::null())
@@ -490,14 +505,9 @@ impl SnapshotterProcess {
             .expect("starting serve");
         let mut process = Self { child: Some(child), root: root.to_owned(), socket: PathBuf::new() };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !modelpack_snapshotter::fs::is_mountpoint(store) {
+        while !ready() {
             let exited = process.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "serve did not mount {}: {}",
-                store.display(),
-                process.log()
-            );
+            assert!(exited.is_none() && Instant::now() < deadline, "serve {args:?} did not start: {}", process.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         process
