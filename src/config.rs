@@ -18,6 +18,9 @@ pub struct RegistrySettings {
     pub retries: u32,
     /// Delay before the first retry; it doubles with every further retry.
     pub backoff: Duration,
+    /// Where credentials come from; `None`: Docker's configuration of this process's
+    /// environment. A CSI volume's pull secret sets it for that volume's model alone.
+    pub credentials: Option<crate::registry::credentials::CredentialStore>,
 }
 
 impl Default for RegistrySettings {
@@ -27,6 +30,7 @@ impl Default for RegistrySettings {
             request_timeout: Duration::from_secs(60),
             retries: 3,
             backoff: Duration::from_millis(100),
+            credentials: None,
         }
     }
 }

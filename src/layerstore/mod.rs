@@ -66,8 +66,8 @@ pub enum StoreError {
     #[error("{reference}: no answer within {secs} s")]
     Timeout { reference: String, secs: u64 },
     /// The durable records failed.
-    #[error("layer store records: {what}: {detail}")]
-    Records { what: &'static str, detail: String },
+    #[error(transparent)]
+    Records(#[from] crate::metadata::records::RecordsError),
 }
 
 /// Where containers/storage looks a layer up: an image reference and a key.

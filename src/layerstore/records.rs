@@ -1,17 +1,15 @@
 //! The layer store's durable records: which layers containers/storage uses, and how
 //! many times, so that a restart serves the same paths again and releases stay
-//! balanced. One redb table, one write transaction per change.
+//! balanced. One [`metadata::records`] table, one write transaction per change.
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{LayerPath, StoreError};
 use crate::companion::IndexLayer;
+use crate::metadata;
 use crate::modelpack::Digest;
-
-const LAYERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("layers");
 
 /// A layer in use, as recorded: what to serve it from again without asking the
 /// registry (every field was checked when the layer was first looked up).
@@ -71,72 +69,40 @@ fn table_key(path: &LayerPath) -> String {
 
 /// The records file.
 #[derive(Debug)]
-pub struct Records {
-    db: Database,
-}
+pub struct Records(metadata::records::Records);
 
-fn store_err<E: Into<redb::Error>>(what: &'static str) -> impl FnOnce(E) -> StoreError {
-    move |e| StoreError::Records { what, detail: e.into().to_string() }
+fn store_err(e: metadata::records::RecordsError) -> StoreError {
+    StoreError::Records(e)
 }
 
 impl Records {
     /// Opens (or creates, readable by its owner only) the records at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        crate::metadata::make_private(path)
-            .map_err(|e| StoreError::Records { what: "securing the records file", detail: e.to_string() })?;
-        let db = Database::create(path).map_err(store_err("opening the records"))?;
-        let txn = db.begin_write().map_err(store_err("opening the records"))?;
-        txn.open_table(LAYERS).map_err(store_err("opening the records"))?;
-        txn.commit().map_err(store_err("opening the records"))?;
-        Ok(Self { db })
+        metadata::records::Records::open(path, "layers").map(Self).map_err(store_err)
     }
 
     /// Every record.
     pub fn list(&self) -> Result<Vec<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(store_err("reading the records"))?;
-        let table = txn.open_table(LAYERS).map_err(store_err("reading the records"))?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(store_err("reading the records"))? {
-            let (key, value) = row.map_err(store_err("reading the records"))?;
-            match serde_json::from_slice::<Record>(value.value()) {
-                Ok(record) => out.push(record),
-                Err(e) => tracing::error!(record = key.value(), error = %e, "unreadable layer store record; skipped"),
-            }
-        }
-        Ok(out)
+        self.0.list().map_err(store_err)
     }
 
     /// The record of `path`, if any.
     pub fn get(&self, path: &LayerPath) -> Result<Option<Record>, StoreError> {
-        let txn = self.db.begin_read().map_err(store_err("reading the records"))?;
-        let table = txn.open_table(LAYERS).map_err(store_err("reading the records"))?;
-        let value = table.get(table_key(path).as_str()).map_err(store_err("reading the records"))?;
-        Ok(value.and_then(|v| serde_json::from_slice(v.value()).ok()))
+        self.0.get(&table_key(path)).map_err(store_err)
     }
 
     /// Changes the use count of `path` by `change` in one transaction (creating its
     /// record from `fresh` when there is none, removing it at zero); returns the new
     /// count. A release of a layer nobody uses stays at zero.
     pub fn count(&self, path: &LayerPath, fresh: impl FnOnce() -> Record, change: i64) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write().map_err(store_err("writing the records"))?;
-        let uses = {
-            let mut table = txn.open_table(LAYERS).map_err(store_err("writing the records"))?;
-            let key = table_key(path);
-            let found = table.get(key.as_str()).map_err(store_err("writing the records"))?.map(|v| v.value().to_vec());
-            let mut record = match found.and_then(|v| serde_json::from_slice::<Record>(&v).ok()) {
-                Some(record) => record,
-                None => fresh(),
-            };
-            record.uses = record.uses.saturating_add_signed(change);
-            if record.uses == 0 {
-                table.remove(key.as_str()).map_err(store_err("writing the records"))?;
-            } else {
-                let json = serde_json::to_vec(&record).expect("records serialize");
-                table.insert(key.as_str(), json.as_slice()).map_err(store_err("writing the records"))?;
-            }
-            record.uses
-        };
-        txn.commit().map_err(store_err("writing the records"))?;
-        Ok(uses)
+        let updated = self
+            .0
+            .update(&table_key(path), |old: Option<Record>| {
+                let mut record = old.unwrap_or_else(fresh);
+                record.uses = record.uses.saturating_add_signed(change);
+                (record.uses > 0).then_some(record)
+            })
+            .map_err(store_err)?;
+        Ok(updated.map_or(0, |r| r.uses))
     }
 }

@@ -35,6 +35,7 @@
 //! (a write waits for `fsync`), so async callers run it on a blocking thread.
 
 mod labels;
+pub mod records;
 #[cfg(test)]
 mod tests;
 

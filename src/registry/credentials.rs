@@ -61,6 +61,8 @@ pub enum CredentialError {
 pub enum CredentialSource {
     /// No credentials anywhere: requests go anonymously.
     Anonymous,
+    /// A pull secret handed over with a request (a CSI volume's `secrets`).
+    PullSecret,
     /// The `auths` entry of this `config.json`.
     File(PathBuf),
     /// This program (`docker-credential-<name>`).
@@ -71,6 +73,7 @@ impl std::fmt::Display for CredentialSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Anonymous => f.write_str("anonymous"),
+            Self::PullSecret => f.write_str("the request's pull secret"),
             Self::File(path) => write!(f, "file {}", path.display()),
             Self::Helper(program) => write!(f, "credential helper {program}"),
         }
@@ -111,13 +114,25 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Where credentials are looked up: Docker's configuration directory and the directories
-/// searched for helpers.
+/// Where credentials are looked up: a pull secret held in memory, if any, then Docker's
+/// configuration directory and the directories searched for helpers.
 #[derive(Debug, Clone)]
 pub struct CredentialStore {
+    pull_secret: Option<PullSecret>,
     config_dir: Option<PathBuf>,
     search_path: Option<OsString>,
     helper_timeout: Duration,
+}
+
+/// A `.dockerconfigjson` (a Kubernetes pull secret's content), kept in memory only.
+/// `Debug` shows nothing of it.
+#[derive(Clone)]
+struct PullSecret(std::sync::Arc<Vec<u8>>);
+
+impl std::fmt::Debug for PullSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PullSecret(..)")
+    }
 }
 
 /// A helper's answer (`docker-credential-* get`).
@@ -141,11 +156,44 @@ impl CredentialStore {
     /// A store reading `config_dir/config.json` and running helpers found in
     /// `search_path` (a `PATH`-style list).
     pub fn new(config_dir: Option<PathBuf>, search_path: Option<OsString>, helper_timeout: Duration) -> Self {
-        Self { config_dir, search_path, helper_timeout }
+        Self { pull_secret: None, config_dir, search_path, helper_timeout }
+    }
+
+    /// This store with `docker_config_json` (a `.dockerconfigjson`: `{"auths": {...}}`, as
+    /// a Kubernetes pull secret holds) consulted first: its `auths` entry for a registry
+    /// wins; registries it does not name are looked up as before. Fails, naming no
+    /// secret, if it is not a Docker configuration.
+    pub fn with_pull_secret(mut self, docker_config_json: Vec<u8>) -> Result<Self, CredentialError> {
+        let parsed: Result<serde_json::Map<String, serde_json::Value>, _> = serde_json::from_slice(&docker_config_json);
+        if !parsed.is_ok_and(|config| config.get("auths").is_some_and(serde_json::Value::is_object)) {
+            return Err(CredentialError::Parse { path: "the pull secret's .dockerconfigjson".to_owned() });
+        }
+        self.pull_secret = Some(PullSecret(std::sync::Arc::new(docker_config_json)));
+        Ok(self)
     }
 
     /// The credentials for `registry` (`host[:port]`), reading the configuration anew.
     pub fn get(&self, registry: &str) -> Result<Credentials, CredentialError> {
+        if let Some(PullSecret(json)) = &self.pull_secret {
+            use docker_credential::{CredentialRetrievalError as E, DockerCredential as D};
+            match docker_credential::get_credential_from_reader(&json[..], registry) {
+                Ok(found) => {
+                    let auth = match found {
+                        D::UsernamePassword(user, password) => RegistryAuth::Basic(user, password),
+                        D::IdentityToken(token) => RegistryAuth::Bearer(token),
+                    };
+                    return Ok(Credentials { auth, source: CredentialSource::PullSecret });
+                }
+                Err(E::NoCredentialConfigured) => {}
+                Err(e) => {
+                    return Err(CredentialError::Decode {
+                        path: "the pull secret".to_owned(),
+                        registry: registry.to_owned(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
         let Some(dir) = &self.config_dir else { return Ok(Credentials::anonymous()) };
         let path = dir.join("config.json");
         let shown = || path.display().to_string();

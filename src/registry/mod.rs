@@ -147,11 +147,11 @@ fn new_client(registry: &str, settings: &RegistrySettings) -> Client {
 }
 
 impl Registry {
-    /// A client for `reference`'s repository, with credentials from Docker's
-    /// configuration. A credential helper gets as long as one request
+    /// A client for `reference`'s repository, with credentials from `settings`' store,
+    /// else from Docker's configuration. A credential helper gets as long as one request
     /// (`request_timeout`) to answer.
     pub fn new(reference: Reference, settings: RegistrySettings) -> Self {
-        let store = CredentialStore::from_env(settings.request_timeout);
+        let store = settings.credentials.clone().unwrap_or_else(|| CredentialStore::from_env(settings.request_timeout));
         Self::with_credentials(reference, settings, store)
     }
 
