@@ -93,6 +93,8 @@ pub struct Settings {
     pub registry: RegistrySettings,
     /// Chunking, caching and read-ahead.
     pub fetch: FetchSettings,
+    /// Which files of the model are served (a CSI volume's exclusions); all by default.
+    pub selection: crate::modelpack::select::Selection,
 }
 
 /// How the snapshotter keeps its model snapshots mounted.

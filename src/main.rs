@@ -11,6 +11,7 @@ use modelpack_snapshotter::cache::ChunkCache;
 use modelpack_snapshotter::config::{FetchSettings, RegistrySettings, Settings};
 use modelpack_snapshotter::daemon::{self, DaemonConfig};
 use modelpack_snapshotter::model::Model;
+use modelpack_snapshotter::modelpack::select::Selection;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
 use modelpack_snapshotter::{convert, fs};
@@ -251,7 +252,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { reference, cache } => {
-            let settings = Settings { registry: registry_settings, fetch: cache.fetch()? };
+            let settings = Settings { registry: registry_settings, fetch: cache.fetch()?, selection: Selection::all() };
             let model = runtime.block_on(Model::open(&reference, &settings, cache.open()?))?;
             print_inspect(&model);
             Ok(())
@@ -261,7 +262,8 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => t,
                 None => convert::default_target(&source)?,
             };
-            let settings = Settings { registry: registry_settings, fetch: FetchSettings::default() };
+            let settings =
+                Settings { registry: registry_settings, fetch: FetchSettings::default(), selection: Selection::all() };
             let done = runtime.block_on(convert::convert(&source, &target, chunk_size, &settings))?;
             println!("{}@{}", done.target, done.digest);
             Ok(())
@@ -286,7 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Mount { reference, mountpoint, cache, prefetch } => {
-            let settings = Settings { registry: registry_settings, fetch: cache.fetch()? };
+            let settings = Settings { registry: registry_settings, fetch: cache.fetch()?, selection: Selection::all() };
             runtime.block_on(mount(&reference, &mountpoint, &settings, cache.open()?, prefetch))
         }
     }

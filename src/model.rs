@@ -30,6 +30,7 @@ use crate::modelpack::index::VerifiedIndex;
 use crate::modelpack::labels::Pinned;
 use crate::modelpack::manifest::{self, ManifestError, ModelArtifact, ModelLayer};
 use crate::modelpack::media::LayerFormat;
+use crate::modelpack::select::Selection;
 use crate::modelpack::tar_index::{self, TarError, BLOCK_SIZE, MAX_EXTENSION_BYTES};
 use crate::modelpack::tree::{Tree, TreeBuilder, TreeError};
 use crate::modelpack::Digest;
@@ -119,6 +120,8 @@ pub struct Model {
     pub store: Arc<BlobStore>,
     /// True when the manifest came from the cache because the registry was unreachable.
     pub offline: bool,
+    /// Which files are served (the others are left out of the tree).
+    pub selection: Selection,
     /// Holds the unpacked copies of compressed layers while the model lives.
     _unpacked: Vec<UnpackedLease>,
 }
@@ -213,6 +216,11 @@ impl Model {
         let mut leases = Vec::new();
         for layer in &artifact.layers {
             let blob = BlobInfo { digest: layer.digest, size: layer.size };
+            if !settings.selection.keeps(layer) {
+                // Left out of the tree, so never read; kept in place to keep indices.
+                layers.push(LayerData::Remote(blob));
+                continue;
+            }
             let tree_err = |source| ModelError::Tree { reference: reference.to_owned(), source };
             match layer.media_type.format {
                 LayerFormat::Raw => {
@@ -260,15 +268,18 @@ impl Model {
             layers,
             store,
             offline,
+            selection: settings.selection.clone(),
             _unpacked: leases,
         })
     }
 
-    /// The remote blobs of the model, for prefetch.
+    /// The remote blobs of the files served, for prefetch.
     pub fn remote_blobs(&self) -> Vec<BlobInfo> {
         self.layers
             .iter()
-            .filter_map(|l| match l {
+            .zip(&self.artifact.layers)
+            .filter(|(_, layer)| self.selection.keeps(layer))
+            .filter_map(|(l, _)| match l {
                 LayerData::Remote(b) => Some(*b),
                 LayerData::Local(_) => None,
             })

@@ -23,7 +23,9 @@ struct Scene {
     src: PathBuf,
     plain: String,
     companion: String,
-    serve: SnapshotterProcess,
+    serve: Option<SnapshotterProcess>,
+    root: PathBuf,
+    config: PathBuf,
     socket: PathBuf,
     targets: PathBuf,
 }
@@ -40,9 +42,22 @@ impl Scene {
         assert!(ok, "{stderr}");
         let socket = tmp.join("plugin/csi.sock");
         let config = write_config(&tmp.join("etc"), config);
-        let serve = SnapshotterProcess::start_csi(&tmp.join("root"), &socket, &config);
+        let root = tmp.join("root");
+        let serve = Some(SnapshotterProcess::start_csi(&root, &socket, &config));
         let targets = tmp.join("root/pods");
-        Self { _registry: registry, proxy, src, companion: format!("{plain}-lazy"), plain, serve, socket, targets }
+        let companion = format!("{plain}-lazy");
+        Self { _registry: registry, proxy, src, plain, companion, serve, root, config, socket, targets }
+    }
+
+    fn log(&self) -> String {
+        self.serve.as_ref().unwrap().log()
+    }
+
+    /// Stops the daemon and starts it again (dropped first: a stopped process's drop
+    /// detaches what is mounted under its root).
+    fn restart(&mut self) {
+        drop(self.serve.take());
+        self.serve = Some(SnapshotterProcess::start_csi(&self.root, &self.socket, &self.config));
     }
 
     async fn node(&self) -> NodeClient {
@@ -174,7 +189,7 @@ async fn a_model_is_published_lazily_once_for_every_volume() {
     node.node_publish_volume(publish("vol-c", &c, &[("modelRef", &scene.companion)])).await.unwrap();
     assert_same_tree(&scene.src, &c);
     node.node_unpublish_volume(unpublish("vol-c", &c)).await.unwrap();
-    assert!(scene.serve.log().contains("volume published"), "{}", scene.serve.log());
+    assert!(scene.log().contains("volume published"), "{}", scene.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,4 +246,123 @@ async fn errors_are_the_codes_the_specification_gives() {
     // The daemon serves the next request as usual.
     node.node_publish_volume(publish("v", &target, &model)).await.unwrap();
     node.node_unpublish_volume(unpublish("v", &target)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusions_hide_files_and_volumes_come_back_after_a_restart() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut scene = Scene::build(tmp.path(), "");
+    let mut node = scene.node().await;
+    let listed = |dir: &Path| -> Vec<String> { read_tree(dir).into_keys().collect() };
+
+    // Weights left out; then by pattern, the last match deciding.
+    let a = scene.target("no-weights");
+    let attributes = [("modelRef", scene.plain.as_str()), ("model.csi.modelpack.org/exclude-model-weights", "true")];
+    node.node_publish_volume(publish("a", &a, &attributes)).await.unwrap();
+    let served = listed(&a);
+    assert!(served.iter().all(|p| !p.ends_with(".safetensors")), "{served:?}");
+    assert!(served.contains(&"config.json".to_owned()), "{served:?}");
+    let b = scene.target("patterns");
+    let patterns = r#"["*.json", "!config.json", "*.md"]"#;
+    let attributes = [("modelRef", scene.plain.as_str()), ("model.csi.modelpack.org/exclude-file-patterns", patterns)];
+    node.node_publish_volume(publish("b", &b, &attributes)).await.unwrap();
+    let mut expected: Vec<String> = listed(&scene.src)
+        .into_iter()
+        .filter(|p| p == "config.json" || !(p.ends_with(".json") || p.ends_with(".md")))
+        .collect();
+    expected.sort();
+    assert_eq!(listed(&b), expected);
+    // Exclusions that are malformed, or that leave nothing.
+    for (key, value) in [
+        ("model.csi.modelpack.org/exclude-model-weights", "yes"),
+        ("model.csi.modelpack.org/exclude-file-patterns", "*.json"),
+        ("model.csi.modelpack.org/exclude-file-patterns", r#"["*"]"#),
+    ] {
+        let attributes = [("modelRef", scene.plain.as_str()), (key, value)];
+        let e = node.node_publish_volume(publish("c", &scene.target("c"), &attributes)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key}={value}: {e:?}");
+    }
+
+    // The daemon restarts: both volumes are published again at their targets.
+    scene.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while mount_options(&b).is_none() || std::fs::read_dir(&b).is_err() {
+        assert!(std::time::Instant::now() < deadline, "not published again: {}", scene.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(listed(&b), expected);
+    let served = listed(&a);
+    assert!(served.iter().all(|p| !p.ends_with(".safetensors")) && !served.is_empty(), "{served:?}");
+    let mut node = scene.node().await;
+    node.node_unpublish_volume(unpublish("a", &a)).await.unwrap();
+    node.node_unpublish_volume(unpublish("b", &b)).await.unwrap();
+    assert!(mount_options(&a).is_none() && mount_options(&b).is_none());
+    // Unpublished volumes stay unpublished across the next restart.
+    scene.restart();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!a.exists() && !b.exists(), "{}", scene.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_secret_opens_a_private_model_and_is_never_shown() {
+    if !prerequisites(true) || !require_tools(&["htpasswd"]) {
+        return;
+    }
+    use base64::Engine;
+    const PASSWORD: &str = "csi-Secret-4b1d";
+    let tmp = tempfile::tempdir().unwrap();
+    let htpasswd = tmp.path().join("htpasswd");
+    let out = std::process::Command::new("htpasswd").args(["-nbB", "-C", "4", "carol", PASSWORD]).output().unwrap();
+    std::fs::write(&htpasswd, out.stdout).unwrap();
+    let registry = TestRegistry::start_with_htpasswd(&htpasswd);
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("carol:{PASSWORD}"));
+    let docker_config = format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr());
+    let docker = tmp.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(docker.join("config.json"), &docker_config).unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 2 << 20);
+    let reference = format!("{}/models/private:v1", registry.addr());
+    let (ok, _, stderr) =
+        run_bin_env(&["push", src.to_str().unwrap(), &reference], &[("DOCKER_CONFIG", docker.as_os_str())]);
+    assert!(ok, "{stderr}");
+
+    let socket = tmp.path().join("plugin/csi.sock");
+    let config = write_config(&tmp.path().join("etc"), "log_level = \"modelpack_snapshotter=debug\"\n");
+    let serve = SnapshotterProcess::start_csi(&tmp.path().join("root"), &socket, &config);
+    let mut node = NodeClient::new(unix_channel(&socket).await);
+    let target = tmp.path().join("root/pods/private/mount");
+    let model = [("modelRef", reference.as_str())];
+
+    // Without the pod's secret the registry refuses the node.
+    let e = node.node_publish_volume(publish("p", &target, &model)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // With it, the model is served.
+    let mut request = publish("p", &target, &model);
+    request.secrets.insert(".dockerconfigjson".into(), docker_config.clone());
+    node.node_publish_volume(request).await.unwrap();
+    assert_same_tree(&src, &target);
+    // A second pod naming the same model without the secret does not share the first
+    // one's mount: the registry refuses it.
+    let other = tmp.path().join("root/pods/other/mount");
+    let e = node.node_publish_volume(publish("q", &other, &model)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A secret that is not a Docker configuration is refused as such.
+    let mut request = publish("r", &other, &model);
+    request.secrets.insert(".dockerconfigjson".into(), "not json".into());
+    let e = node.node_publish_volume(request).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(!e.message().contains("not json"), "{}", e.message());
+    node.node_unpublish_volume(unpublish("p", &target)).await.unwrap();
+
+    let log = serve.log();
+    assert!(log.contains("the request's pull secret"), "{log}");
+    for secret in [PASSWORD, &auth, &docker_config] {
+        assert!(!log.contains(secret), "the log shows the secret");
+    }
+    let state = std::fs::read(tmp.path().join("root/csi/volumes.redb")).unwrap_or_default();
+    assert!(!state.windows(auth.len()).any(|w| w == auth.as_bytes()), "the secret reached the disk");
 }

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::proto::v1 as csi;
-use super::{CsiError, CsiNode, Publish};
+use super::{CsiError, CsiNode, Exclusions, Publish, PullSecret};
 use crate::model::ModelError;
 use crate::registry::RegistryError;
 
@@ -28,7 +29,7 @@ pub fn status_of(e: &CsiError) -> Status {
             ModelError::Manifest { .. } | ModelError::Companion { .. } => Status::failed_precondition(message),
             _ => Status::internal(message),
         },
-        CsiError::Mount { .. } => Status::internal(message),
+        CsiError::Mount { .. } | CsiError::Records(_) => Status::internal(message),
     }
 }
 
@@ -37,7 +38,7 @@ fn invalid(message: impl Into<String>) -> Status {
 }
 
 /// Checks a publish request the way the CSI specification asks, and parses it.
-fn parse_publish(request: &csi::NodePublishVolumeRequest) -> Result<Publish, Status> {
+fn parse_publish(request: &csi::NodePublishVolumeRequest, helper_timeout: Duration) -> Result<Publish, Status> {
     if request.volume_id.is_empty() {
         return Err(invalid("volume_id is missing"));
     }
@@ -73,7 +74,10 @@ fn parse_publish(request: &csi::NodePublishVolumeRequest) -> Result<Publish, Sta
         Mode::Unknown => return Err(invalid("volume_capability has no access mode")),
     }
     let reference = Publish::reference_of(&request.volume_context).map_err(|e| status_of(&e))?;
-    Ok(Publish { volume_id: request.volume_id.clone(), target, reference })
+    let exclusions = Exclusions::of(&request.volume_context);
+    let selection = exclusions.selection().map_err(|e| status_of(&e))?;
+    let pull_secret = PullSecret::of(&request.secrets, helper_timeout).map_err(|e| status_of(&e))?;
+    Ok(Publish { volume_id: request.volume_id.clone(), target, reference, selection, exclusions, pull_secret })
 }
 
 /// CSI's Identity and Node services over one [`CsiNode`].
@@ -82,12 +86,15 @@ pub struct CsiGrpc {
     node: Arc<CsiNode>,
     driver_name: String,
     node_id: String,
+    /// How long a credential helper of the node's Docker configuration may take.
+    helper_timeout: Duration,
 }
 
 impl CsiGrpc {
-    /// The services of `node`, answering as `driver_name` on node `node_id`.
-    pub fn new(node: Arc<CsiNode>, driver_name: String, node_id: String) -> Self {
-        Self { node, driver_name, node_id }
+    /// The services of `node`, answering as `driver_name` on node `node_id`; a credential
+    /// helper gets `helper_timeout` to answer.
+    pub fn new(node: Arc<CsiNode>, driver_name: String, node_id: String, helper_timeout: Duration) -> Self {
+        Self { node, driver_name, node_id, helper_timeout }
     }
 
     /// The Identity service, for a tonic server.
@@ -133,7 +140,7 @@ impl csi::node_server::Node for CsiGrpc {
         &self,
         request: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        let publish = parse_publish(request.get_ref())?;
+        let publish = parse_publish(request.get_ref(), self.helper_timeout)?;
         self.node.publish(&publish).await.map_err(|e| {
             tracing::warn!(volume = %publish.volume_id, error = %e, "cannot publish a volume");
             status_of(&e)

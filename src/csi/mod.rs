@@ -9,9 +9,12 @@
 //! unpublish unmounts it. Publishing is idempotent: the same volume at the same target
 //! with the same model succeeds again without a second mount.
 //!
-//! Not built yet (docs/csi.md): pull secrets from the request, exclusions, finding a
-//! plain artifact's companion through the referrers API, and publishing volumes again
-//! after a daemon restart.
+//! A volume's pull secret (the request's `secrets`) is used for its model's registry
+//! alone and kept in memory only; a model opened with one is shared only with volumes
+//! holding the same secret. Exclusions (`exclude-model-weights`,
+//! `exclude-file-patterns`) leave files out of the model's tree. Published volumes are
+//! recorded (`<root>/csi/volumes.redb`, without secrets) and published again after a
+//! restart.
 
 pub mod grpc;
 pub mod proto;
@@ -19,14 +22,20 @@ pub mod proto;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
+
+use serde::{Deserialize, Serialize};
 
 use crate::cache::ChunkCache;
 use crate::config::Settings;
 use crate::fs::{self, Mounted};
+use crate::metadata::records::{Records, RecordsError};
 use crate::model::{Model, ModelError};
+use crate::modelpack::select::Selection;
 use crate::modelpack::Digest;
+use crate::registry::credentials::CredentialStore;
 
 /// The volume attributes naming the model: the Model CSI driver's key, and the one the
 /// ModelPack getting-started guide writes. Either may be used; both must then agree.
@@ -44,13 +53,23 @@ pub enum CsiError {
     /// A mount failed.
     #[error("mounting {what} at {path}: {source}")]
     Mount { what: &'static str, path: String, source: std::io::Error },
+    /// The volume records failed.
+    #[error(transparent)]
+    Records(#[from] RecordsError),
     /// The volume is already published at this target with another model.
     #[error("volume {volume} is already published at {target} with {published}, not {requested}")]
     AlreadyExists { volume: String, target: String, published: String, requested: String },
 }
 
+/// The volume attribute excluding weight files (`true`/`false`).
+pub const EXCLUDE_WEIGHTS_KEY: &str = "model.csi.modelpack.org/exclude-model-weights";
+/// The volume attribute excluding files by pattern (a JSON array).
+pub const EXCLUDE_PATTERNS_KEY: &str = "model.csi.modelpack.org/exclude-file-patterns";
+/// The key of a Kubernetes pull secret's content among a request's `secrets`.
+pub const PULL_SECRET_KEY: &str = ".dockerconfigjson";
+
 /// A publish request, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Publish {
     /// The volume's id (kubelet makes one per pod and volume for inline volumes).
     pub volume_id: String,
@@ -58,6 +77,89 @@ pub struct Publish {
     pub target: PathBuf,
     /// The model's reference.
     pub reference: String,
+    /// Which files are served.
+    pub selection: Selection,
+    /// The exclusion attributes as given (recorded for a restart).
+    pub exclusions: Exclusions,
+    /// The volume's pull secret, if the pod names one.
+    pub pull_secret: Option<PullSecret>,
+}
+
+/// A volume's exclusion attributes, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusions {
+    /// `exclude-model-weights`.
+    pub weights: Option<String>,
+    /// `exclude-file-patterns`.
+    pub patterns: Option<String>,
+}
+
+impl Exclusions {
+    /// The exclusion attributes among `attributes`.
+    pub fn of(attributes: &HashMap<String, String>) -> Self {
+        Self {
+            weights: attributes.get(EXCLUDE_WEIGHTS_KEY).cloned(),
+            patterns: attributes.get(EXCLUDE_PATTERNS_KEY).cloned(),
+        }
+    }
+
+    /// What they select.
+    pub fn selection(&self) -> Result<Selection, CsiError> {
+        Selection::parse(self.weights.as_deref(), self.patterns.as_deref())
+            .map_err(|e| CsiError::InvalidArgument(e.to_string()))
+    }
+}
+
+/// A pull secret: the credentials it holds, and its digest (which tells secrets apart
+/// in memory; the secret itself is never logged or written).
+#[derive(Debug, Clone)]
+pub struct PullSecret {
+    credentials: CredentialStore,
+    digest: Digest,
+}
+
+impl PullSecret {
+    /// The pull secret in a request's `secrets`, if there is one: `.dockerconfigjson`, on
+    /// top of the node's own Docker configuration for registries it does not name.
+    pub fn of(secrets: &HashMap<String, String>, helper_timeout: Duration) -> Result<Option<Self>, CsiError> {
+        let Some(json) = secrets.get(PULL_SECRET_KEY) else { return Ok(None) };
+        let digest = Digest::of(json.as_bytes());
+        let credentials = CredentialStore::from_env(helper_timeout)
+            .with_pull_secret(json.as_bytes().to_vec())
+            .map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+        Ok(Some(Self { credentials, digest }))
+    }
+}
+
+/// What a model mount is shared by: the same reference, files and credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ModelKey {
+    reference: String,
+    selection: Selection,
+    secret: Option<Digest>,
+}
+
+impl ModelKey {
+    fn of(request: &Publish) -> Self {
+        Self {
+            reference: request.reference.clone(),
+            selection: request.selection.clone(),
+            secret: request.pull_secret.as_ref().map(|s| s.digest),
+        }
+    }
+}
+
+/// A published volume as recorded for a restart (no secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VolumeRecord {
+    volume_id: String,
+    target: PathBuf,
+    reference: String,
+    exclusions: Exclusions,
+}
+
+fn record_key(volume_id: &str, target: &Path) -> String {
+    serde_json::to_string(&(volume_id, target)).expect("keys serialize")
 }
 
 impl Publish {
@@ -92,10 +194,12 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    /// (volume id, target) → reference.
-    volumes: HashMap<(String, PathBuf), String>,
-    /// Reference → its mount.
-    models: HashMap<String, Shared>,
+    /// (volume id, target) → the model it publishes.
+    volumes: HashMap<(String, PathBuf), ModelKey>,
+    /// Its mount, by what shares it.
+    models: HashMap<ModelKey, Shared>,
+    /// Names the next model's mount directory.
+    next_dir: u64,
 }
 
 /// The CSI node plugin's volumes.
@@ -104,6 +208,7 @@ pub struct CsiNode {
     cache: Arc<ChunkCache>,
     settings: Settings,
     models_dir: PathBuf,
+    records: Records,
     runtime: Handle,
     /// Calls run one at a time: publishing is rare, and a second publish of a model must
     /// find the first one's mount.
@@ -111,22 +216,71 @@ pub struct CsiNode {
 }
 
 impl CsiNode {
-    /// Volumes whose models are mounted under `models_dir` (a private directory), read
-    /// through `cache` on `runtime`.
-    pub fn new(cache: Arc<ChunkCache>, settings: Settings, models_dir: PathBuf, runtime: Handle) -> Self {
-        Self { cache, settings, models_dir, runtime, state: tokio::sync::Mutex::new(State::default()) }
+    /// Volumes whose models are mounted under `<dir>/models` and recorded in
+    /// `<dir>/volumes.redb` (`dir` a private directory), read through `cache` on `runtime`.
+    /// Mounts an earlier process left under `models` are detached.
+    pub fn open(dir: &Path, cache: Arc<ChunkCache>, settings: Settings, runtime: Handle) -> Result<Self, CsiError> {
+        let models_dir = dir.join("models");
+        let io = |e| mount_err("the models' directory", &models_dir, e);
+        std::fs::create_dir_all(&models_dir).map_err(io)?;
+        for entry in std::fs::read_dir(&models_dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if fs::is_mountpoint(&path) {
+                tracing::info!(path = %path.display(), "detaching a model mount an earlier process left");
+                let _ = fs::detach(&path);
+            }
+            let _ = std::fs::remove_dir(&path);
+        }
+        let records = Records::open(&dir.join("volumes.redb"), "volumes")?;
+        let state = tokio::sync::Mutex::new(State::default());
+        Ok(Self { cache, settings, models_dir, records, runtime, state })
     }
 
-    /// Publishes `request`: its model mounted (once) and bound at its target.
+    /// Publishes again, in the background, every volume recorded as published (after a
+    /// restart), with the node's credentials: a pull secret is not kept, so a model only
+    /// its secret could open waits for the cache or for kubelet to publish it again.
+    pub fn restore(self: &Arc<Self>) -> Result<usize, CsiError> {
+        let records: Vec<VolumeRecord> = self.records.list()?;
+        let count = records.len();
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            for record in records {
+                let selection = match record.exclusions.selection() {
+                    Ok(selection) => selection,
+                    Err(e) => {
+                        tracing::error!(volume = %record.volume_id, error = %e, "unreadable volume record");
+                        continue;
+                    }
+                };
+                let request = Publish {
+                    volume_id: record.volume_id.clone(),
+                    target: record.target.clone(),
+                    reference: record.reference.clone(),
+                    selection,
+                    exclusions: record.exclusions.clone(),
+                    pull_secret: None,
+                };
+                match this.publish(&request).await {
+                    Ok(()) => tracing::info!(volume = %record.volume_id, target = %record.target.display(), "volume published again"),
+                    Err(e) => tracing::warn!(volume = %record.volume_id, error = %e, "cannot publish a recorded volume again"),
+                }
+            }
+        });
+        Ok(count)
+    }
+
+    /// Publishes `request`: its model mounted (once) and bound at its target, and
+    /// recorded for a restart.
     pub async fn publish(&self, request: &Publish) -> Result<(), CsiError> {
         let mut state = self.state.lock().await;
         let key = (request.volume_id.clone(), request.target.clone());
+        let model = ModelKey::of(request);
         if let Some(published) = state.volumes.get(&key) {
-            if *published != request.reference {
+            if *published != model {
                 return Err(CsiError::AlreadyExists {
                     volume: request.volume_id.clone(),
                     target: request.target.display().to_string(),
-                    published: published.clone(),
+                    published: published.reference.clone(),
                     requested: request.reference.clone(),
                 });
             }
@@ -135,13 +289,15 @@ impl CsiNode {
             }
             // The bind went away under us: bind it again below, counting it once.
             state.volumes.remove(&key);
-            release(&mut state, &request.reference);
+            release(&mut state, &model);
         }
-        if !state.models.contains_key(&request.reference) {
-            let shared = self.mount_model(&request.reference).await?;
-            state.models.insert(request.reference.clone(), shared);
+        if !state.models.contains_key(&model) {
+            state.next_dir += 1;
+            let dir = self.models_dir.join(state.next_dir.to_string());
+            let shared = self.mount_model(request, dir).await?;
+            state.models.insert(model.clone(), shared);
         }
-        let shared = state.models.get_mut(&request.reference).expect("mounted above");
+        let shared = state.models.get_mut(&model).expect("mounted above");
         // Counted before the bind, so that a failed bind releases it like any other.
         shared.users += 1;
         let (dir, target) = (shared.dir.clone(), request.target.clone());
@@ -150,10 +306,17 @@ impl CsiNode {
             .map_err(|e| mount_err("the volume", &request.target, std::io::Error::other(e)))
             .and_then(|bound| bound);
         if let Err(e) = bound {
-            release(&mut state, &request.reference);
+            release(&mut state, &model);
             return Err(e);
         }
-        state.volumes.insert(key, request.reference.clone());
+        let recorded = VolumeRecord {
+            volume_id: request.volume_id.clone(),
+            target: request.target.clone(),
+            reference: request.reference.clone(),
+            exclusions: request.exclusions.clone(),
+        };
+        self.records.update(&record_key(&request.volume_id, &request.target), |_| Some(recorded))?;
+        state.volumes.insert(key, model);
         tracing::info!(volume = %request.volume_id, target = %request.target.display(), reference = %request.reference, "volume published");
         Ok(())
     }
@@ -167,10 +330,11 @@ impl CsiNode {
         tokio::task::spawn_blocking(move || unbind(&target_owned))
             .await
             .map_err(|e| mount_err("the volume", target, std::io::Error::other(e)))??;
-        if let Some(reference) = state.volumes.remove(&(volume_id.to_owned(), target.to_owned())) {
-            release(&mut state, &reference);
+        if let Some(model) = state.volumes.remove(&(volume_id.to_owned(), target.to_owned())) {
+            release(&mut state, &model);
             tracing::info!(volume = volume_id, target = %target.display(), "volume unpublished");
         }
+        self.records.update(&record_key(volume_id, target), |_: Option<VolumeRecord>| None)?;
         Ok(())
     }
 
@@ -178,18 +342,26 @@ impl CsiNode {
     /// read as a dead mount until kubelet unpublishes them.
     pub fn unmount_all(&self) {
         let mut state = self.state.blocking_lock();
-        for (reference, shared) in state.models.drain() {
-            tracing::info!(reference, "unmounting a CSI volume's model");
+        for (model, shared) in state.models.drain() {
+            tracing::info!(reference = %model.reference, "unmounting a CSI volume's model");
             shared.mounted.unmount();
         }
         state.volumes.clear();
     }
 
-    async fn mount_model(&self, reference: &str) -> Result<Shared, CsiError> {
-        let model = Model::open(reference, &self.settings, self.cache.clone())
+    async fn mount_model(&self, request: &Publish, dir: PathBuf) -> Result<Shared, CsiError> {
+        let reference = request.reference.as_str();
+        let mut settings = self.settings.clone();
+        settings.selection = request.selection.clone();
+        if let Some(secret) = &request.pull_secret {
+            settings.registry.credentials = Some(secret.credentials.clone());
+        }
+        let model = Model::open(reference, &settings, self.cache.clone())
             .await
             .map_err(|source| CsiError::Open { reference: reference.to_owned(), source: Box::new(source) })?;
-        let dir = self.models_dir.join(Digest::of(reference.as_bytes()).hex());
+        if model.tree.len() <= 1 && !request.selection.is_all() {
+            return Err(CsiError::InvalidArgument(format!("{reference}: the exclusions leave no file to serve")));
+        }
         let runtime = self.runtime.clone();
         let at = dir.clone();
         let mounted = tokio::task::spawn_blocking(move || {
@@ -208,13 +380,13 @@ fn mount_err(what: &'static str, path: &Path, source: std::io::Error) -> CsiErro
     CsiError::Mount { what, path: path.display().to_string(), source }
 }
 
-/// One target fewer for `reference`; its model is unmounted with its last target.
-fn release(state: &mut State, reference: &str) {
-    let Some(shared) = state.models.get_mut(reference) else { return };
+/// One target fewer for `model`; it is unmounted with its last target.
+fn release(state: &mut State, model: &ModelKey) {
+    let Some(shared) = state.models.get_mut(model) else { return };
     shared.users = shared.users.saturating_sub(1);
     if shared.users == 0 {
-        if let Some(shared) = state.models.remove(reference) {
-            tracing::info!(reference, "last volume of a model unpublished; unmounting it");
+        if let Some(shared) = state.models.remove(model) {
+            tracing::info!(reference = %model.reference, "last volume of a model unpublished; unmounting it");
             shared.mounted.unmount();
         }
     }

@@ -340,6 +340,7 @@ impl DaemonConfig {
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
                 max_unpacked_bytes: self.cache.max_unpacked_bytes,
             },
+            selection: crate::modelpack::select::Selection::all(),
         }
     }
 }

@@ -52,6 +52,9 @@ pub enum DaemonError {
     /// The layer store could not be mounted.
     #[error("layer store: {0}")]
     Mount(#[from] crate::fs::FsError),
+    /// The CSI plugin's state could not be opened.
+    #[error("CSI: {0}")]
+    Csi(#[from] crate::csi::CsiError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
@@ -154,15 +157,17 @@ pub async fn serve(
     };
     let csi = match config.csi() {
         Some((address, csi)) => {
-            let models = config.root.join("csi").join("models");
-            private_dir(&models)?;
-            let node = Arc::new(CsiNode::new(cache.clone(), settings.clone(), models, runtime.clone()));
-            let grpc = CsiGrpc::new(node.clone(), csi.driver_name.clone(), csi.node_id.clone());
+            let state = config.root.join("csi");
+            private_dir(&state)?;
+            let node = Arc::new(CsiNode::open(&state, cache.clone(), settings.clone(), runtime.clone())?);
+            let timeout = settings.registry.request_timeout;
+            let grpc = CsiGrpc::new(node.clone(), csi.driver_name.clone(), csi.node_id.clone(), timeout);
             let listener = bind(&address)?;
             let router =
                 tonic::transport::Server::builder().add_service(grpc.identity_server()).add_service(grpc.node_server());
             servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
-            tracing::info!(address = %address.display(), driver = %csi.driver_name, node = %csi.node_id, "serving CSI");
+            let restoring = node.restore()?;
+            tracing::info!(address = %address.display(), driver = %csi.driver_name, node = %csi.node_id, restoring, "serving CSI");
             println!("csi: {}", address.display());
             Some((node, address))
         }

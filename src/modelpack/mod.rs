@@ -12,6 +12,7 @@ pub mod labels;
 pub mod manifest;
 pub mod media;
 pub mod path;
+pub mod select;
 pub mod tar_index;
 pub mod tree;
 
