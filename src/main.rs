@@ -111,6 +111,9 @@ enum Command {
         /// Serve the CSI node plugin on this socket (overrides `csi.address`).
         #[arg(long)]
         csi_address: Option<PathBuf>,
+        /// This node's id for CSI (overrides `csi.node_id`; Kubernetes: the node's name).
+        #[arg(long)]
+        csi_node_id: Option<String>,
     },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
@@ -268,7 +271,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
-        Command::Serve { config, root, address, cache_dir, layer_store, no_containerd, csi_address } => {
+        Command::Serve { config, root, address, cache_dir, layer_store, no_containerd, csi_address, csi_node_id } => {
             let mut daemon = match config {
                 Some(path) => DaemonConfig::load(&path)?,
                 None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
@@ -279,6 +282,7 @@ fn run(cli: Cli) -> Result<()> {
             daemon.cache.dir = cache_dir.unwrap_or(daemon.cache.dir);
             daemon.layer_store.path = layer_store.unwrap_or(daemon.layer_store.path);
             daemon.csi.address = csi_address.unwrap_or(daemon.csi.address);
+            daemon.csi.node_id = csi_node_id.unwrap_or(daemon.csi.node_id);
             if no_containerd {
                 daemon.address = PathBuf::new();
             }
