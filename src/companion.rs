@@ -1,6 +1,14 @@
 //! Reading companion images (see [`crate::convert`]): finding the lazy index layer of a
 //! companion reference and loading the index from it, with the cache as a fallback so
 //! that a model served before is served again while its registry is unreachable.
+//!
+//! A plain ModelPack reference finds its companion among the referrers of its manifest
+//! ([`discover`]): the registry's referrers API, else the referrers tag `convert`
+//! maintains. A referrer is untrusted — anyone who can push to the repository can list
+//! one — so a candidate counts only when its index layer lies in the model's own
+//! repository, its index verifies, and the index's source is this very manifest in this
+//! very repository (so chunk digests are checked against bytes of the registry the user
+//! named, never of one the referrer names). Each look-up is bounded in candidates.
 
 use std::io::Read;
 
@@ -12,7 +20,7 @@ use crate::cache::ChunkCache;
 use crate::config::RegistrySettings;
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
-use crate::modelpack::labels;
+use crate::modelpack::labels::{self, Pinned};
 use crate::modelpack::media;
 use crate::modelpack::Digest;
 use crate::registry::{parse_reference, Registry, RegistryError};
@@ -26,7 +34,18 @@ pub enum CompanionError {
     /// The companion or its index is malformed.
     #[error("lazy index {at}: {detail}")]
     Invalid { at: String, detail: String },
+    /// The cache failed.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
 }
+
+/// Most referrers of one manifest whose manifests are fetched when looking for its
+/// companion: a companion lists as three (its index and two platform manifests), and
+/// anything else costs a small manifest request before it is ruled out.
+pub const MAX_REFERRER_CANDIDATES: usize = 16;
+/// Most lazy indexes loaded when looking for a companion among referrers: each may be
+/// up to [`MAX_INDEX_BYTES`].
+pub const MAX_REFERRER_INDEXES: usize = 4;
 
 fn invalid(at: &str, detail: impl Into<String>) -> CompanionError {
     CompanionError::Invalid { at: at.to_owned(), detail: detail.into() }
@@ -225,4 +244,160 @@ pub fn index_from_tar(layer: &[u8]) -> Result<Vec<u8>, String> {
         }
     }
     Err(format!("index layer holds no {INDEX_PATH}"))
+}
+
+/// Cache record naming the index layer found among the referrers of a manifest, by the
+/// manifest's digest.
+fn referred_key(manifest: &Digest) -> String {
+    format!("referrer-index-for:{manifest}")
+}
+
+/// A companion found among the referrers of a plain artifact's manifest, whose index
+/// describes that manifest in that repository.
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    /// Where its index layer is, pinned (`registry/repo@sha256:...`).
+    pub location: String,
+    /// The index, parsed and checked.
+    pub index: VerifiedIndex,
+}
+
+/// Why `index` may not vouch for the plain artifact `manifest_digest` of `source`'s
+/// repository, if it may not: its source must be that manifest, in that repository of
+/// that registry, and its pieces must divide `chunk_size`.
+pub fn check_source(
+    index: &VerifiedIndex,
+    source: &oci_client::Reference,
+    manifest_digest: &Digest,
+    chunk_size: u64,
+) -> Result<(), String> {
+    if index.manifest_digest != *manifest_digest {
+        return Err(format!("its index describes manifest {}, not {manifest_digest}", index.manifest_digest));
+    }
+    let named = &index.index.source.reference;
+    let named_ref = parse_reference(named).map_err(|e| format!("its index names source {named:?}: {e}"))?;
+    if !same_repository(&named_ref, source) {
+        return Err(format!("its index names source {named}, outside {}", repository_of(source)));
+    }
+    if named_ref.digest() != Some(manifest_digest.to_string().as_str()) {
+        return Err(format!("its index names source {named}, not pinned to {manifest_digest}"));
+    }
+    if let Some(pieces) = index.chunks.first() {
+        if !crate::blob::BlobStore::check_digests(chunk_size, pieces.chunk_size) {
+            return Err(format!(
+                "its {}-byte chunk digests cannot check chunks of the configured {chunk_size} bytes",
+                pieces.chunk_size
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn same_repository(a: &oci_client::Reference, b: &oci_client::Reference) -> bool {
+    a.resolve_registry() == b.resolve_registry() && a.repository() == b.repository()
+}
+
+fn repository_of(r: &oci_client::Reference) -> String {
+    format!("{}/{}", r.registry(), r.repository())
+}
+
+/// Looks for a companion among the referrers of `manifest_digest`, a plain artifact's
+/// manifest in `registry`'s repository, and remembers the one found in `cache` (see
+/// [`discovered_before`]). `Ok(None)` when no referrer is a usable companion; referrers
+/// that are not companions, or whose index does not describe this manifest here, are
+/// skipped with a warning. An error says the registry could not list the referrers.
+pub async fn discover(
+    registry: &Registry,
+    manifest_digest: &Digest,
+    cache: &ChunkCache,
+    settings: &RegistrySettings,
+    chunk_size: u64,
+) -> Result<Option<Discovered>, CompanionError> {
+    let list = registry.referrers(manifest_digest).await?;
+    let source = registry.reference();
+    let mut tried_layers: Vec<Digest> = Vec::new();
+    for (examined, referrer) in list.referrers().iter().filter(|r| r.may_be_companion()).enumerate() {
+        if examined == MAX_REFERRER_CANDIDATES || tried_layers.len() == MAX_REFERRER_INDEXES {
+            tracing::warn!(
+                manifest = %manifest_digest,
+                listed = list.len(),
+                "stopped looking for a lazy index among the referrers: too many candidates"
+            );
+            break;
+        }
+        let skip = |reason: &str| {
+            tracing::warn!(manifest = %manifest_digest, referrer = %referrer.digest, reason, "ignoring a referrer");
+        };
+        let candidate = registry.with_reference(source.clone_with_digest(referrer.digest.to_string()));
+        let manifest = match candidate.fetch_manifest().await {
+            Ok((bytes, _)) => bytes,
+            Err(e) => {
+                skip(&format!("fetching it: {e}"));
+                continue;
+            }
+        };
+        let layer = match index_layer(&candidate, &manifest).await {
+            Ok(Some(layer)) => layer,
+            Ok(None) => {
+                tracing::debug!(manifest = %manifest_digest, referrer = %referrer.digest, "a referrer that is not a companion");
+                continue;
+            }
+            Err(e) => {
+                skip(&format!("reading it: {e}"));
+                continue;
+            }
+        };
+        if tried_layers.contains(&layer.digest) {
+            continue;
+        }
+        tried_layers.push(layer.digest);
+        match Pinned::parse(&layer.location).and_then(|p| {
+            let at = parse_reference(&p.reference).map_err(|e| e.to_string())?;
+            if p.digest != layer.digest {
+                return Err(format!("its index location {} names another layer", layer.location));
+            }
+            if !same_repository(&at, source) {
+                return Err(format!("its index location {} is outside {}", layer.location, repository_of(source)));
+            }
+            Ok(())
+        }) {
+            Ok(()) => {}
+            Err(reason) => {
+                skip(&reason);
+                continue;
+            }
+        }
+        let index = match load_index(&layer.location, &layer.digest, cache, settings).await {
+            Ok((index, _)) => index,
+            Err(e) => {
+                skip(&format!("loading its index: {e}"));
+                continue;
+            }
+        };
+        if let Err(reason) = check_source(&index, source, manifest_digest, chunk_size) {
+            skip(&reason);
+            continue;
+        }
+        cache.put_meta(&referred_key(manifest_digest), layer.location.as_bytes())?;
+        tracing::info!(manifest = %manifest_digest, companion = %referrer.digest, index = %index.digest, "found a lazy index among the referrers");
+        return Ok(Some(Discovered { location: layer.location, index }));
+    }
+    Ok(None)
+}
+
+/// The companion [`discover`] found for `manifest_digest` before, from the cache (for
+/// when the registry is unreachable), checked again as [`discover`] checks it.
+pub async fn discovered_before(
+    source: &oci_client::Reference,
+    manifest_digest: &Digest,
+    cache: &ChunkCache,
+    settings: &RegistrySettings,
+    chunk_size: u64,
+) -> Result<Option<Discovered>, CompanionError> {
+    let Some(location) = cache.get_meta(&referred_key(manifest_digest))? else { return Ok(None) };
+    let location = String::from_utf8(location).map_err(|_| invalid("cache", "a referrer record is not UTF-8"))?;
+    let pinned = Pinned::parse(&location).map_err(|e| invalid(&location, e))?;
+    let (index, _) = load_index(&location, &pinned.digest, cache, settings).await?;
+    check_source(&index, source, manifest_digest, chunk_size).map_err(|e| invalid(&location, e))?;
+    Ok(Some(Discovered { location, index }))
 }

@@ -69,6 +69,11 @@ pub struct FetchSettings {
     /// decompression bomb stops here instead of filling the cache's disk. 256 GiB is
     /// above any single model layer seen, a whole directory of shards included.
     pub max_unpacked_bytes: u64,
+    /// Refuse to open a plain ModelPack reference that has no lazy index among its
+    /// manifest's referrers (made by `convert`): without one, chunks of a blob larger
+    /// than one chunk are served before the whole blob is verified. Off by default, so
+    /// that artifacts nobody converted keep working.
+    pub require_lazy_index: bool,
 }
 
 impl Default for FetchSettings {
@@ -82,6 +87,7 @@ impl Default for FetchSettings {
             passthrough: true,
             cache_budget: None,
             max_unpacked_bytes: 256 << 30,
+            require_lazy_index: false,
         }
     }
 }

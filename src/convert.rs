@@ -4,6 +4,12 @@
 //! `containerd.io/snapshot/modelpack.*` annotations tell the snapshotter where the model
 //! and its index are; each manifest's `subject` points at the ModelPack manifest. No
 //! model data is copied, and converting the same artifact twice gives the same digests.
+//!
+//! When the companion lives in the model's own repository, `convert` also adds it to the
+//! referrers tag of the model's manifest (`sha256-<hex>`, the OCI distribution spec's
+//! fallback for registries without the referrers API), so that a plain reference finds
+//! it ([`crate::companion::discover`]). Entries already listed are kept, none is listed
+//! twice, and a list that did not change is not pushed again.
 
 use std::time::UNIX_EPOCH;
 
@@ -20,6 +26,7 @@ use crate::modelpack::index::{
 };
 use crate::modelpack::labels;
 use crate::modelpack::media;
+use crate::modelpack::referrers::{self, Referrer, ReferrersError};
 use crate::modelpack::tree::NodeKind;
 use crate::modelpack::Digest;
 use crate::registry::{self, Registry, RegistryError};
@@ -52,6 +59,9 @@ pub enum ConvertError {
     /// The scratch cache failed.
     #[error("scratch cache {path}: {source}")]
     Scratch { path: String, source: std::io::Error },
+    /// The referrers tag cannot take the companion (it is not an image index, or full).
+    #[error("referrers tag {tag} of {reference}: {source}")]
+    Referrers { reference: String, tag: String, source: ReferrersError },
 }
 
 /// What `convert` published.
@@ -63,6 +73,23 @@ pub struct Converted {
     pub digest: Digest,
     /// The digest of the lazy index layer.
     pub layer: Digest,
+    /// The referrers tag that lists the companion, when it is in the model's repository.
+    pub referrers_tag: Option<String>,
+}
+
+/// Adds `new` to the referrers tag of `subject` in `registry`'s repository, unless each
+/// is listed already; says whether the tag changed. The tag is read, extended and
+/// written back: entries other clients listed stay, in their order.
+pub async fn add_referrers(registry: &Registry, subject: &Digest, new: &[Referrer]) -> Result<bool, ConvertError> {
+    let tag = referrers::referrers_tag(subject);
+    let referrers_err =
+        |source| ConvertError::Referrers { reference: registry.reference().whole(), tag: tag.clone(), source };
+    let mut list = registry.referrers_tag(subject).await?;
+    if !list.add(new).map_err(referrers_err)? {
+        return Ok(false);
+    }
+    registry.push_referrers_tag(subject, &list).await?;
+    Ok(true)
 }
 
 /// The default target: the source's tag with `-lazy` appended.
@@ -179,7 +206,7 @@ pub async fn convert(
         path: scratch.display().to_string(),
         source: std::io::Error::other(e.to_string()),
     })?);
-    let opened = Model::open(&pinned, settings, cache).await;
+    let opened = Model::open_artifact(&pinned, settings, cache).await;
     let model = match opened {
         Ok(model) => {
             model.store.settle().await;
@@ -266,6 +293,7 @@ pub async fn convert(
         "artifactType": model.artifact.family.artifact_type(),
     });
     let mut entries = Vec::new();
+    let mut listed = Vec::new();
     for arch in PLATFORMS {
         let image_config = json!({
             "architecture": arch,
@@ -305,6 +333,13 @@ pub async fn convert(
             "size": body.len(),
             "platform": { "architecture": arch, "os": "linux" },
         }));
+        // As the spec lists a manifest without an artifact type: by its config's media type.
+        listed.push(Referrer {
+            media_type: media::OCI_MANIFEST.to_owned(),
+            digest,
+            size: body.len() as u64,
+            artifact_type: Some(IMAGE_CONFIG.to_owned()),
+        });
     }
     let image_index = json!({
         "schemaVersion": 2,
@@ -313,6 +348,27 @@ pub async fn convert(
         "subject": subject,
     });
     let body = Bytes::from(serde_json::to_vec(&image_index).expect("index serializes"));
+    let size = body.len() as u64;
     let digest = dst.push_manifest(body, media::OCI_INDEX).await?;
-    Ok(Converted { target: target.to_owned(), digest, layer: layer_digest })
+    // The index first: it is what a reader of the list should try first. An index
+    // without an artifact type is listed without one.
+    listed.insert(0, Referrer { media_type: media::OCI_INDEX.to_owned(), digest, size, artifact_type: None });
+
+    // Referrers must be in the subject's repository: a companion elsewhere is not listed.
+    let same_repository = src.reference().resolve_registry() == target_ref.resolve_registry()
+        && src.reference().repository() == target_ref.repository();
+    let referrers_tag = if same_repository {
+        let tag = referrers::referrers_tag(&manifest_digest);
+        if add_referrers(&src, &manifest_digest, &listed).await? {
+            eprintln!("listed the companion under the referrers tag {tag}");
+        }
+        Some(tag)
+    } else {
+        eprintln!(
+            "the companion is not in the model's repository, so it is not listed among its referrers: \
+             plain references of the model will not find it"
+        );
+        None
+    };
+    Ok(Converted { target: target.to_owned(), digest, layer: layer_digest, referrers_tag })
 }

@@ -159,6 +159,10 @@ struct CacheArgs {
     /// Most bytes a compressed layer may unpack to when it does not declare its size.
     #[arg(long, default_value_t = FetchSettings::default().max_unpacked_bytes)]
     max_unpacked_bytes: u64,
+    /// Refuse a plain ModelPack reference without a lazy index among its referrers
+    /// (`convert` publishes one), instead of serving chunks before their blob is verified.
+    #[arg(long)]
+    require_lazy_index: bool,
 }
 
 impl CacheArgs {
@@ -174,6 +178,7 @@ impl CacheArgs {
             passthrough: !self.no_passthrough,
             cache_budget: self.cache_budget,
             max_unpacked_bytes: self.max_unpacked_bytes,
+            require_lazy_index: self.require_lazy_index,
         })
     }
 
@@ -301,6 +306,13 @@ fn run(cli: Cli) -> Result<()> {
 fn print_inspect(model: &Model) {
     println!("reference: {}", model.reference);
     println!("manifest:  {}", model.manifest_digest);
+    match &model.lazy_index {
+        Some(index) => println!("lazy index: {index} (every chunk is checked against it)"),
+        None => println!(
+            "lazy index: none (chunks of multi-chunk blobs are served before the whole blob is verified; \
+             `modelpack-snapshotter convert` publishes one)"
+        ),
+    }
     println!("layers:");
     for layer in &model.artifact.layers {
         let path = layer.path.as_ref().map_or(String::from("-"), ToString::to_string);

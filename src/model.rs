@@ -10,6 +10,9 @@
 //! Resolved manifests and configs are kept in the cache, so a model opened before opens
 //! again while its registry is unreachable. A companion reference (made by `convert`)
 //! opens the model its lazy index describes, with every chunk checked against the index.
+//! So does a plain reference whose manifest has a companion among its referrers
+//! ([`companion::discover`]); without one it is served as it is, or refused when
+//! [`crate::config::FetchSettings::require_lazy_index`] is set.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -79,6 +82,12 @@ pub enum ModelError {
     /// The lazy index's digests cannot check chunks of the configured size.
     #[error("chunk size {chunk_size} is not a multiple of the lazy index's {piece}-byte pieces")]
     ChunkSize { chunk_size: u64, piece: u64 },
+    /// A plain artifact has no usable lazy index, and one is required.
+    #[error(
+        "{reference}: no lazy index found for manifest {manifest} ({detail}), and require_lazy_index is set; \
+         publish one with `modelpack-snapshotter convert {reference}`"
+    )]
+    NoLazyIndex { reference: String, manifest: Digest, detail: String },
 }
 
 /// Where the bytes of one layer's (uncompressed) content are read from.
@@ -122,6 +131,9 @@ pub struct Model {
     pub offline: bool,
     /// Which files are served (the others are left out of the tree).
     pub selection: Selection,
+    /// The digest of the lazy index every fetched chunk is checked against, when the
+    /// model is served from one (a companion, or one found among the referrers).
+    pub lazy_index: Option<Digest>,
     /// Holds the unpacked copies of compressed layers while the model lives.
     _unpacked: Vec<UnpackedLease>,
 }
@@ -135,9 +147,30 @@ fn blob_key(digest: &Digest) -> String {
 }
 
 impl Model {
-    /// Resolves `reference` and indexes every layer. Must run inside a tokio runtime
-    /// with blocking threads available (tar indexing blocks on chunk reads).
+    /// Resolves `reference` and indexes every layer. A plain artifact is served from a
+    /// lazy index found among its manifest's referrers when there is one. Must run
+    /// inside a tokio runtime with blocking threads available (tar indexing blocks on
+    /// chunk reads).
     pub async fn open(reference: &str, settings: &Settings, cache: Arc<ChunkCache>) -> Result<Self, ModelError> {
+        Self::open_with(reference, settings, cache, true).await
+    }
+
+    /// [`Model::open`], without looking for a lazy index among the referrers: the
+    /// artifact itself, for `convert`, which reads every blob whole to make the index.
+    pub async fn open_artifact(
+        reference: &str,
+        settings: &Settings,
+        cache: Arc<ChunkCache>,
+    ) -> Result<Self, ModelError> {
+        Self::open_with(reference, settings, cache, false).await
+    }
+
+    async fn open_with(
+        reference: &str,
+        settings: &Settings,
+        cache: Arc<ChunkCache>,
+        discover: bool,
+    ) -> Result<Self, ModelError> {
         let parsed = registry::parse_reference(reference)?;
         let registry = Arc::new(Registry::new(parsed, settings.registry.clone()));
         let (manifest_bytes, manifest_digest, offline) = match registry.fetch_manifest().await {
@@ -170,6 +203,40 @@ impl Model {
         }
         let manifest_err = |source| ModelError::Manifest { reference: reference.to_owned(), source };
         let artifact = manifest::parse_manifest(&manifest_bytes).map_err(manifest_err)?;
+        if discover {
+            match referred_index(&registry, &cache, settings, &manifest_digest, offline).await {
+                Ok(Some(found)) => {
+                    tracing::info!(reference, index = %found.index.digest, "serving the model through the lazy index of its companion");
+                    let mut model = Self::open_indexed(found.index, settings, cache).await?;
+                    model.reference = reference.to_owned();
+                    model.offline = offline;
+                    return Ok(model);
+                }
+                Ok(None) if settings.fetch.require_lazy_index => {
+                    let detail = if offline {
+                        "the registry is unreachable and none was found before".to_owned()
+                    } else {
+                        "no referrer of the manifest is a companion of it".to_owned()
+                    };
+                    return Err(ModelError::NoLazyIndex {
+                        reference: reference.to_owned(),
+                        manifest: manifest_digest,
+                        detail,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) if settings.fetch.require_lazy_index => {
+                    return Err(ModelError::NoLazyIndex {
+                        reference: reference.to_owned(),
+                        manifest: manifest_digest,
+                        detail: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(reference, error = %e, "cannot look for a lazy index among the referrers; serving the artifact without one");
+                }
+            }
+        }
         let config = fetch_config(&registry, &cache, &artifact).await?;
         let diff_ids = manifest::parse_config(&config).map_err(manifest_err)?.diff_ids;
         let parts = Parts { reference, registry, artifact, manifest_digest, offline, index: None, diff_ids };
@@ -204,7 +271,9 @@ impl Model {
             index: Some(IndexDigests { index: index.digest, chunks }),
             diff_ids,
         };
-        Self::assemble(parts, settings, cache).await
+        let mut model = Self::assemble(parts, settings, cache).await?;
+        model.lazy_index = Some(index.digest);
+        Ok(model)
     }
 
     async fn assemble(parts: Parts<'_>, settings: &Settings, cache: Arc<ChunkCache>) -> Result<Self, ModelError> {
@@ -269,6 +338,7 @@ impl Model {
             store,
             offline,
             selection: settings.selection.clone(),
+            lazy_index: None,
             _unpacked: leases,
         })
     }
@@ -305,6 +375,34 @@ async fn companion_of(
         cache.put_meta(&key, at.as_bytes())?;
     }
     Ok(found)
+}
+
+/// The companion of a plain artifact's manifest found among its referrers: looked up
+/// (and remembered) while the registry answers, else the one found before. A failed
+/// look-up falls back to the one found before too, and is an error only without one.
+async fn referred_index(
+    registry: &Registry,
+    cache: &ChunkCache,
+    settings: &Settings,
+    manifest_digest: &Digest,
+    offline: bool,
+) -> Result<Option<companion::Discovered>, companion::CompanionError> {
+    let chunk_size = settings.fetch.chunk_size;
+    let before =
+        || companion::discovered_before(registry.reference(), manifest_digest, cache, &settings.registry, chunk_size);
+    if offline {
+        return before().await;
+    }
+    match companion::discover(registry, manifest_digest, cache, &settings.registry, chunk_size).await {
+        Ok(found) => Ok(found),
+        Err(e) => match before().await {
+            Ok(Some(found)) => {
+                tracing::warn!(manifest = %manifest_digest, error = %e, "cannot list the referrers; using the lazy index found before");
+                Ok(Some(found))
+            }
+            _ => Err(e),
+        },
+    }
 }
 
 /// The config blob, from the cache or the registry (then cached).

@@ -243,6 +243,21 @@ async fn errors_are_the_codes_the_specification_gives() {
     assert!(e.message().contains(&down), "the cause names the reference: {}", e.message());
     assert!(!target.exists() || mount_options(&target).is_none(), "a failed publish leaves no mount");
 
+    // require_lazy_index refuses a plain artifact with no companion, naming convert.
+    let bare = format!("{}/models/bare:v1", scene.proxy.addr());
+    push_dir(&scene.src, &bare, "raw");
+    let config = write_config(&tmp.path().join("strict"), "[cache]\nrequire_lazy_index = true\n");
+    let strict_socket = tmp.path().join("strict-plugin/csi.sock");
+    let _strict = SnapshotterProcess::start_csi(&tmp.path().join("strict-root"), &strict_socket, &config);
+    let mut strict = NodeClient::new(unix_channel(&strict_socket).await);
+    let e = strict.node_publish_volume(publish("s", &target, &[("modelRef", &bare)])).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("convert"), "{}", e.message());
+    // A plain artifact that has a companion (found among its referrers) is published.
+    strict.node_publish_volume(publish("s", &target, &model)).await.unwrap();
+    assert_same_tree(&scene.src, &target);
+    strict.node_unpublish_volume(unpublish("s", &target)).await.unwrap();
+
     // The daemon serves the next request as usual.
     node.node_publish_volume(publish("v", &target, &model)).await.unwrap();
     node.node_unpublish_volume(unpublish("v", &target)).await.unwrap();

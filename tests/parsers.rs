@@ -1,7 +1,7 @@
 //! Property tests of every parser of untrusted bytes, through the library's public API:
 //! manifests, model configs, file metadata and its timestamps, lazy indexes (JSON and the
-//! companion layer's tar), tar layers, model paths, model labels, containerd filters and
-//! digests.
+//! companion layer's tar), referrers lists, tar layers, model paths, model labels,
+//! containerd filters and digests.
 //!
 //! Each property runs on random inputs and on mutations of a valid input built here
 //! (bytes set, truncated, inserted, deleted, copied), and asserts that the parser never
@@ -22,6 +22,7 @@ use modelpack_snapshotter::companion::index_from_tar;
 use modelpack_snapshotter::modelpack::index::{IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH};
 use modelpack_snapshotter::modelpack::manifest::{self, FileMetadata, MAX_BLOB_SIZE};
 use modelpack_snapshotter::modelpack::path::{self, ModelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
+use modelpack_snapshotter::modelpack::referrers::{Referrer, ReferrersList, MAX_REFERRERS};
 use modelpack_snapshotter::modelpack::tar_index::{index_tar, TarEntryKind};
 use modelpack_snapshotter::modelpack::Digest;
 use modelpack_snapshotter::snapshotter::filter::Filter;
@@ -527,6 +528,46 @@ fn lazy_indexes_parse_or_fail_without_panicking() {
             for (layer, chunks) in v.artifact.layers.iter().zip(&v.chunks) {
                 prop_assert_eq!(chunks.digests.len() as u64, layer.size.div_ceil(chunks.chunk_size));
             }
+        }
+        Ok(())
+    });
+}
+
+/// A referrers list as `convert` writes it, with an entry of another client's.
+fn valid_referrers() -> Vec<u8> {
+    json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            { "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest(1), "size": 700 },
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(2), "size": 900,
+                "artifactType": "application/vnd.oci.image.config.v1+json",
+            },
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(3), "size": 500,
+                "artifactType": "application/vnd.example.signature.v1", "annotations": { "a": "b" },
+            },
+        ],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn referrers_lists_parse_or_fail_without_panicking() {
+    let seed = valid_referrers();
+    assert_eq!(ReferrersList::parse(&seed).unwrap().referrers().len(), 3);
+    check(bytes_around(vec![seed]), |bytes| {
+        if let Ok(mut list) = ReferrersList::parse(&bytes) {
+            prop_assert!(list.len() <= MAX_REFERRERS);
+            prop_assert!(list.referrers().len() <= list.len());
+            // What was written reads back, and adding what is listed changes nothing.
+            let again = ReferrersList::parse(&list.to_json()).unwrap();
+            prop_assert_eq!(&again, &list);
+            let listed: Vec<Referrer> = list.referrers().to_vec();
+            prop_assert!(!list.add(&listed).unwrap());
+            prop_assert_eq!(list.to_json(), again.to_json());
         }
         Ok(())
     });

@@ -26,7 +26,9 @@ pub fn status_of(e: &CsiError) -> Status {
             }
             ModelError::Registry(RegistryError::Exhausted { .. }) => Status::unavailable(message),
             ModelError::Registry(RegistryError::Unauthorized { .. }) => Status::permission_denied(message),
-            ModelError::Manifest { .. } | ModelError::Companion { .. } => Status::failed_precondition(message),
+            ModelError::Manifest { .. } | ModelError::Companion { .. } | ModelError::NoLazyIndex { .. } => {
+                Status::failed_precondition(message)
+            }
             _ => Status::internal(message),
         },
         CsiError::Mount { .. } | CsiError::Records(_) => Status::internal(message),

@@ -123,6 +123,8 @@ pub struct CacheConfig {
     pub passthrough: bool,
     /// Most bytes a compressed layer that does not declare its size may unpack to.
     pub max_unpacked_bytes: u64,
+    /// Refuse plain ModelPack references without a lazy index among their referrers.
+    pub require_lazy_index: bool,
 }
 
 /// `[registry]`
@@ -192,6 +194,7 @@ impl Default for CacheConfig {
             prefetch_concurrency: f.prefetch_concurrency,
             passthrough: f.passthrough,
             max_unpacked_bytes: f.max_unpacked_bytes,
+            require_lazy_index: f.require_lazy_index,
         }
     }
 }
@@ -339,6 +342,7 @@ impl DaemonConfig {
                 passthrough: self.cache.passthrough,
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
                 max_unpacked_bytes: self.cache.max_unpacked_bytes,
+                require_lazy_index: self.cache.require_lazy_index,
             },
             selection: crate::modelpack::select::Selection::all(),
         }
@@ -395,6 +399,9 @@ mod tests {
         assert_eq!(c.settings().fetch.chunk_size, FetchSettings::default().chunk_size);
         assert_eq!(c.models, ModelsConfig::default(), "the sample shows the defaults");
         assert_eq!(c.settings().fetch.max_unpacked_bytes, FetchSettings::default().max_unpacked_bytes);
+        assert_eq!(c.cache, CacheConfig::default(), "the sample shows the defaults");
+        let c = DaemonConfig::parse("[cache]\nrequire_lazy_index = true\n", "t").unwrap();
+        assert!(c.settings().fetch.require_lazy_index);
         assert_eq!(c.layer_store, LayerStoreConfig::default(), "the sample shows the defaults");
         assert_eq!(c.csi, CsiConfig::default(), "the sample shows the defaults");
     }

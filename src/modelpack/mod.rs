@@ -1,7 +1,8 @@
 //! The ModelPack artifact format, as pure data: media types and annotations
 //! ([`media`]), manifests and configs ([`manifest`]), untrusted path rules ([`path`]),
 //! tar layer indexing ([`tar_index`]), the merged file tree ([`tree`]), the lazy index
-//! ([`index`]) and the companion layer's labels ([`labels`]).
+//! ([`index`]), the companion layer's labels ([`labels`]) and referrers lists
+//! ([`referrers`]).
 //!
 //! Nothing here does I/O of its own: callers hand in bytes or a reader. Every string
 //! that comes from a registry is validated here before anything deeper sees it.
@@ -12,6 +13,7 @@ pub mod labels;
 pub mod manifest;
 pub mod media;
 pub mod path;
+pub mod referrers;
 pub mod select;
 pub mod tar_index;
 pub mod tree;

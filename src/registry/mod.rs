@@ -30,6 +30,7 @@ use tokio::io::AsyncReadExt;
 use self::credentials::{CredentialStore, Credentials};
 use crate::config::RegistrySettings;
 use crate::modelpack::media;
+use crate::modelpack::referrers::{self, ReferrersList};
 use crate::modelpack::Digest;
 
 /// The largest manifest or config we accept, against a registry that sends garbage.
@@ -525,6 +526,63 @@ impl Registry {
             attempt += 1;
         }
         Err(RegistryError::Exhausted { what, reference: self.name(), attempts, last })
+    }
+
+    /// The referrers of `subject` (a manifest of this repository): the registry's
+    /// referrers API, or, where the registry has none (it answers 404), the image index
+    /// under the referrers tag (empty when there is none). Nothing listed is trusted:
+    /// the list is bounded in bytes and entries, and names candidates only.
+    pub async fn referrers(&self, subject: &Digest) -> Result<ReferrersList, RegistryError> {
+        let what = format!("referrers of {subject}");
+        let what = what.as_str();
+        let image = self.reference.clone_with_digest(subject.to_string());
+        let index = self
+            .with_retries(what, |session| {
+                let image = image.clone();
+                async move {
+                    session
+                        .client
+                        .store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth)
+                        .await;
+                    session.client.pull_referrers(&image, None).await.map_err(|e| self.classify(&session, what, e))
+                }
+            })
+            .await;
+        let index = match index {
+            Ok(index) => index,
+            Err(RegistryError::NotFound { .. }) => return Ok(ReferrersList::empty()),
+            Err(e) => return Err(e),
+        };
+        // `oci-client` parsed the answer; our own parser bounds and checks it.
+        let bytes = serde_json::to_vec(&index).map_err(|e| self.invalid(what, e.to_string()))?;
+        ReferrersList::parse(&bytes).map_err(|e| self.invalid(what, e.to_string()))
+    }
+
+    /// The image index under the referrers tag of `subject`, byte for byte as this
+    /// client keeps it (see [`referrers`]); empty when the tag does not exist. An
+    /// existing tag that is not an image index is an error, as the spec asks.
+    pub async fn referrers_tag(&self, subject: &Digest) -> Result<ReferrersList, RegistryError> {
+        let tag = referrers::referrers_tag(subject);
+        let tagged = self.with_reference(Reference::with_tag(
+            self.reference.registry().to_owned(),
+            self.reference.repository().to_owned(),
+            tag.clone(),
+        ));
+        match tagged.fetch_manifest().await {
+            Ok((bytes, _)) => ReferrersList::parse(&bytes).map_err(|e| tagged.invalid("referrers tag", e.to_string())),
+            Err(RegistryError::NotFound { .. }) => Ok(ReferrersList::empty()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pushes `list` under the referrers tag of `subject`.
+    pub async fn push_referrers_tag(&self, subject: &Digest, list: &ReferrersList) -> Result<Digest, RegistryError> {
+        let tagged = self.with_reference(Reference::with_tag(
+            self.reference.registry().to_owned(),
+            self.reference.repository().to_owned(),
+            referrers::referrers_tag(subject),
+        ));
+        tagged.push_manifest(Bytes::from(list.to_json()), media::OCI_INDEX).await
     }
 
     /// Uploads a manifest under this client's tag (or digest), returning its digest.
