@@ -5,61 +5,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
-use common::containerd::{containerd2_bin, push_busybox_image_with, Containerd, Flavor};
-use common::cri::{image_volume, Cri};
-use common::proxy::FaultProxy;
+use common::containerd::{Containerd, Flavor};
+use common::cri::{cri_prerequisites, fixture, image_volume, printed_sums, sha256_every_file, sums, Cri};
 use common::*;
-use sha2::Digest as _;
-
-fn cri_prerequisites(flavor: Flavor) -> bool {
-    if !prerequisites(true) || !require_tools(&["containerd", "runc", "containerd-shim-runc-v2", "busybox"]) {
-        return false;
-    }
-    if flavor == Flavor::V2 && containerd2_bin().is_none() {
-        let reason = "containerd 2.x is not in tools/containerd2 (run scripts/fetch-containerd2.sh)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{reason} (required when CI=true)");
-        eprintln!("skipping: {reason}");
-        return false;
-    }
-    true
-}
-
-/// A registry with a model, its companion, a busybox image and a sandbox image, all
-/// reached through a counting proxy.
-struct Fixture {
-    _registry: TestRegistry,
-    proxy: FaultProxy,
-    src: std::path::PathBuf,
-    model_bytes: u64,
-    companion: String,
-    busybox: String,
-    sandbox: String,
-}
-
-fn fixture(tmp: &Path) -> Fixture {
-    let registry = TestRegistry::start();
-    let proxy = FaultProxy::start(registry.port);
-    let src = tmp.join("model");
-    write_model_dir(&src, 4 << 20);
-    let model_bytes = read_tree(&src).values().map(|v| v.len() as u64).sum();
-    let source = format!("{}/models/demo:v1", proxy.addr());
-    push_dir(&src, &source, "raw");
-    let (ok, _, stderr) = run_bin(&["convert", &source]);
-    assert!(ok, "convert: {stderr}");
-    let busybox = format!("{}/library/busybox:test", proxy.addr());
-    push_busybox_image_with(&busybox, &["/bin/sh"]);
-    let sandbox = format!("{}/library/sandbox:test", proxy.addr());
-    push_busybox_image_with(&sandbox, &["/bin/sleep", "2147483647"]);
-    Fixture { _registry: registry, proxy, src, model_bytes, companion: format!("{source}-lazy"), busybox, sandbox }
-}
-
-/// sha256 of every file under `dir`, by relative path.
-fn sums(dir: &Path) -> BTreeMap<String, String> {
-    read_tree(dir).into_iter().map(|(p, data)| (p, hex::encode(sha2::Sha256::digest(&data)))).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_16_cri_pulls_a_model_companion_lazily() {
@@ -134,17 +82,12 @@ async fn containerd_2_runs_a_pod_with_the_model_as_an_image_volume() {
             &sandbox,
             "reader",
             &f.busybox,
-            &["/bin/sh", "-c", "cd /model && find . -type f | sort | while read f; do sha256sum \"$f\"; done"],
+            &["/bin/sh", "-c", &sha256_every_file("/model")],
             vec![image_volume(&f.companion, "/model")],
             &logs,
         )
         .await;
     cri.remove_sandbox(&sandbox.0).await;
     assert_eq!(code, 0, "container failed:\n{log}\n{}", containerd.log());
-    let printed: BTreeMap<String, String> = log
-        .lines()
-        .filter_map(|l| l.split_once("  "))
-        .map(|(sum, path)| (path.trim_start_matches("./").to_owned(), sum.to_owned()))
-        .collect();
-    assert_eq!(printed, sums(&f.src), "the container saw the model's files");
+    assert_eq!(printed_sums(&log), sums(&f.src), "the container saw the model's files");
 }

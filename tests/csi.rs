@@ -2,19 +2,22 @@
 //! `proto/csi/v1/csi.proto` (the specification's field numbers), against a real registry
 //! and real FUSE and bind mounts: identity, lazy publish of a plain artifact and of a
 //! companion, both attribute spellings, one model mount shared by two volumes, idempotent
-//! publish and unpublish, and every error code the specification assigns.
+//! publish and unpublish, and every error code the specification assigns. Then kubelet's
+//! whole path, without kubelet: a volume published under a kubelet-like pods directory
+//! and read by containers that containerd 2.x runs through the CRI API.
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::containerd::{Containerd, Flavor};
+use common::cri::{cri_prerequisites, fixture, pod_uid, printed_sums, sha256_every_file, sums, Cri};
+use common::csi::{capability, node_client, publish, unpublish, Kubelet, NodeClient};
 use common::proxy::FaultProxy;
 use common::*;
+use k8s_cri::v1 as cri;
 use modelpack_snapshotter::csi::proto::v1 as csi;
 use tonic::Code;
-
-type NodeClient = csi::node_client::NodeClient<tonic::transport::Channel>;
 
 /// A model on a registry behind a counting proxy, and a daemon serving CSI alone.
 struct Scene {
@@ -61,42 +64,12 @@ impl Scene {
     }
 
     async fn node(&self) -> NodeClient {
-        NodeClient::new(unix_channel(&self.socket).await)
+        node_client(&self.socket).await
     }
 
     fn target(&self, name: &str) -> PathBuf {
         self.targets.join(name).join("mount")
     }
-}
-
-fn read_only_mount() -> csi::VolumeCapability {
-    capability(csi::volume_capability::access_mode::Mode::SingleNodeWriter)
-}
-
-fn capability(mode: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
-        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
-    }
-}
-
-/// What kubelet sends for an inline volume with these attributes.
-fn publish(volume: &str, target: &Path, attributes: &[(&str, &str)]) -> csi::NodePublishVolumeRequest {
-    let mut context: HashMap<String, String> = attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    context.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
-    context.insert("csi.storage.k8s.io/pod.name".into(), "model-server".into());
-    csi::NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(read_only_mount()),
-        readonly: true,
-        volume_context: context,
-        ..Default::default()
-    }
-}
-
-fn unpublish(volume: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
-    csi::NodeUnpublishVolumeRequest { volume_id: volume.into(), target_path: target.display().to_string() }
 }
 
 /// The mount options of the mount at `path` (per-mount and superblock).
@@ -249,7 +222,7 @@ async fn errors_are_the_codes_the_specification_gives() {
     let config = write_config(&tmp.path().join("strict"), "[cache]\nrequire_lazy_index = true\n");
     let strict_socket = tmp.path().join("strict-plugin/csi.sock");
     let _strict = SnapshotterProcess::start_csi(&tmp.path().join("strict-root"), &strict_socket, &config);
-    let mut strict = NodeClient::new(unix_channel(&strict_socket).await);
+    let mut strict = node_client(&strict_socket).await;
     let e = strict.node_publish_volume(publish("s", &target, &[("modelRef", &bare)])).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("convert"), "{}", e.message());
@@ -348,7 +321,7 @@ async fn a_pull_secret_opens_a_private_model_and_is_never_shown() {
     let socket = tmp.path().join("plugin/csi.sock");
     let config = write_config(&tmp.path().join("etc"), "log_level = \"modelpack_snapshotter=debug\"\n");
     let serve = SnapshotterProcess::start_csi(&tmp.path().join("root"), &socket, &config);
-    let mut node = NodeClient::new(unix_channel(&socket).await);
+    let mut node = node_client(&socket).await;
     let target = tmp.path().join("root/pods/private/mount");
     let model = [("modelRef", reference.as_str())];
 
@@ -380,4 +353,98 @@ async fn a_pull_secret_opens_a_private_model_and_is_never_shown() {
     }
     let state = std::fs::read(tmp.path().join("root/csi/volumes.redb")).unwrap_or_default();
     assert!(!state.windows(auth.len()).any(|w| w == auth.as_bytes()), "the secret reached the disk");
+}
+
+/// Mount points at or under `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.display().to_string();
+    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with(&dir)).map(str::to_owned).collect()
+}
+
+/// The `/proc/self/mountinfo` line of mount point `path` among `lines` (as a container
+/// printed them).
+fn mountinfo_line<'a>(lines: &'a str, path: &str) -> Option<&'a str> {
+    lines.lines().find(|l| l.split(' ').nth(4) == Some(path))
+}
+
+/// kubelet's path for a pod with a CSI inline volume, step by step, against containerd
+/// 2.x through CRI with its own overlayfs snapshotter (the model reaches the pod only
+/// through the volume). As kubelet: its root a recursively shared mount, the volume
+/// published at `pods/<uid>/volumes/kubernetes.io~csi/<volume>/mount` under kubelet's
+/// volume id before the sandbox runs, the target handed to each container as a CRI host
+/// path mount, read-only, with the propagation kubelet sends for a `volumeMount` without
+/// `mountPropagation` (private) and for `HostToContainer` (rslave); each container prints
+/// the sha256 of every file of the model. The volume is unpublished once the pod is
+/// stopped, and then nothing is left mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_reads_a_published_model_through_containerd_2_cri() {
+    if !cri_prerequisites(Flavor::V2) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tokio::task::block_in_place(|| fixture(tmp.path()));
+    let socket = tmp.path().join("plugin/csi.sock");
+    let config = write_config(&tmp.path().join("etc"), "");
+    let serve = SnapshotterProcess::start_csi(&tmp.path().join("root"), &socket, &config);
+    let kubelet = Kubelet::start(&tmp.path().join("kubelet"));
+    let containerd =
+        Containerd::start_cri_overlayfs(Flavor::V2, &tmp.path().join("containerd"), &f.sandbox, &[f.proxy.addr()]);
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.pull(&f.busybox).await;
+    let mut node = node_client(&socket).await;
+
+    // kubelet mounts a pod's volumes before it runs the pod's sandbox.
+    let pod = "model-pod";
+    let uid = pod_uid(pod);
+    let volume = Kubelet::volume_id(&uid, "model");
+    let target = kubelet.target(&uid, "model");
+    f.proxy.reset_counts();
+    node.node_publish_volume(publish(&volume, &target, &[("modelRef", &f.source)])).await.unwrap();
+    let (_, fetched) = f.proxy.blob_counts();
+    assert!(fetched < f.model_bytes / 8, "publish fetched {fetched} bytes of a {}-byte model", f.model_bytes);
+
+    let logs = tmp.path().join("logs");
+    let sandbox = cri.run_sandbox(pod, &logs).await;
+    let script = format!("{} && cat /proc/self/mountinfo", sha256_every_file("/model"));
+    use cri::MountPropagation::{PropagationHostToContainer, PropagationPrivate};
+    for (name, propagation, rslave) in
+        [("private", PropagationPrivate, false), ("host-to-container", PropagationHostToContainer, true)]
+    {
+        let mount = cri::Mount {
+            container_path: "/model".into(),
+            host_path: target.display().to_string(),
+            readonly: true,
+            propagation: propagation as i32,
+            ..Default::default()
+        };
+        let (code, log) =
+            cri.run_to_exit(&sandbox, name, &f.busybox, &["/bin/sh", "-c", &script], vec![mount], &logs).await;
+        assert_eq!(code, 0, "{name}: container failed:\n{log}\n{}\n{}", containerd.log(), serve.log());
+        assert_eq!(printed_sums(&log), sums(&f.src), "{name}: the container saw the model's files");
+        let line = mountinfo_line(&log, "/model").unwrap_or_else(|| panic!("{name}: /model is not a mount:\n{log}"));
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert!(fields[5].split(',').any(|o| o == "ro"), "{name}: /model is not read-only: {line}");
+        let optional = &fields[6..fields.iter().position(|f| *f == "-").unwrap()];
+        let slave = optional.iter().any(|f| f.starts_with("master:"));
+        assert_eq!(slave, rslave, "{name}: propagation of /model: {line}");
+    }
+
+    // kubelet tears the volume down once the pod's containers have stopped.
+    let stop = cri::StopPodSandboxRequest { pod_sandbox_id: sandbox.0.clone() };
+    cri.runtime.stop_pod_sandbox(stop).await.unwrap();
+    node.node_unpublish_volume(unpublish(&volume, &target)).await.unwrap();
+    assert!(!target.exists(), "the target directory is removed");
+    assert_eq!(model_mounts(&f.source), 0, "the model's own mount is gone with its last volume");
+    assert_eq!(mounts_under(&kubelet.root), [kubelet.root.display().to_string()], "only kubelet's root is mounted");
+    let remove = cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox.0.clone() };
+    cri.runtime.remove_pod_sandbox(remove).await.unwrap();
+    let pods = cri.runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }).await.unwrap();
+    assert!(pods.into_inner().items.is_empty(), "the pod is removed");
+    let containers = cri.runtime.list_containers(cri::ListContainersRequest { filter: None }).await.unwrap();
+    assert!(containers.into_inner().containers.is_empty(), "the containers are removed");
+    assert!(serve.log().contains("volume unpublished"), "{}", serve.log());
+
+    drop((cri, node, containerd, kubelet, serve));
+    assert_eq!(mounts_under(tmp.path()), Vec::<String>::new(), "nothing is left mounted");
 }

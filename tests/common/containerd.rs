@@ -1,5 +1,6 @@
 //! A real containerd for tests: its own root, state, sockets and config under a temp
-//! dir, with our snapshotter as the `modelpack` proxy plugin; stopped by PID on drop.
+//! dir, with our snapshotter as the `modelpack` proxy plugin (or, for CSI volumes,
+//! containerd's own overlayfs); stopped by PID on drop.
 //! Also builds a tiny real container image from the static busybox binary.
 
 use std::path::{Path, PathBuf};
@@ -72,6 +73,20 @@ state = "{state}"
     )
 }
 
+/// The config lines that make the snapshotter at `socket` containerd's `modelpack`
+/// proxy plugin (with remote snapshot annotations for containerd 2.x).
+fn proxy_plugin(socket: &Path, annotations_export: bool) -> String {
+    let exports = if annotations_export {
+        "    [proxy_plugins.modelpack.exports]\n      enable_remote_snapshot_annotations = \"true\"\n"
+    } else {
+        ""
+    };
+    format!(
+        "\n[proxy_plugins]\n  [proxy_plugins.modelpack]\n    type = \"snapshot\"\n    address = \"{}\"\n{exports}",
+        socket.display()
+    )
+}
+
 impl Containerd {
     /// Starts containerd with the CRI plugin, our snapshotter as the CRI snapshotter
     /// with snapshot annotations on, `sandbox` as the pod sandbox image, and plain HTTP
@@ -83,24 +98,39 @@ impl Containerd {
         sandbox: &str,
         registries: &[String],
     ) -> Self {
+        Self::start_cri_with(flavor, dir, Some(snapshotter_socket), sandbox, registries)
+    }
+
+    /// [`Self::start_cri`] with containerd's own overlayfs snapshotter, as on a node
+    /// whose models come through CSI volumes only.
+    pub fn start_cri_overlayfs(flavor: Flavor, dir: &Path, sandbox: &str, registries: &[String]) -> Self {
+        Self::start_cri_with(flavor, dir, None, sandbox, registries)
+    }
+
+    fn start_cri_with(
+        flavor: Flavor,
+        dir: &Path,
+        snapshotter_socket: Option<&Path>,
+        sandbox: &str,
+        registries: &[String],
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
         let certs = write_hosts(dir, registries);
         let common = state_and_sockets(dir, &socket);
+        let (proxy, snapshotter) = match snapshotter_socket {
+            Some(s) => (proxy_plugin(s, flavor == Flavor::V2), "modelpack"),
+            None => (String::new(), "overlayfs"),
+        };
         let config = match flavor {
             Flavor::V16 => format!(
                 r#"version = 2
-{common}
-[proxy_plugins]
-  [proxy_plugins.modelpack]
-    type = "snapshot"
-    address = "{snapshotter}"
-
+{common}{proxy}
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox}"
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "modelpack"
+    snapshotter = "{snapshotter}"
     disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs}"
@@ -108,22 +138,14 @@ impl Containerd {
     bin_dir = "{dir}/cni/bin"
     conf_dir = "{dir}/cni/conf"
 "#,
-                snapshotter = snapshotter_socket.display(),
                 certs = certs.display(),
                 dir = dir.display(),
             ),
             Flavor::V2 => format!(
                 r#"version = 3
-{common}
-[proxy_plugins]
-  [proxy_plugins.modelpack]
-    type = "snapshot"
-    address = "{snapshotter}"
-    [proxy_plugins.modelpack.exports]
-      enable_remote_snapshot_annotations = "true"
-
+{common}{proxy}
 [plugins.'io.containerd.cri.v1.images']
-  snapshotter = "modelpack"
+  snapshotter = "{snapshotter}"
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
     sandbox = "{sandbox}"
   [plugins.'io.containerd.cri.v1.images'.registry]
@@ -141,9 +163,8 @@ impl Containerd {
 
 [plugins.'io.containerd.transfer.v1.local']
   config_path = "{certs}"
-  unpack_config = [{{ platform = "linux/{arch}", snapshotter = "modelpack" }}]
+  unpack_config = [{{ platform = "linux/{arch}", snapshotter = "{snapshotter}" }}]
 "#,
-                snapshotter = snapshotter_socket.display(),
                 certs = certs.display(),
                 dir = dir.display(),
                 runc = super::which("runc").expect("runc installed").display(),
@@ -191,14 +212,9 @@ impl Containerd {
         let config = format!(
             r#"version = 2
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
-{common}
-[proxy_plugins]
-  [proxy_plugins.modelpack]
-    type = "snapshot"
-    address = "{snapshotter}"
-"#,
+{common}{proxy}"#,
             common = state_and_sockets(dir, &socket),
-            snapshotter = snapshotter_socket.display(),
+            proxy = proxy_plugin(snapshotter_socket, false),
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let mut c = Self::spawn(dir, socket, Path::new("containerd"), &std::env::var("PATH").unwrap_or_default());

@@ -1,14 +1,93 @@
 //! A CRI client (the `k8s-cri` crate's generated API) over containerd's socket, doing
 //! what kubelet does for one pod: pull, run a host-network sandbox, run a container,
-//! wait for it and read its log.
+//! wait for it and read its log. Also what every CRI test starts from: its
+//! prerequisites, and a registry with a model, a busybox image and a sandbox image.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{self as cri, ImageSpec};
+use sha2::Digest as _;
 use tonic::transport::Channel;
+
+use super::containerd::{containerd2_bin, push_busybox_image_with, Flavor};
+use super::proxy::FaultProxy;
+use super::{prerequisites, push_dir, read_tree, require_tools, run_bin, write_model_dir, TestRegistry};
+
+/// Whether a CRI test of `flavor` can run here (skip outside CI, fail in CI).
+pub fn cri_prerequisites(flavor: Flavor) -> bool {
+    if !prerequisites(true) || !require_tools(&["containerd", "runc", "containerd-shim-runc-v2", "busybox"]) {
+        return false;
+    }
+    if flavor == Flavor::V2 && containerd2_bin().is_none() {
+        let reason = "containerd 2.x is not in tools/containerd2 (run scripts/fetch-containerd2.sh)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{reason} (required when CI=true)");
+        eprintln!("skipping: {reason}");
+        return false;
+    }
+    true
+}
+
+/// A registry with a model (a plain ModelPack artifact), its companion, a busybox image
+/// and a sandbox image, all reached through a counting proxy.
+pub struct Fixture {
+    _registry: TestRegistry,
+    pub proxy: FaultProxy,
+    pub src: PathBuf,
+    pub model_bytes: u64,
+    /// The model as pushed (a plain artifact).
+    pub source: String,
+    pub companion: String,
+    pub busybox: String,
+    pub sandbox: String,
+}
+
+/// Builds the [`Fixture`], its model's files under `tmp/model`.
+pub fn fixture(tmp: &Path) -> Fixture {
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let src = tmp.join("model");
+    write_model_dir(&src, 4 << 20);
+    let model_bytes = read_tree(&src).values().map(|v| v.len() as u64).sum();
+    let source = format!("{}/models/demo:v1", proxy.addr());
+    push_dir(&src, &source, "raw");
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "convert: {stderr}");
+    let busybox = format!("{}/library/busybox:test", proxy.addr());
+    push_busybox_image_with(&busybox, &["/bin/sh"]);
+    let sandbox = format!("{}/library/sandbox:test", proxy.addr());
+    push_busybox_image_with(&sandbox, &["/bin/sleep", "2147483647"]);
+    let companion = format!("{source}-lazy");
+    Fixture { _registry: registry, proxy, src, model_bytes, source, companion, busybox, sandbox }
+}
+
+/// sha256 of every file under `dir`, by relative path.
+pub fn sums(dir: &Path) -> BTreeMap<String, String> {
+    read_tree(dir).into_iter().map(|(p, data)| (p, hex::encode(sha2::Sha256::digest(&data)))).collect()
+}
+
+/// A shell script (for busybox) printing `sha256sum` of every file under `dir`, read
+/// back by [`printed_sums`].
+pub fn sha256_every_file(dir: &str) -> String {
+    format!("cd {dir} && find . -type f | sort | while read f; do sha256sum \"$f\"; done")
+}
+
+/// The sums a container running [`sha256_every_file`] printed, by relative path.
+pub fn printed_sums(log: &str) -> BTreeMap<String, String> {
+    log.lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sum, path)| (path.trim_start_matches("./").to_owned(), sum.to_owned()))
+        .collect()
+}
+
+/// The uid [`Cri::run_sandbox`] gives the pod named `name` (kubelet's pod directory
+/// is named after it).
+pub fn pod_uid(name: &str) -> String {
+    format!("{name}-uid")
+}
 
 /// Both CRI services on one connection.
 pub struct Cri {
@@ -40,7 +119,7 @@ impl Cri {
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
-                uid: format!("{name}-uid"),
+                uid: pod_uid(name),
                 namespace: "default".into(),
                 attempt: 0,
             }),

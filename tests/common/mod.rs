@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod csi;
 pub mod liar;
 pub mod podman;
 pub mod proxy;
