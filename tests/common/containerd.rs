@@ -364,6 +364,16 @@ pub fn push_ordinary_image(reference: &str, dir: &Path) {
 /// `dir`, pushed to the registry at `addr` as `models/bench:v1` and converted, and an
 /// ordinary image of the same bytes (`models/bench-image:v1`): (companion, ordinary).
 pub fn push_bench_model(dir: &Path, addr: &str, size: u64) -> (String, String) {
+    make_bench_model(dir, size);
+    let (_, companion) = push_bench_artifact(dir, addr);
+    let ordinary = format!("{addr}/models/bench-image:v1");
+    push_ordinary_image(&ordinary, dir);
+    (companion, ordinary)
+}
+
+/// Writes a generated safetensors model of `size` bytes in two shards
+/// (`model-0000{1,2}-of-00002.safetensors`) into `dir`, with `scripts/make_model.py`.
+pub fn make_bench_model(dir: &Path, size: u64) {
     let status = std::process::Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_model.py"))
         .arg(dir)
@@ -371,11 +381,15 @@ pub fn push_bench_model(dir: &Path, addr: &str, size: u64) -> (String, String) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Pushes the model in `dir` to the registry at `addr` as the plain artifact
+/// `models/bench:v1` and converts it: (artifact, companion).
+pub fn push_bench_artifact(dir: &Path, addr: &str) -> (String, String) {
     let source = format!("{addr}/models/bench:v1");
     super::push_dir(dir, &source, "raw");
     let (ok, _, err) = super::run_bin(&["convert", &source]);
     assert!(ok, "{err}");
-    let ordinary = format!("{addr}/models/bench-image:v1");
-    push_ordinary_image(&ordinary, dir);
-    (format!("{source}-lazy"), ordinary)
+    let companion = format!("{source}-lazy");
+    (source, companion)
 }
