@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use common::containerd::{Containerd, Flavor};
 use common::cri::{cri_prerequisites, fixture, pod_uid, printed_sums, sha256_every_file, sums, Cri};
 use common::csi::{capability, node_client, publish, unpublish, Kubelet, NodeClient};
-use common::proxy::FaultProxy;
+use common::proxy::{Fault, FaultProxy};
 use common::*;
 use k8s_cri::v1 as cri;
 use modelpack_snapshotter::csi::proto::v1 as csi;
@@ -447,4 +447,36 @@ async fn a_pod_reads_a_published_model_through_containerd_2_cri() {
 
     drop((cri, node, containerd, kubelet, serve));
     assert_eq!(mounts_under(tmp.path()), Vec::<String>::new(), "nothing is left mounted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_reference_is_served_through_the_companion_its_referrers_name() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Scene::build converts the model: its referrers tag names the companion.
+    let scene = Scene::build(tmp.path(), "");
+    let mut node = scene.node().await;
+    let target = scene.target("checked");
+    node.node_publish_volume(publish("v", &target, &[("modelRef", &scene.plain)])).await.unwrap();
+    // The registry now flips bits in blob bodies: every byte served is right, or the read
+    // fails; none is wrong.
+    // The largest file first: its blob spans chunks, which only the index can check
+    // one by one.
+    scene.proxy.set_fault(Fault::Corrupt, 3);
+    let mut files: Vec<(String, Vec<u8>)> = read_tree(&scene.src).into_iter().collect();
+    files.sort_by_key(|(_, bytes)| std::cmp::Reverse(bytes.len()));
+    for (path, bytes) in files {
+        match std::fs::read(target.join(&path)) {
+            Ok(got) => assert!(got == bytes, "{path}: wrong bytes served ({} bytes)", got.len()),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path}: {e}"),
+        }
+    }
+    scene.proxy.clear_fault();
+    assert_same_tree(&scene.src, &target);
+    node.node_unpublish_volume(unpublish("v", &target)).await.unwrap();
+    let log = scene.log();
+    assert!(log.contains("serving the model through the lazy index"), "{log}");
+    assert!(log.contains("failed verification"), "the corrupt bodies were caught: {log}");
 }
