@@ -39,18 +39,25 @@ fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
 }
 
-/// Checks a publish request the way the CSI specification asks, and parses it.
-fn parse_publish(request: &csi::NodePublishVolumeRequest, helper_timeout: Duration) -> Result<Publish, Status> {
-    if request.volume_id.is_empty() {
+/// The target of a request naming `volume_id` and `target_path`, both required, the
+/// target absolute.
+fn target_of(volume_id: &str, target_path: &str) -> Result<PathBuf, Status> {
+    if volume_id.is_empty() {
         return Err(invalid("volume_id is missing"));
     }
-    if request.target_path.is_empty() {
+    if target_path.is_empty() {
         return Err(invalid("target_path is missing"));
     }
-    let target = PathBuf::from(&request.target_path);
+    let target = PathBuf::from(target_path);
     if !target.is_absolute() {
-        return Err(invalid(format!("target_path {:?} is not absolute", request.target_path)));
+        return Err(invalid(format!("target_path {target_path:?} is not absolute")));
     }
+    Ok(target)
+}
+
+/// Checks a publish request the way the CSI specification asks, and parses it.
+fn parse_publish(request: &csi::NodePublishVolumeRequest, helper_timeout: Duration) -> Result<Publish, Status> {
+    let target = target_of(&request.volume_id, &request.target_path)?;
     let Some(capability) = &request.volume_capability else { return Err(invalid("volume_capability is missing")) };
     match capability.access_type {
         Some(csi::volume_capability::AccessType::Mount(_)) => {}
@@ -155,16 +162,7 @@ impl csi::node_server::Node for CsiGrpc {
         request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let request = request.into_inner();
-        if request.volume_id.is_empty() {
-            return Err(invalid("volume_id is missing"));
-        }
-        if request.target_path.is_empty() {
-            return Err(invalid("target_path is missing"));
-        }
-        let target = PathBuf::from(&request.target_path);
-        if !target.is_absolute() {
-            return Err(invalid(format!("target_path {:?} is not absolute", request.target_path)));
-        }
+        let target = target_of(&request.volume_id, &request.target_path)?;
         self.node.unpublish(&request.volume_id, &target).await.map_err(|e| status_of(&e))?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
