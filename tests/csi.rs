@@ -216,6 +216,19 @@ async fn errors_are_the_codes_the_specification_gives() {
     assert!(e.message().contains(&down), "the cause names the reference: {}", e.message());
     assert!(!target.exists() || mount_options(&target).is_none(), "a failed publish leaves no mount");
 
+    // A path kubelet names that holds somebody else's mount is neither replaced by a
+    // publish nor unmounted by the unpublish of a volume this plugin does not know.
+    let foreign = scene.target("foreign");
+    let other = tmp.path().join("other-mount");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    modelpack_snapshotter::fs::bind_read_only(&other, &foreign).unwrap();
+    let e = node.node_publish_volume(publish("f", &foreign, &model)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    node.node_unpublish_volume(unpublish("f", &foreign)).await.unwrap();
+    assert!(mount_options(&foreign).is_some(), "an unknown volume's unpublish unmounted somebody's mount");
+    modelpack_snapshotter::fs::detach(&foreign).unwrap();
+
     // require_lazy_index refuses a plain artifact with no companion, naming convert.
     let bare = format!("{}/models/bare:v1", scene.proxy.addr());
     push_dir(&scene.src, &bare, "raw");

@@ -297,11 +297,15 @@ impl CsiNode {
             let shared = self.mount_model(request, dir).await?;
             state.models.insert(model.clone(), shared);
         }
+        // A mount already at the target is replaced only if it is this volume's own, left
+        // by an earlier process: nothing else at a path kubelet names is ours to unmount.
+        let record_key = record_key(&request.volume_id, &request.target);
+        let ours = self.records.get::<VolumeRecord>(&record_key)?.is_some();
         let shared = state.models.get_mut(&model).expect("mounted above");
         // Counted before the bind, so that a failed bind releases it like any other.
         shared.users += 1;
         let (dir, target) = (shared.dir.clone(), request.target.clone());
-        let bound = tokio::task::spawn_blocking(move || bind(&dir, &target))
+        let bound = tokio::task::spawn_blocking(move || bind(&dir, &target, ours))
             .await
             .map_err(|e| mount_err("the volume", &request.target, std::io::Error::other(e)))
             .and_then(|bound| bound);
@@ -315,17 +319,26 @@ impl CsiNode {
             reference: request.reference.clone(),
             exclusions: request.exclusions.clone(),
         };
-        self.records.update(&record_key(&request.volume_id, &request.target), |_| Some(recorded))?;
+        if let Err(e) = self.records.update(&record_key, |_| Some(recorded)) {
+            let _ = unbind(&request.target);
+            release(&mut state, &model);
+            return Err(e.into());
+        }
         state.volumes.insert(key, model);
         tracing::info!(volume = %request.volume_id, target = %request.target.display(), reference = %request.reference, "volume published");
         Ok(())
     }
 
     /// Unpublishes volume `volume_id` at `target`: the bind removed (and the target
-    /// directory), the model unmounted with its last volume. A volume not published is
-    /// not an error; a leftover mount at its target is removed all the same.
+    /// directory), the model unmounted with its last volume. A volume not published (and
+    /// not recorded) is not an error, and nothing at its target is touched.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
         let mut state = self.state.lock().await;
+        let key = record_key(volume_id, target);
+        let known = state.volumes.contains_key(&(volume_id.to_owned(), target.to_owned()));
+        if !known && self.records.get::<VolumeRecord>(&key)?.is_none() {
+            return Ok(());
+        }
         let target_owned = target.to_owned();
         tokio::task::spawn_blocking(move || unbind(&target_owned))
             .await
@@ -334,7 +347,7 @@ impl CsiNode {
             release(&mut state, &model);
             tracing::info!(volume = volume_id, target = %target.display(), "volume unpublished");
         }
-        self.records.update(&record_key(volume_id, target), |_: Option<VolumeRecord>| None)?;
+        self.records.update(&key, |_: Option<VolumeRecord>| None)?;
         Ok(())
     }
 
@@ -392,10 +405,16 @@ fn release(state: &mut State, model: &ModelKey) {
     }
 }
 
-/// Binds the model at `dir` to `target` (created if missing), replacing a dead mount an
-/// earlier process left there.
-fn bind(dir: &Path, target: &Path) -> Result<(), CsiError> {
+/// Binds the model at `dir` to `target` (created if missing). A mount already there is
+/// replaced if it is `ours` (left by an earlier process), else refused.
+fn bind(dir: &Path, target: &Path, ours: bool) -> Result<(), CsiError> {
     if fs::is_mountpoint(target) {
+        if !ours {
+            return Err(CsiError::InvalidArgument(format!(
+                "target_path {} is already a mount point, not of this volume",
+                target.display()
+            )));
+        }
         fs::detach(target).map_err(|e| mount_err("the volume", target, e))?;
     }
     std::fs::create_dir_all(target).map_err(|e| mount_err("the volume", target, e))?;
