@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use bytes::Bytes;
-use common::liar::LyingRegistry;
+use common::liar::WeightForgery;
 use common::proxy::{Fault, FaultProxy};
 use common::*;
 use modelpack_snapshotter::companion::index_from_tar;
@@ -214,17 +213,9 @@ async fn forged_referrers_are_ignored() {
     let b_companions = referrers_tag(&model_b).await.referrers().to_vec();
     // Forgery 2: A's manifest, but the source in the attacker's registry, which answers
     // A's weight with other bytes, and chunk digests of those bytes.
-    let honest_weight = std::fs::read(src_a.join(WEIGHT)).unwrap();
-    let forged_weight: Vec<u8> = honest_weight.iter().map(|b| b ^ 0x5a).collect();
-    let weight_digest = Digest::of(&honest_weight).to_string();
-    let mut blobs: HashMap<String, Vec<u8>> =
-        read_tree(&src_a).into_values().map(|data| (Digest::of(&data).to_string(), data)).collect();
-    blobs.insert(weight_digest.clone(), forged_weight.clone());
-    let liar = LyingRegistry::start(blobs);
+    let forgery = WeightForgery::start(&src_a, WEIGHT);
     let mut forged = index_of(&honest_elsewhere).await;
-    forged.source.reference = format!("{}/models/m@{digest_a}", liar.addr());
-    let blob = forged.blobs.iter_mut().find(|b| b.digest == weight_digest).unwrap();
-    blob.chunks = forged_weight.chunks(forged.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+    forgery.forge(&mut forged, "models/m");
     let liars = publish_referrer(&repo, &forged, &digest_a).await;
     let mut listed = b_companions.clone();
     listed.push(liars);
@@ -245,8 +236,7 @@ async fn forged_referrers_are_ignored() {
     // Forgery 3: A's manifest in A's repository, with wrong chunk digests: it is used,
     // and the reads it cannot vouch for fail; nothing wrong is served.
     let mut wrong = index_of(&honest_elsewhere).await;
-    let blob = wrong.blobs.iter_mut().find(|b| b.digest == weight_digest).unwrap();
-    blob.chunks = forged_weight.chunks(wrong.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+    forgery.vouch(&mut wrong);
     wrong.source.reference = format!("{repo}@{digest_a}");
     let wrong = publish_referrer(&repo, &wrong, &digest_a).await;
     assert!(add_referrers(&registry_of(&model_a), &digest_a, &[wrong]).await.unwrap());

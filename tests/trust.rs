@@ -9,11 +9,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::liar::LyingRegistry;
+use common::liar::WeightForgery;
 use common::*;
 use modelpack_snapshotter::companion::index_from_tar;
 use modelpack_snapshotter::modelpack::index::LazyIndex;
@@ -28,7 +27,7 @@ const SHARD: usize = 9 << 20;
 /// An honest model with its companion, and the attacker's forged companion.
 struct Scene {
     _registry: TestRegistry,
-    _liar: LyingRegistry,
+    _forgery: WeightForgery,
     /// The honest model's files.
     src: PathBuf,
     /// The honest artifact.
@@ -51,33 +50,22 @@ impl Scene {
         assert!(ok, "{stderr}");
         let honest_companion = format!("{source}-lazy");
 
-        let honest_weight = std::fs::read(src.join(WEIGHT)).unwrap();
-        let forged_weight: Vec<u8> = honest_weight.iter().map(|b| b ^ 0x5a).collect();
-        let weight_digest = Digest::of(&honest_weight).to_string();
-        // The liar answers every other blob of the model honestly, so that the forged
-        // model works until its index is caught.
-        let mut blobs: HashMap<String, Vec<u8>> =
-            read_tree(&src).into_values().map(|data| (Digest::of(&data).to_string(), data)).collect();
-        blobs.insert(weight_digest.clone(), forged_weight.clone());
-        let liar = LyingRegistry::start(blobs);
-
-        // The honest index, with the forged bytes' chunk digests and the liar as source.
+        // The liar answers every other blob of the model honestly; the honest index gets
+        // the forged bytes' chunk digests and the liar as source.
+        let forgery = WeightForgery::start(&src, WEIGHT);
         let mut index = honest_index(&honest_companion).await;
-        let manifest_digest = index.source.manifest_digest.clone();
-        index.source.reference = format!("{}/evil/model@{manifest_digest}", liar.addr());
-        let blob = index.blobs.iter_mut().find(|b| b.digest == weight_digest).expect("weight blob in the index");
-        blob.chunks = forged_weight.chunks(index.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+        forgery.forge(&mut index, "evil/model");
         let forged_companion = format!("{}/evil/companion:v1", registry.addr());
         tokio::task::block_in_place(|| publish_companion(&forged_companion, &index));
         let forged_index = Digest::of(&index.to_json());
         Self {
             _registry: registry,
-            _liar: liar,
+            forged_weight: forgery.forged.clone(),
+            _forgery: forgery,
             src,
             source,
             honest_companion,
             forged_companion,
-            forged_weight,
             forged_index,
         }
     }

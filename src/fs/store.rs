@@ -224,11 +224,13 @@ impl StoreFs {
             Node::Root => {
                 out.push((".".to_owned(), ROOT, FileType::Directory));
                 out.push(("..".to_owned(), ROOT, FileType::Directory));
-                let mut names: Vec<String> = layers.iter().map(|l| encode_reference(&l.path.reference)).collect();
-                names.dedup();
-                for name in names {
-                    let reference = crate::layerstore::decode_reference(&name).ok()?;
-                    out.push((name.clone(), self.inner.reference_ino(&name, &reference), FileType::Directory));
+                // Sorted by reference, so each reference's layers are adjacent.
+                let mut references: Vec<&str> = layers.iter().map(|l| l.path.reference.as_str()).collect();
+                references.dedup();
+                for reference in references {
+                    let name = encode_reference(reference);
+                    let ino = self.inner.reference_ino(&name, reference);
+                    out.push((name, ino, FileType::Directory));
                 }
             }
             Node::Reference(ino) => {

@@ -34,7 +34,7 @@ pub enum SelectError {
 struct Rule {
     keep: bool,
     /// `None`: a pattern that can match no file (a directory pattern, `dir/`).
-    glob: Option<String>,
+    glob: Option<glob::Pattern>,
 }
 
 /// Which layers to serve.
@@ -79,10 +79,11 @@ impl Selection {
             // Matched against a base name alone: an anchor or a leading `**/` changes
             // nothing, a directory pattern matches no file.
             let glob = glob.strip_prefix("**/").or_else(|| glob.strip_prefix('/')).unwrap_or(glob);
-            let glob = (!glob.is_empty() && !glob.ends_with('/')).then(|| glob.to_owned());
-            if let Some(g) = &glob {
-                glob::Pattern::new(g).map_err(|e| SelectError::Patterns(format!("{pattern:?}: {e}")))?;
-            }
+            let glob = if glob.is_empty() || glob.ends_with('/') {
+                None
+            } else {
+                Some(glob::Pattern::new(glob).map_err(|e| SelectError::Patterns(format!("{pattern:?}: {e}")))?)
+            };
             rules.push(Rule { keep, glob });
         }
         Ok(Self { exclude_weights, rules })
@@ -103,9 +104,8 @@ impl Selection {
         let name = path.rsplit('/').next().unwrap_or(path);
         let options =
             glob::MatchOptions { case_sensitive: true, require_literal_separator: true, ..Default::default() };
-        let decided = self.rules.iter().rev().find(|rule| {
-            rule.glob.as_deref().is_some_and(|g| glob::Pattern::new(g).is_ok_and(|p| p.matches_with(name, options)))
-        });
+        let decided =
+            self.rules.iter().rev().find(|rule| rule.glob.as_ref().is_some_and(|g| g.matches_with(name, options)));
         match decided {
             Some(rule) => rule.keep,
             None => !(self.exclude_weights && is_weight(path)),

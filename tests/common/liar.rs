@@ -6,9 +6,13 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use modelpack_snapshotter::modelpack::index::LazyIndex;
+use modelpack_snapshotter::modelpack::Digest;
 
 pub struct LyingRegistry {
     pub port: u16,
@@ -42,6 +46,44 @@ impl LyingRegistry {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// The attacker of one weight file of a model: a lying registry that answers every blob
+/// of the model in `src` honestly except that file's, which it answers with other bytes
+/// of the same length, so that a forged model works until its index is caught.
+pub struct WeightForgery {
+    pub liar: LyingRegistry,
+    /// The honest weight blob's digest.
+    pub digest: String,
+    /// What the liar answers for it.
+    pub forged: Vec<u8>,
+}
+
+impl WeightForgery {
+    /// Forges `weight` (a path in `src`).
+    pub fn start(src: &Path, weight: &str) -> Self {
+        let honest = std::fs::read(src.join(weight)).unwrap();
+        let forged: Vec<u8> = honest.iter().map(|b| b ^ 0x5a).collect();
+        let digest = Digest::of(&honest).to_string();
+        let mut blobs: HashMap<String, Vec<u8>> =
+            super::read_tree(src).into_values().map(|data| (Digest::of(&data).to_string(), data)).collect();
+        blobs.insert(digest.clone(), forged.clone());
+        Self { liar: LyingRegistry::start(blobs), digest, forged }
+    }
+
+    /// Makes `index` vouch for the forged bytes: the weight blob's chunk digests those of
+    /// the forged bytes.
+    pub fn vouch(&self, index: &mut LazyIndex) {
+        let blob = index.blobs.iter_mut().find(|b| b.digest == self.digest).expect("weight blob in the index");
+        blob.chunks = self.forged.chunks(index.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+    }
+
+    /// Makes `index` vouch for the forged bytes and name `repository` on the liar as its
+    /// source (the same manifest digest).
+    pub fn forge(&self, index: &mut LazyIndex, repository: &str) {
+        self.vouch(index);
+        index.source.reference = format!("{}/{repository}@{}", self.liar.addr(), index.source.manifest_digest);
     }
 }
 

@@ -500,6 +500,8 @@ impl SnapshotterProcess {
             .args(args)
             .arg("--config")
             .arg(config)
+            // Plain text, so that tests can look for `key=value` in what it logs.
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
