@@ -367,18 +367,21 @@ impl BlobStore {
     }
 
     /// Starts fetching the chunks covering `len` bytes from `offset` that are neither
-    /// cached nor already in flight, without waiting for them.
-    pub fn read_ahead(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64) {
-        if offset >= blob.size {
+    /// cached nor already in flight, without waiting for them. With `whole_groups`, the
+    /// window is widened to whole groups of `stream_request_chunks` chunks (a stream);
+    /// without, it ends where asked (the end of a tensor a reader jumped to).
+    pub fn read_ahead(self: &Arc<Self>, blob: &BlobInfo, offset: u64, len: u64, whole_groups: bool) {
+        if offset >= blob.size || len == 0 {
             return;
         }
         let cs = self.settings.chunk_size;
         let per_request = self.settings.stream_request_chunks.max(1);
-        // The window is widened to whole groups of `per_request` chunks, and runs never
-        // cross a group boundary: as a reader's window slides a chunk at a time, each new
-        // request still covers a whole group instead of the one chunk that just entered.
+        // Runs never cross a group boundary of `per_request` chunks: as a reader's window
+        // slides a chunk at a time, each new request still covers a whole group instead
+        // of the one chunk that just entered.
         let last = (blob.size.min(offset.saturating_add(len)) - 1) / cs;
-        let last = ((last / per_request + 1) * per_request - 1).min(self.chunk_count(blob) - 1);
+        let last = if whole_groups { (last / per_request + 1) * per_request - 1 } else { last };
+        let last = last.min(self.chunk_count(blob) - 1);
         let mut index = offset / cs;
         // Runs of missing chunks, registered as in flight under one lock so that readers
         // arriving meanwhile join them instead of fetching again.
@@ -1021,21 +1024,36 @@ mod tests {
         // Chunk 0 on demand; then chunks 1..=8 ahead, widened to the end of their group
         // of four: runs 1..=3, 4..=7 and 8..=11.
         assert_eq!(store.read(&blob, 0, 10).await.unwrap(), data[..10]);
-        store.read_ahead(&blob, 1024, 8 * 1024);
+        store.read_ahead(&blob, 1024, 8 * 1024, true);
         // A reader arriving while a run is in flight joins it.
         assert_eq!(store.read(&blob, 2048 + 5, 100).await.unwrap(), data[2053..2153]);
         settle(1..=11).await;
         assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 3, "one request per group");
         // The window slides one chunk further: the whole next group comes in one request.
-        store.read_ahead(&blob, 9 * 1024, 4 * 1024);
+        store.read_ahead(&blob, 9 * 1024, 4 * 1024, true);
         settle(12..=15).await;
         assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 4);
         // The last group stops at the blob's end (chunks 16..=19).
-        store.read_ahead(&blob, 16 * 1024, 1);
+        store.read_ahead(&blob, 16 * 1024, 1, true);
         settle(16..=19).await;
         assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 5);
         assert_eq!(store.read(&blob, 1024, 18_000).await.unwrap(), data[1024..19_024]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 1 + 5, "all served from the cache");
+    }
+
+    #[tokio::test]
+    async fn read_ahead_can_end_where_asked() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let blob = info(&data);
+        let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
+        let (store, source, _dir) = store_with(&[&data], settings, None);
+        // Bytes 1024..3073 lie in chunks 1..=3: those alone, not the rest of the group.
+        store.read_ahead(&blob, 1024, 2 * 1024 + 1, false);
+        store.settle().await;
+        let cached: Vec<u64> =
+            (0..20).filter(|&i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i })).collect();
+        assert_eq!(cached, [1, 2, 3]);
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1);
     }
 
     /// Stores over one shared cache, as `serve` has one per model: each serves `blobs`

@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 
 use crate::blob::BlobError;
 use crate::model::{LayerData, Model};
+use crate::modelpack::safetensors::{self, TensorSpans};
 use crate::modelpack::tree::{FileSource, Node, NodeKind, ROOT_INO};
 
 /// Entries and attributes never change while mounted.
@@ -83,6 +84,26 @@ fn read_ahead_window(streak: u64, chunk_size: u64, max: u64) -> u64 {
     }
 }
 
+/// Where read-ahead of a read ending at `end` must stop, when the file's tensor spans are
+/// known. A reader whose streak of `streak` bytes began in one tensor (a loader that
+/// jumped to it) gets read-ahead up to that tensor's end and no further, until it has
+/// read `grace` bytes past it: the kernel's own read-ahead runs on past the reader by up
+/// to a couple of its windows, and only a reader that keeps going is a stream. A streak
+/// that began in the last kernel window of the tensor before counts as beginning in the
+/// next one (the kernel reads whole pages, and reads around an `mmap` fault from before
+/// it); one that began outside every tensor (the header) is a stream from the start.
+fn read_ahead_stop(spans: Option<&TensorSpans>, end: u64, streak: u64, grace: u64) -> Option<u64> {
+    let spans = spans?;
+    let began = end.saturating_sub(streak);
+    let (_, mut jumped_end) = spans.span_at(began)?;
+    if jumped_end - began <= u64::from(MAX_READAHEAD) {
+        if let Some((_, next_end)) = spans.span_at(jumped_end) {
+            jumped_end = next_end;
+        }
+    }
+    (end <= jumped_end.saturating_add(grace)).then_some(jumped_end)
+}
+
 /// The filesystem served for one model.
 #[derive(Debug)]
 pub struct ModelFs {
@@ -103,6 +124,9 @@ pub struct ModelFs {
     /// the backing file of the latter. The kernel refuses to mix the two modes on one
     /// inode, so an inode switches to passthrough only when no cached open remains.
     modes: Mutex<HashMap<u64, InodeMode>>,
+    /// Per safetensors file: its tensor spans, read from its header after the first read
+    /// at its start (`None` while being read, or when it could not be).
+    tensors: Arc<Mutex<HashMap<u64, Option<Arc<TensorSpans>>>>>,
 }
 
 /// See [`ModelFs::modes`].
@@ -132,6 +156,7 @@ impl ModelFs {
             readahead_bytes,
             passthrough,
             modes: Mutex::new(HashMap::new()),
+            tensors: Arc::default(),
             base,
             root_parent,
         }
@@ -250,6 +275,21 @@ async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -
     }
 }
 
+/// The tensor spans of a safetensors file, from its header (read through the cache,
+/// which holds it once the reader has read it); None when the header is not one.
+async fn tensor_spans(model: &Model, source: &FileSource) -> Option<TensorSpans> {
+    let prefix = read_file(model, source, 0, 8).await.ok()?;
+    let len = safetensors::header_len(prefix[..].try_into().ok()?, source.size).ok()?;
+    let header = read_file(model, source, 8, len).await.ok()?;
+    match TensorSpans::parse(&header, source.size) {
+        Ok(spans) => Some(spans),
+        Err(e) => {
+            tracing::debug!(reference = %model.reference, error = %e, "no tensor spans: read-ahead ignores tensors");
+            None
+        }
+    }
+}
+
 impl Filesystem for ModelFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.passthrough = negotiate(config, self.model.store.passthrough_wanted());
@@ -338,16 +378,34 @@ impl Filesystem for ModelFs {
         let source = *source;
         let open = self.open_files.lock().expect("open files lock").get(&fh.0).cloned();
         let model = self.model.clone();
+        let end = offset + u64::from(size);
         // Recorded here, in the order the kernel sent the reads: the tasks below may run
         // in any order.
-        let ahead = open.map_or(0, |open| {
-            read_ahead_window(open.record(offset, u64::from(size)), model.store.chunk_size(), self.readahead_bytes)
-        });
+        let streak = open.map_or(0, |open| open.record(offset, u64::from(size)));
+        let ahead = read_ahead_window(streak, model.store.chunk_size(), self.readahead_bytes);
+        let (stop, load_spans) = {
+            let mut tensors = self.tensors.lock().expect("tensors lock");
+            let known = tensors.get(&ino).and_then(|spans| spans.clone());
+            let grace = model.store.chunk_size();
+            let stop = if ahead > 0 { read_ahead_stop(known.as_deref(), end, streak, grace) } else { None };
+            let is_safetensors =
+                self.model.tree.get(ino).is_some_and(|node| node.name.ends_with(".safetensors"));
+            let load = offset == 0 && is_safetensors && !tensors.contains_key(&ino);
+            if load {
+                tensors.insert(ino, None);
+            }
+            (stop, load)
+        };
+        let tensors = self.tensors.clone();
+        tracing::trace!(ino, offset, size, streak, ahead, ?stop, "read");
         self.runtime.spawn(async move {
-            let end = offset + u64::from(size);
             if ahead > 0 && end < source.size {
                 if let LayerData::Remote(blob) = &model.layers[source.layer] {
-                    model.store.read_ahead(blob, source.offset + end, ahead.min(source.size - end));
+                    let until = stop.unwrap_or(source.size).min(end.saturating_add(ahead)).min(source.size);
+                    if until > end {
+                        let whole_groups = stop.is_none();
+                        model.store.read_ahead(blob, source.offset + end, until - end, whole_groups);
+                    }
                 }
             }
             match read_file(&model, &source, offset, u64::from(size)).await {
@@ -356,6 +414,10 @@ impl Filesystem for ModelFs {
                     tracing::error!(reference = %model.reference, ino, offset, size, error = %e, "read failed");
                     reply.error(errno_of(&e));
                 }
+            }
+            if load_spans {
+                let spans = tensor_spans(&model, &source).await.map(Arc::new);
+                tensors.lock().expect("tensors lock").insert(ino, spans);
             }
         });
     }
@@ -568,6 +630,37 @@ pub fn detach(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_ahead_stops_at_the_end_of_a_tensor_jumped_to() {
+        const MIB: u64 = 1 << 20;
+        let h = format!(
+            r#"{{"a":{{"data_offsets":[0,{}]}},"b":{{"data_offsets":[{},{}]}},"c":{{"data_offsets":[{},{}]}}}}"#,
+            8 * MIB,
+            8 * MIB,
+            24 * MIB,
+            24 * MIB,
+            40 * MIB
+        );
+        let base = 8 + h.len() as u64;
+        let spans = TensorSpans::parse(h.as_bytes(), base + 40 * MIB).unwrap();
+        let (b_start, b_end) = (base + 8 * MIB, base + 24 * MIB);
+        let stop = |end, streak| read_ahead_stop(Some(&spans), end, streak, 4 * MIB);
+        // A reader that jumped to tensor b: read-ahead stops at b's end...
+        assert_eq!(stop(b_start + 5 * MIB, 5 * MIB), Some(b_end));
+        // ...also when the kernel began a page, or half a read-around window, before it...
+        assert_eq!(stop(b_start + 5 * MIB, 5 * MIB + MIB / 2), Some(b_end));
+        // ...and while the kernel reads on past b's end; a reader that keeps going streams.
+        assert_eq!(stop(b_end + 2 * MIB, 18 * MIB), Some(b_end));
+        assert_eq!(stop(b_end + 5 * MIB, 21 * MIB), None);
+        // A reader that began in a's middle and streams on into b: read-ahead past a's end
+        // only once it is well into b.
+        assert_eq!(stop(base + 6 * MIB, 4 * MIB), Some(b_start));
+        assert_eq!(stop(b_start + 5 * MIB, 11 * MIB), None);
+        // From the header (a copy of the whole file), or spans unknown: no stop.
+        assert_eq!(stop(base + 5 * MIB, base + 5 * MIB), None);
+        assert_eq!(read_ahead_stop(None, b_start + 5 * MIB, 5 * MIB, 4 * MIB), None);
+    }
 
     #[test]
     fn read_ahead_starts_after_a_chunk_in_a_row() {
