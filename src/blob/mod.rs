@@ -137,6 +137,10 @@ pub struct BlobStore {
     /// Known digests of pieces of blobs; each piece size divides the chunk size.
     digests: HashMap<Digest, ChunkDigests>,
     inflight: Mutex<HashMap<ChunkKey, ChunkFuture>>,
+    /// Chunks fetched for readers, kept in memory until a read reaches their end (or
+    /// newer ones push them out): a reader behind its read-ahead gets them from here,
+    /// not from the cache file (written with `O_DIRECT`, so not in the page cache).
+    resident: Mutex<Resident>,
     verifying: Mutex<HashSet<Digest>>,
     /// Held while a blob is hashed: one at a time.
     hashing: Mutex<()>,
@@ -179,6 +183,40 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// See [`BlobStore::resident`]: at most `cap` chunks, the oldest pushed out first.
+struct Resident {
+    chunks: HashMap<ChunkKey, Bytes>,
+    order: std::collections::VecDeque<ChunkKey>,
+    cap: usize,
+}
+
+impl Resident {
+    fn new(cap: usize) -> Self {
+        Self { chunks: HashMap::new(), order: std::collections::VecDeque::new(), cap: cap.max(1) }
+    }
+
+    fn insert(&mut self, key: ChunkKey, data: Bytes) {
+        if self.chunks.insert(key, data).is_none() {
+            self.order.push_back(key);
+        }
+        while self.chunks.len() > self.cap {
+            let Some(oldest) = self.order.pop_front() else { break };
+            self.chunks.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, key: &ChunkKey) {
+        if self.chunks.remove(key).is_some() {
+            self.order.retain(|k| k != key);
+        }
+    }
+
+    fn forget_blob(&mut self, blob: &Digest) {
+        self.chunks.retain(|k, _| k.blob != *blob);
+        self.order.retain(|k| k.blob != *blob);
+    }
+}
+
 impl BlobStore {
     /// A reader over `source`, caching in `cache`. With a lazy index's digests, every
     /// chunk of their blobs is checked against them and the store vouches as that index;
@@ -192,6 +230,8 @@ impl BlobStore {
     ) -> Arc<Self> {
         // A run takes a permit per chunk: there must be enough for the longest run.
         let permits = settings.pending_store_chunks.max(settings.stream_request_chunks).max(1) as usize;
+        // Room for a reader's whole read-ahead window and the request arriving beyond it.
+        let resident_chunks = (settings.readahead_chunks + settings.stream_request_chunks) as usize;
         let (voucher, digests) = match index {
             Some(IndexDigests { index, chunks }) => {
                 if let Err(e) = cache.load_condemned(&index) {
@@ -208,6 +248,7 @@ impl BlobStore {
             voucher,
             digests,
             inflight: Mutex::new(HashMap::new()),
+            resident: Mutex::new(Resident::new(resident_chunks)),
             verifying: Mutex::new(HashSet::new()),
             hashing: Mutex::new(()),
             runs: AtomicUsize::new(0),
@@ -315,18 +356,11 @@ impl BlobStore {
             return Err(BlobError::OutOfRange { blob: blob.digest, offset, len, size: blob.size });
         }
         let end = blob.size.min(offset.saturating_add(len));
-        let cs = self.settings.chunk_size;
-        // (chunk index, offset within the chunk, offset in the result, length)
-        let mut pieces = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let index = pos / cs;
-            let within = pos - index * cs;
-            let take = (cs - within).min(end - pos);
-            pieces.push((index, within, (pos - offset) as usize, take as usize));
-            pos += take;
-        }
+        let pieces = self.pieces(offset, end);
         self.check_serving()?;
+        if let Some(data) = self.take_resident(blob, &pieces, (end - offset) as usize) {
+            return Ok(data);
+        }
         let size = (end - offset) as usize;
         // Cached chunks this store does not trust yet are read whole, through `chunk`,
         // like missing ones.
@@ -364,6 +398,61 @@ impl BlobStore {
             out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
         }
         Ok(Bytes::from(out))
+    }
+
+    /// `len` bytes of `blob` at `offset` (clamped to the blob's end) if every chunk they
+    /// lie in was fetched for a reader and is still in memory; None otherwise. Never
+    /// waits: the FUSE layer answers such a read on the thread that received it.
+    pub fn read_in_memory(&self, blob: &BlobInfo, offset: u64, len: u64) -> Option<Bytes> {
+        if offset >= blob.size || self.check_serving().is_err() {
+            return None;
+        }
+        let end = blob.size.min(offset.saturating_add(len));
+        let pieces = self.pieces(offset, end);
+        self.take_resident(blob, &pieces, (end - offset) as usize)
+    }
+
+    /// The pieces `(chunk index, offset within the chunk, offset in the result, length)`
+    /// of the bytes from `offset` to `end`.
+    fn pieces(&self, offset: u64, end: u64) -> Vec<(u64, u64, usize, usize)> {
+        let cs = self.settings.chunk_size;
+        let mut pieces = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / cs;
+            let within = pos - index * cs;
+            let take = (cs - within).min(end - pos);
+            pieces.push((index, within, (pos - offset) as usize, take as usize));
+            pos += take;
+        }
+        pieces
+    }
+
+    /// The bytes of `pieces` (`size` in all) if every chunk is resident; a chunk read to
+    /// its end is dropped from memory (its reader has moved on).
+    fn take_resident(&self, blob: &BlobInfo, pieces: &[(u64, u64, usize, usize)], size: usize) -> Option<Bytes> {
+        let mut resident = self.resident.lock().expect("resident lock");
+        let mut parts = Vec::with_capacity(pieces.len());
+        for &(index, within, _, take) in pieces {
+            let key = ChunkKey { blob: blob.digest, index };
+            let chunk = resident.chunks.get(&key)?;
+            let within = within as usize;
+            parts.push((key, chunk.slice(within..within + take), within + take == chunk.len()));
+        }
+        for (key, _, consumed) in &parts {
+            if *consumed {
+                resident.remove(key);
+            }
+        }
+        drop(resident);
+        if let [(_, data, _)] = &parts[..] {
+            return Some(data.clone());
+        }
+        let mut out = Vec::with_capacity(size);
+        for (_, data, _) in parts {
+            out.extend_from_slice(&data);
+        }
+        Some(Bytes::from(out))
     }
 
     /// Starts fetching the chunks covering `len` bytes from `offset` that are neither
@@ -446,6 +535,12 @@ impl BlobStore {
             };
             match result {
                 Ok(chunks) => {
+                    if priority == Priority::OnDemand {
+                        let mut resident = this.resident.lock().expect("resident lock");
+                        for (i, chunk) in chunks.iter().enumerate() {
+                            resident.insert(ChunkKey { blob: blob.digest, index: first + i as u64 }, chunk.clone());
+                        }
+                    }
                     let _ = tx.send(Ok(chunks.clone()));
                     let stored = this.store_chunks(&blob, first, chunks.clone()).await;
                     drop(permits);
@@ -737,6 +832,8 @@ impl BlobStore {
             // A chunk went missing meanwhile: verification waits for the next completion.
             Ok(Verdict::Incomplete) => {}
             Ok(Verdict::Mismatch { actual, condemned }) => {
+                // Its chunks in memory are no better than the evicted ones.
+                self.resident.lock().expect("resident lock").forget_blob(&blob.digest);
                 self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(blob = %blob.digest, %actual, "integrity failure: cached blob does not match its digest; evicted it");
                 for index in condemned {
@@ -1053,6 +1150,26 @@ mod tests {
         let cached: Vec<u64> =
             (0..20).filter(|&i| store.cache().contains(&ChunkKey { blob: blob.digest, index: i })).collect();
         assert_eq!(cached, [1, 2, 3]);
+        assert_eq!(source.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn chunks_fetched_for_a_reader_stay_in_memory_until_read_to_their_end() {
+        let data: Vec<u8> = (0..8_000u32).map(|i| (i % 251) as u8).collect();
+        let blob = info(&data);
+        let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
+        let (store, source, _dir) = store_with(&[&data], settings, None);
+        assert_eq!(store.read_in_memory(&blob, 0, 10), None, "nothing fetched yet");
+        store.read_ahead(&blob, 0, 3 * 1024, false);
+        store.settle().await;
+        assert_eq!(store.read_in_memory(&blob, 10, 100).unwrap(), data[10..110]);
+        // A read across two chunks, to the end of the first: that one is dropped.
+        assert_eq!(store.read_in_memory(&blob, 1000, 100).unwrap(), data[1000..1100]);
+        assert_eq!(store.read_in_memory(&blob, 0, 10), None);
+        assert_eq!(store.read_in_memory(&blob, 2000, 1048).unwrap(), data[2000..3048]);
+        assert_eq!(store.read_in_memory(&blob, 3072, 10), None, "never fetched");
+        // What is not in memory any more comes from the cache, without a fetch.
+        assert_eq!(store.read(&blob, 0, 3072).await.unwrap(), data[..3072]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 1);
     }
 

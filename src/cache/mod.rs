@@ -83,9 +83,9 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -232,6 +232,9 @@ pub struct ChunkCache {
     /// The bound chunk size; 0 until [`Self::bind_chunk_size`].
     chunk_size: AtomicU64,
     next_reader: AtomicU64,
+    /// Whether chunk writes may bypass the page cache (see [`Self::write_chunk`]); cleared
+    /// the first time the file system refuses `O_DIRECT`.
+    direct: AtomicBool,
     /// Holds the advisory lock on the root for as long as the cache is open.
     _lock: File,
 }
@@ -321,6 +324,7 @@ impl ChunkCache {
             next_temp: AtomicU64::new(0),
             chunk_size: AtomicU64::new(0),
             next_reader: AtomicU64::new(1),
+            direct: AtomicBool::new(true),
             _lock: lock,
         };
         {
@@ -587,16 +591,8 @@ impl ChunkCache {
             self.drop_chunk(&mut inner, key);
         }
         let path = self.layout.data(&key.blob);
-        let written = private_file()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .and_then(|file| {
-                file.write_all_at(data, key.index * chunk_size)?;
-                file.metadata()
-            })
-            .map_err(io_error("write chunk to", &path))?;
+        let written =
+            self.write_chunk(&path, data, key.index * chunk_size).map_err(io_error("write chunk to", &path))?;
 
         let mut inner = self.lock();
         // The file may have been removed (evicted, or failed verification) while we
@@ -615,6 +611,33 @@ impl ChunkCache {
         inner.lru.put(*key, entry);
         self.evict(&mut inner, Some(key));
         Ok(Some(generation))
+    }
+
+    /// Writes `data` at `at` in the data file at `path`; returns the file's metadata.
+    /// Data whose memory, length and place are page-aligned (fetched chunks are: see
+    /// [`crate::registry::BODY_ALIGN`]) is written with `O_DIRECT`: it goes to the disk
+    /// without a copy into the page cache, which cost a fifth of the CPU of a cold read,
+    /// and without doubling the page cache the reader fills. Readers get fetched chunks
+    /// from memory, and whatever reads them from the file later reads it from the disk.
+    /// A file system that refuses `O_DIRECT` gets buffered writes from then on.
+    fn write_chunk(&self, path: &Path, data: &[u8], at: u64) -> io::Result<fs::Metadata> {
+        const ALIGN: usize = crate::registry::BODY_ALIGN;
+        let aligned = (data.as_ptr() as usize) % ALIGN == 0 && data.len() % ALIGN == 0 && at % ALIGN as u64 == 0;
+        let write = |flags: i32| {
+            let file = private_file().create(true).truncate(false).write(true).custom_flags(flags).open(path)?;
+            file.write_all_at(data, at)?;
+            file.metadata()
+        };
+        if aligned && self.direct.load(Ordering::Relaxed) {
+            match write(libc::O_DIRECT) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(path = %path.display(), "the cache's file system refuses O_DIRECT; writing through the page cache");
+                    self.direct.store(false, Ordering::Relaxed);
+                }
+                done => return done,
+            }
+        }
+        write(0)
     }
 
     /// Feeds chunks just stored from `first` on (their bytes, with the generations

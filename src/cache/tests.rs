@@ -737,3 +737,32 @@ fn chunks_fed_in_order_are_not_read_back_to_verify_their_blob() {
     cache.feed_hash(other, 0, &[(generation.map(|g| g + 1), &b"forged"[..])]);
     assert!(cache.lock().hashing.is_empty(), "a stale generation feeds nothing");
 }
+
+#[test]
+fn page_aligned_chunks_go_around_the_page_cache_and_read_back_the_same() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    // Page-aligned memory, as fetched bodies are; and an unaligned copy of the same
+    // bytes, written through the page cache.
+    let k = key("direct", 2);
+    let data = bytes_for(&k, CHUNK as usize);
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * CHUNK as usize);
+    let start = buf.as_ptr().align_offset(4096);
+    buf.resize(start, 0);
+    buf.extend_from_slice(&data);
+    let aligned = &buf[start..];
+    assert_eq!(aligned.as_ptr() as usize % 4096, 0);
+    cache.put(&k, aligned, &V).unwrap();
+    let k2 = key("direct", 0);
+    let data2 = bytes_for(&k2, CHUNK as usize);
+    let mut unaligned = vec![0u8; CHUNK as usize + 1];
+    unaligned[1..].copy_from_slice(&data2);
+    cache.put(&k2, &unaligned[1..], &V).unwrap();
+    assert_eq!(cache.get(&k, None).unwrap().as_deref(), Some(&data[..]));
+    assert_eq!(cache.get(&k2, None).unwrap().as_deref(), Some(&data2[..]));
+    // The file holds both at their places, a hole between them.
+    let file = fs::read(cache.layout.data(&k.blob)).unwrap();
+    assert_eq!(&file[2 * CHUNK as usize..], &data[..]);
+    assert_eq!(&file[..CHUNK as usize], &data2[..]);
+    assert!(file[CHUNK as usize..2 * CHUNK as usize].iter().all(|&b| b == 0));
+}

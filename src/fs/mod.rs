@@ -388,8 +388,7 @@ impl Filesystem for ModelFs {
             let known = tensors.get(&ino).and_then(|spans| spans.clone());
             let grace = model.store.chunk_size();
             let stop = if ahead > 0 { read_ahead_stop(known.as_deref(), end, streak, grace) } else { None };
-            let is_safetensors =
-                self.model.tree.get(ino).is_some_and(|node| node.name.ends_with(".safetensors"));
+            let is_safetensors = self.model.tree.get(ino).is_some_and(|node| node.name.ends_with(".safetensors"));
             let load = offset == 0 && is_safetensors && !tensors.contains_key(&ino);
             if load {
                 tensors.insert(ino, None);
@@ -397,17 +396,30 @@ impl Filesystem for ModelFs {
             (stop, load)
         };
         let tensors = self.tensors.clone();
-        tracing::trace!(ino, offset, size, streak, ahead, ?stop, "read");
-        self.runtime.spawn(async move {
+        if let LayerData::Remote(blob) = &model.layers[source.layer] {
             if ahead > 0 && end < source.size {
-                if let LayerData::Remote(blob) = &model.layers[source.layer] {
-                    let until = stop.unwrap_or(source.size).min(end.saturating_add(ahead)).min(source.size);
-                    if until > end {
-                        let whole_groups = stop.is_none();
-                        model.store.read_ahead(blob, source.offset + end, until - end, whole_groups);
-                    }
+                let until = stop.unwrap_or(source.size).min(end.saturating_add(ahead)).min(source.size);
+                if until > end {
+                    // Starts fetches on the runtime; waits for none of them.
+                    let _runtime = self.runtime.enter();
+                    model.store.read_ahead(blob, source.offset + end, until - end, stop.is_none());
                 }
             }
+            // Bytes a fetch for a reader left in memory are answered from this thread:
+            // no hand-off to another one, no read of the cache file.
+            let len = u64::from(size).min(source.size.saturating_sub(offset));
+            if let Some(data) = model.store.read_in_memory(blob, source.offset + offset, len) {
+                reply.data(&data);
+                if load_spans {
+                    self.runtime.spawn(async move {
+                        let spans = tensor_spans(&model, &source).await.map(Arc::new);
+                        tensors.lock().expect("tensors lock").insert(ino, spans);
+                    });
+                }
+                return;
+            }
+        }
+        self.runtime.spawn(async move {
             match read_file(&model, &source, offset, u64::from(size)).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => {

@@ -88,7 +88,9 @@ mod tests {
 
     #[test]
     fn spans_are_file_offsets_of_each_tensor() {
-        let h = header(r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"F16","shape":[2],"data_offsets":[4,12]},"a":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#);
+        let h = header(
+            r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"F16","shape":[2],"data_offsets":[4,12]},"a":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#,
+        );
         let base = 8 + h.len() as u64;
         let spans = TensorSpans::parse(&h, base + 12).unwrap();
         assert_eq!(spans.len(), 2);
@@ -104,7 +106,9 @@ mod tests {
         assert!(header_len((MAX_HEADER_BYTES + 1).to_le_bytes(), u64::MAX).is_err());
         assert!(header_len(100u64.to_le_bytes(), 50).is_err());
         assert_eq!(header_len(100u64.to_le_bytes(), 108).unwrap(), 100);
-        let h = header(r#"{"a":{"data_offsets":[10,2]},"b":{"data_offsets":[0,999999]},"c":{"data_offsets":[18446744073709551615,18446744073709551615]}}"#);
+        let h = header(
+            r#"{"a":{"data_offsets":[10,2]},"b":{"data_offsets":[0,999999]},"c":{"data_offsets":[18446744073709551615,18446744073709551615]}}"#,
+        );
         assert!(TensorSpans::parse(&h, 1000).unwrap().is_empty());
         assert!(TensorSpans::parse(b"not json", 1000).is_err());
         assert!(TensorSpans::parse(br#"{"a":{"data_offsets":"x"}}"#, 1000).is_err());

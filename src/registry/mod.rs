@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -350,7 +350,7 @@ impl Registry {
                 BlobResponse::Partial(s) => (s.stream, 0u64, false),
                 BlobResponse::Full(s) => (s.stream, offset, true),
             };
-            let mut out = BytesMut::with_capacity(len as usize);
+            let mut out = AlignedBody::new(len as usize);
             while let Some(piece) = stream.next().await {
                 let mut piece = piece.map_err(|e| Attempt::Retry(format!("body: {e}")))?;
                 if skip > 0 {
@@ -604,6 +604,44 @@ impl Registry {
         })
         .await?;
         Ok(Digest::of(&body))
+    }
+}
+
+/// Alignment of a ranged body in memory: a page, so that the cache can write its chunks
+/// (each a multiple of a page from the body's start) with `O_DIRECT`, straight from the
+/// body, without copying them into the page cache first.
+pub const BODY_ALIGN: usize = 4096;
+
+/// A ranged body being received into memory aligned to [`BODY_ALIGN`] (as a slice of a
+/// buffer one page larger than the range): the same one copy out of the socket's
+/// pieces as a plain buffer, with no `unsafe`.
+struct AlignedBody {
+    buf: Vec<u8>,
+    start: usize,
+    cap: usize,
+}
+
+impl AlignedBody {
+    fn new(cap: usize) -> Self {
+        let mut buf: Vec<u8> = Vec::with_capacity(cap + BODY_ALIGN);
+        let start = buf.as_ptr().align_offset(BODY_ALIGN).min(BODY_ALIGN);
+        buf.resize(start, 0);
+        Self { buf, start, cap }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        debug_assert!(self.len() + bytes.len() <= self.cap, "body longer than its range");
+        // Within the capacity reserved up front, so the buffer never moves.
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn freeze(self) -> Bytes {
+        let start = self.start;
+        Bytes::from(self.buf).slice(start..)
     }
 }
 
