@@ -23,8 +23,8 @@
 //! - on-demand reads go first: background prefetch waits while any is in flight, and
 //!   has memory of its own for chunks awaiting their cache write.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ use crate::registry::{Registry, RegistryError};
 
 /// How long a waiting prefetch sleeps before looking again for on-demand reads.
 const PREFETCH_YIELD: Duration = Duration::from_millis(2);
+
+/// Most time verification of a complete blob waits for the background hasher to feed
+/// what it still holds in memory, before reading the rest back from the cache.
+const HASHER_WAIT: Duration = Duration::from_secs(5);
 
 /// Why bytes of a blob could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +145,13 @@ pub struct BlobStore {
     /// newer ones push them out): a reader behind its read-ahead gets them from here,
     /// not from the cache file (written with `O_DIRECT`, so not in the page cache).
     resident: Mutex<Resident>,
+    /// Runs stored but not hashed yet, kept in memory until the runs before them are
+    /// hashed (see [`Self::hash_arrivals`]), by blob and first chunk.
+    hash_waiting: Mutex<HashMap<Digest, BTreeMap<u64, HashRun>>>,
+    /// Whether a job draining `hash_waiting` is queued on or running in the hasher.
+    hash_draining: AtomicBool,
+    /// Most chunks `hash_waiting` holds.
+    hash_waiting_cap: usize,
     verifying: Mutex<HashSet<Digest>>,
     /// Held while a blob is hashed: one at a time.
     hashing: Mutex<()>,
@@ -181,6 +192,12 @@ impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Chunks stored and waiting to be hashed, with the generations the cache stored them as.
+struct HashRun {
+    chunks: Arc<Vec<Bytes>>,
+    stored: Vec<Option<u64>>,
 }
 
 /// See [`BlobStore::resident`]: at most `cap` chunks, the oldest pushed out first.
@@ -232,6 +249,8 @@ impl BlobStore {
         let permits = settings.pending_store_chunks.max(settings.stream_request_chunks).max(1) as usize;
         // Room for a reader's whole read-ahead window and the request arriving beyond it.
         let resident_chunks = (settings.readahead_chunks + settings.stream_request_chunks) as usize;
+        // Two requests' worth: the runs in flight at once behind a reader.
+        let hash_waiting_cap = (2 * settings.stream_request_chunks).max(1) as usize;
         let (voucher, digests) = match index {
             Some(IndexDigests { index, chunks }) => {
                 if let Err(e) = cache.load_condemned(&index) {
@@ -249,6 +268,9 @@ impl BlobStore {
             digests,
             inflight: Mutex::new(HashMap::new()),
             resident: Mutex::new(Resident::new(resident_chunks)),
+            hash_waiting: Mutex::new(HashMap::new()),
+            hash_draining: AtomicBool::new(false),
+            hash_waiting_cap,
             verifying: Mutex::new(HashSet::new()),
             hashing: Mutex::new(()),
             runs: AtomicUsize::new(0),
@@ -699,24 +721,82 @@ impl BlobStore {
         Vec::new()
     }
 
-    /// Offers chunks just stored to the process's background hasher, which feeds them
-    /// to their blob's whole-blob hash so that verification need not read them back.
-    /// Readers never wait for it: it runs after the store permits are released, at a
-    /// lower CPU priority, one run at a time; a run offered while it is busy is left to
-    /// be read back at verification, so it never holds more than one run of chunks.
-    fn hash_arrivals(&self, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>, stored: Vec<Option<u64>>) {
+    /// Hands chunks just stored to the process's background hasher, which feeds them to
+    /// their blob's whole-blob hash in order, so that verification need not read them
+    /// back. Runs arrive out of order (several are in flight at once): one that does not
+    /// continue the hash waits in memory for those before it, up to as many chunks as a
+    /// reader's window holds; beyond that, the runs furthest ahead are left to be read
+    /// back at verification. Readers never wait for the hasher: it runs after the store
+    /// permits are released, on a thread of lower CPU priority.
+    fn hash_arrivals(self: &Arc<Self>, blob: &BlobInfo, first: u64, chunks: Arc<Vec<Bytes>>, stored: Vec<Option<u64>>) {
         if stored.is_empty() || self.cache.is_verified(&blob.digest) {
             return;
         }
-        let Some(hasher) = background_hasher() else { return };
-        let cache = self.cache.clone();
-        let digest = blob.digest;
-        let job = Box::new(move || {
-            let run: Vec<(Option<u64>, &[u8])> = stored.into_iter().zip(chunks.iter().map(|c| &c[..])).collect();
-            cache.feed_hash(digest, first, &run);
+        {
+            let mut waiting = self.hash_waiting.lock().expect("hash waiting lock");
+            waiting.entry(blob.digest).or_default().insert(first, HashRun { chunks, stored });
+            let mut held: usize = waiting.values().flat_map(|runs| runs.values()).map(|r| r.chunks.len()).sum();
+            while held > self.hash_waiting_cap {
+                let Some(runs) = waiting.get_mut(&blob.digest) else { break };
+                let Some((_, dropped)) = runs.pop_last() else { break };
+                held -= dropped.chunks.len();
+            }
+        }
+        if self.hash_draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        let sent =
+            background_hasher().is_some_and(|hasher| hasher.send(Box::new(move || this.drain_hashing())).is_ok());
+        if !sent {
+            self.hash_waiting.lock().expect("hash waiting lock").clear();
+            self.hash_draining.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// On the hasher: feeds every waiting run that continues its blob's hash, until none
+    /// does.
+    fn drain_hashing(&self) {
+        loop {
+            if let Some((blob, first, run)) = self.next_hash_run() {
+                let chunks: Vec<(Option<u64>, &[u8])> =
+                    run.stored.iter().copied().zip(run.chunks.iter().map(|c| &c[..])).collect();
+                self.cache.feed_hash_run(blob, first, &chunks);
+                continue;
+            }
+            self.hash_draining.store(false, Ordering::SeqCst);
+            // A run that arrived between the look and the flag saw it set and left.
+            let ready = {
+                let waiting = self.hash_waiting.lock().expect("hash waiting lock");
+                waiting.iter().any(|(blob, runs)| self.cache.hash_next(blob).is_some_and(|n| runs.contains_key(&n)))
+            };
+            if !ready || self.hash_draining.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Takes a waiting run that continues its blob's hash, dropping runs the hash has
+    /// passed (read back meanwhile) and those of blobs verified or being verified.
+    fn next_hash_run(&self) -> Option<(Digest, u64, HashRun)> {
+        let mut waiting = self.hash_waiting.lock().expect("hash waiting lock");
+        let mut found = None;
+        waiting.retain(|blob, runs| {
+            if found.is_some() {
+                return true;
+            }
+            let Some(next) = self.cache.hash_next(blob) else {
+                // Verified, or being fed or verified elsewhere: verification reads back
+                // whatever it has not seen.
+                return !self.cache.is_verified(blob) && !self.verifying.lock().expect("verifying lock").contains(blob);
+            };
+            runs.retain(|&first, _| first >= next);
+            if let Some(run) = runs.remove(&next) {
+                found = Some((*blob, next, run));
+            }
+            !runs.is_empty()
         });
-        // Busy: the chunks go back to the cache's care, read back when the blob completes.
-        let _ = hasher.try_send(job);
+        found
     }
 
     /// Fetches `count` consecutive chunks from `first` with one ranged request and checks
@@ -797,6 +877,9 @@ impl BlobStore {
         let blob = *blob;
         self.cache.pin_blob(&blob.digest);
         let verify = move || {
+            if count > 1 {
+                this.wait_for_hasher(&blob.digest);
+            }
             let verdict = if count > 1 {
                 let _one_at_a_time = this.hashing.lock().expect("hashing lock");
                 lower_thread_priority();
@@ -822,6 +905,19 @@ impl BlobStore {
             tracing::warn!(blob = %blob.digest, error = %e, "cannot start verifying a blob");
             self.cache.unpin_blob(&blob.digest);
             self.verifying.lock().expect("verifying lock").remove(&blob.digest);
+        }
+    }
+
+    /// Waits (a bounded time) while the background hasher still has runs of `blob` in
+    /// memory to feed, so that verification does not read them back from the disk.
+    fn wait_for_hasher(&self, blob: &Digest) {
+        let deadline = std::time::Instant::now() + HASHER_WAIT;
+        while std::time::Instant::now() < deadline {
+            let waiting = self.hash_waiting.lock().expect("hash waiting lock").get(blob).is_some_and(|r| !r.is_empty());
+            if !waiting && self.cache.hash_next(blob).is_some() {
+                return;
+            }
+            std::thread::sleep(PREFETCH_YIELD);
         }
     }
 
@@ -854,13 +950,14 @@ impl BlobStore {
 type HashJob = Box<dyn FnOnce() + Send>;
 
 /// The process's one background hasher (see [`BlobStore::hash_arrivals`]): a thread at a
-/// lower CPU priority taking jobs through a channel without a buffer, so that a job is
-/// accepted only while it is idle. None if the thread cannot be started.
-fn background_hasher() -> Option<&'static std::sync::mpsc::SyncSender<HashJob>> {
-    static HASHER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<HashJob>>> = std::sync::OnceLock::new();
+/// lower CPU priority taking jobs through a channel. Each store queues at most one job
+/// at a time, so the queue is as long as the stores with chunks to hash. None if the
+/// thread cannot be started.
+fn background_hasher() -> Option<&'static std::sync::mpsc::Sender<HashJob>> {
+    static HASHER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<HashJob>>> = std::sync::OnceLock::new();
     HASHER
         .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<HashJob>(0);
+            let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
             let spawned = std::thread::Builder::new().name("hash".to_owned()).spawn(move || {
                 lower_thread_priority();
                 for job in rx {
@@ -1271,5 +1368,21 @@ mod tests {
         store.settle().await;
         wait_for("verification", || cache.is_verified(&blob.digest)).await;
         assert_eq!(store.read(&blob, 0, 20_000).await.unwrap(), data);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_arriving_out_of_order_are_hashed_from_memory_not_read_back() {
+        let data: Vec<u8> = (0..8_192u32).map(|i| (i % 229) as u8).collect();
+        let blob = info(&data);
+        let (cache, _dir) = shared_cache();
+        let (store, _) = tenant(&cache, &[(blob.digest, &data)], false);
+        // The second group of four chunks arrives first, then the first.
+        store.read_ahead(&blob, 4096, 4096, false);
+        store.settle().await;
+        store.read_ahead(&blob, 0, 4096, false);
+        store.settle().await;
+        wait_for("verification", || cache.is_verified(&blob.digest)).await;
+        assert_eq!(cache.stats().hits, 0, "no chunk was read back from the cache");
+        assert_eq!(store.read(&blob, 0, 8_192).await.unwrap(), data);
     }
 }

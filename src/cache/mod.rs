@@ -646,6 +646,30 @@ impl ChunkCache {
     /// next arrival. Chunks arriving out of order are left for [`Self::verify_blob`] to
     /// read back. Call it off the readers' path: it hashes every byte it is given.
     pub fn feed_hash(&self, blob: Digest, first: u64, chunks: &[(Option<u64>, &[u8])]) {
+        self.feed(blob, first, chunks, true);
+    }
+
+    /// [`Self::feed_hash`] without reading back the chunks present after the run: for a
+    /// caller that holds those in memory and feeds them next.
+    pub fn feed_hash_run(&self, blob: Digest, first: u64, chunks: &[(Option<u64>, &[u8])]) {
+        self.feed(blob, first, chunks, false);
+    }
+
+    /// The chunk index the blob's whole-blob hash takes next (0 before it starts), or
+    /// None while it is being fed or verified, or once the blob is verified.
+    pub fn hash_next(&self, blob: &Digest) -> Option<u64> {
+        let inner = self.lock();
+        if inner.verified.contains(blob) {
+            return None;
+        }
+        match inner.hashing.get(blob) {
+            None => Some(0),
+            Some(HashSlot::Idle { next, .. }) => Some(*next),
+            Some(_) => None,
+        }
+    }
+
+    fn feed(&self, blob: Digest, first: u64, chunks: &[(Option<u64>, &[u8])], catch_up: bool) {
         let (run, (mut next, mut hasher)) = {
             let mut inner = self.lock();
             // Only bytes that are the chunks now: a chunk stored by someone else, or gone,
@@ -671,7 +695,7 @@ impl ChunkCache {
             next += 1;
         }
         let mut buf = Vec::new();
-        loop {
+        while catch_up {
             let key = ChunkKey { blob, index: next };
             let Some(size) = self.lock().lru.peek(&key).map(|e| e.size as usize) else { break };
             buf.resize(size, 0);
