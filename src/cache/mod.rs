@@ -694,22 +694,30 @@ impl ChunkCache {
             hasher.update(data);
             next += 1;
         }
-        let mut buf = Vec::new();
-        while catch_up {
-            let key = ChunkKey { blob, index: next };
-            let Some(size) = self.lock().lru.peek(&key).map(|e| e.size as usize) else { break };
-            buf.resize(size, 0);
-            match self.read_chunk(&key, 0, &mut buf, None) {
-                Ok(Some((n, _))) if n == size => hasher.update(&buf),
-                _ => break,
-            }
-            next += 1;
+        if catch_up {
+            next = self.hash_present(blob, next, &mut hasher);
         }
         let mut inner = self.lock();
         if matches!(inner.hashing.get(&blob), Some(HashSlot::Busy { stale: false })) {
             inner.hashing.insert(blob, HashSlot::Idle { next, hasher });
         } else {
             inner.hashing.remove(&blob);
+        }
+    }
+
+    /// Feeds `hasher` the chunks of `blob` present from `next` on, read back from the
+    /// cache, until one is missing; returns the index after the last one fed.
+    fn hash_present(&self, blob: Digest, mut next: u64, hasher: &mut Hasher) -> u64 {
+        let mut buf = Vec::new();
+        loop {
+            let key = ChunkKey { blob, index: next };
+            let Some(size) = self.lock().lru.peek(&key).map(|e| e.size as usize) else { return next };
+            buf.resize(size, 0);
+            match self.read_chunk(&key, 0, &mut buf, None) {
+                Ok(Some((n, _))) if n == size => hasher.update(&buf),
+                _ => return next,
+            }
+            next += 1;
         }
     }
 
