@@ -52,6 +52,12 @@ const CONTEXT_SWITCHES: &str = "`perf stat -e context-switches,task-clock -p PID
      `task-clock` over the same window. The verified download's are this process's own \
      (`getrusage(RUSAGE_SELF)`, every thread).";
 
+const VERIFIED_DOWNLOAD: &str = "per blob, blob after blob, the same four ranges as the `curl` side fetched \
+     in parallel (`reqwest`, one HTTP/1.1 connection each) and written into one file at their offsets as they \
+     arrive, while one thread hashes the blob with sha256 (the `sha2` crate, SHA-NI when the CPU has it) in \
+     blob order as its prefix completes, reading back bytes just written (from page cache); a blob is done \
+     when its last byte is hashed and the digest matches.";
+
 /// The directories sides of a comparison write to (caches, downloads), under the work dir.
 const SCRATCH: &[&str] = &["seq", "download", "loader", "e2e"];
 
@@ -222,10 +228,10 @@ fn make_huge(work: &Path, registry: &TestRegistry, base: &Model, size: u64) -> M
         }
     }
     let label = format!(
-        "{} model ({} shards: the {} ones {copies} times over)",
+        "{} model ({} shards: the {} model's, {copies} times over)",
         size_label(base.bytes * copies),
         files.len(),
-        base.label.split(" (").next().unwrap_or_default()
+        size_label(base.bytes)
     );
     let digests = (0..copies).flat_map(|_| base.digests.iter().cloned()).collect();
     push_model(registry, &dir, "huge", label, files, Some(digests))
@@ -484,6 +490,7 @@ fn main() {
         runs,
         page_cache: PAGE_CACHE,
         context_switches: CONTEXT_SWITCHES,
+        verified_download: VERIFIED_DOWNLOAD,
         models: serde_json::Value::Array(models),
     };
     report::write(&measures, &setup);

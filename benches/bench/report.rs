@@ -203,6 +203,7 @@ pub struct Setup {
     pub runs: usize,
     pub page_cache: &'static str,
     pub context_switches: &'static str,
+    pub verified_download: &'static str,
     pub models: serde_json::Value,
 }
 
@@ -259,6 +260,7 @@ pub fn write(measures: &[Measure], setup: &Setup) {
         "warmup_runs": 1,
         "page_cache": setup.page_cache,
         "context_switches": setup.context_switches,
+        "verified_download": setup.verified_download,
         "models": setup.models,
         "measures": entries,
     });
@@ -287,6 +289,7 @@ pub fn write(measures: &[Measure], setup: &Setup) {
     );
     let _ = writeln!(md, "Page cache: {}\n", setup.page_cache);
     let _ = writeln!(md, "Context switches: {}\n", setup.context_switches);
+    let _ = writeln!(md, "Verified download: {}\n", setup.verified_download);
     let _ = writeln!(md, "| measure | value | next to | ratio | target | met |");
     let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- |");
     let mut group = "";
