@@ -1,38 +1,74 @@
-//! `make bench`: the lazy mount measured against a registry on loopback, next to the
-//! link's limit and a local file in the same run (ratios, since absolute times on shared
-//! machines are noisy). Medians of `BENCH_RUNS` repetitions (default 3). Writes
-//! `target/bench/report.json`, `target/bench/report.md` and `target/bench/report.svg`
-//! and prints the table. `docs/benchmarks.md` says how to read it.
+//! `make bench`: the `mount` read path measured against a registry on loopback, next to
+//! what the same machine does without us in the same runs (four parallel `curl` ranges,
+//! a verified download done well, a local file, download-then-load), as ratios, since
+//! absolute times on shared machines are noisy. Every number is the median of
+//! `BENCH_RUNS` runs (default 3) after one unmeasured warm-up run. Writes
+//! `target/bench/report.json`, `target/bench/report.md` and `target/bench/report.svg` and
+//! prints the table; `docs/benchmarks.md` lists every row, how it is measured and its target.
 //!
-//! Environment: `BENCH_RUNS`, `BENCH_LARGE_BYTES` (the large model, default 8 GiB; 0
-//! skips it), `BENCH_SMALL_BYTES` (default 1 GiB). Needs root (FUSE, dropping the page
-//! cache), docker-registry, curl and python3 with numpy and safetensors.
+//! Environment: `BENCH_RUNS`; `BENCH_SMALL_BYTES` (default 1 GiB) and `BENCH_LARGE_BYTES`
+//! (default 4 GiB; 0 skips it), the two models read in full; `BENCH_HUGE_BYTES` (default
+//! 8 GiB; 0 skips it), a model only mounted (mount ready), made of the large model's
+//! weight files (the small one's without it) listed again under further directories, so
+//! the registry stores each blob once. Needs root (FUSE, dropping the page cache),
+//! docker-registry, curl, perf, and python3 with numpy and safetensors.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bench/probes.rs"]
+mod probes;
+#[path = "bench/report.rs"]
+mod report;
 
-use std::fmt::Write as _;
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use modelpack_snapshotter::config::FetchSettings;
+use probes::{Blob, PerfStat};
+use report::{median, Cmp, Measure, Target};
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_modelpack-snapshotter");
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: u64 = 1 << 20;
+
+/// The groups of the report, in order.
+const GROUPS: &[&str] =
+    &["Mount ready", "Cold sequential read", "Warm read and memory", "Partial reads", "Random reads", "End to end"];
+
+const PAGE_CACHE: &str = "before each side of a comparison (each download, each fresh mount), the files the \
+     previous side wrote (downloads, the mount's cache) are deleted, `sync` runs, and the registry's files of \
+     the model's blobs are read whole, so every side starts with the registry's blobs in page cache (a \
+     registry serving hot content) and nothing of its own. Warm and local reads start with the page cache \
+     dropped (`echo 3 > /proc/sys/vm/drop_caches`).";
+
+const CONTEXT_SWITCHES: &str = "`perf stat -e context-switches,task-clock -p PID` attached to the mount \
+     process with its counters off, switched on just before the first read and off once every blob is \
+     verified: per-thread counters inherited by threads started later, kept for threads that exit; \
+     `context-switches` counts voluntary and involuntary switches. The mount's CPU per GiB is perf's \
+     `task-clock` over the same window. The verified download's are this process's own \
+     (`getrusage(RUSAGE_SELF)`, every thread).";
+
+const VERIFIED_DOWNLOAD: &str = "per blob, blob after blob, the same four ranges as the `curl` side fetched \
+     in parallel (`reqwest`, one HTTP/1.1 connection each) and written into one file at their offsets as they \
+     arrive, while one thread hashes the blob with sha256 (the `sha2` crate, SHA-NI when the CPU has it) in \
+     blob order as its prefix completes, reading back bytes just written (from page cache); a blob is done \
+     when its last byte is hashed and the digest matches.";
+
+/// The directories sides of a comparison write to (caches, downloads), under the work dir.
+const SCRATCH: &[&str] = &["seq", "download", "loader", "e2e"];
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
+/// One unmeasured warm-up run of `f`, then `runs` measured ones.
+fn repeat<T>(runs: usize, mut f: impl FnMut() -> T) -> Vec<T> {
+    let _ = f();
+    (0..runs).map(|_| f()).collect()
 }
 
 fn drop_caches() {
@@ -44,51 +80,164 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
-/// One measured quantity of the report.
-struct Measure {
-    id: &'static str,
-    what: String,
-    value: f64,
-    unit: &'static str,
-    reference: Option<(String, f64)>,
-    target: Option<(&'static str, bool)>,
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `1 GiB`, `1.5 GiB`, `256 MiB`.
+fn size_label(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        let g = bytes as f64 / GIB;
+        if (g - g.round()).abs() < 0.01 {
+            format!("{} GiB", g.round())
+        } else {
+            format!("{g:.1} GiB")
+        }
+    } else {
+        format!("{} MiB", (bytes as f64 / MIB as f64).round())
+    }
 }
 
 /// A model pushed to the registry.
 struct Model {
+    /// Its repository, `models/<name>`.
     name: String,
+    /// How the report names it: `1 GiB model (2 shards)`.
+    label: String,
+    /// `<registry>/models/<name>:v1`.
     reference: String,
+    /// `<registry>/models/<name>@sha256:…`, the manifest's digest.
+    pinned: String,
     dir: PathBuf,
-    weights: Vec<PathBuf>,
-    /// `sha256:<hex>` of each weight file, worked out once.
+    /// The files read (relative to `dir`, and to the mountpoint): the safetensors shards,
+    /// or every file of a model of small files.
+    files: Vec<PathBuf>,
+    /// `sha256:<hex>` and size of each of `files`, worked out once.
     digests: Vec<String>,
-    weight_bytes: u64,
+    sizes: Vec<u64>,
+    bytes: u64,
 }
 
-fn make_model(work: &Path, registry: &TestRegistry, name: &str, size: u64, tensor_bytes: u64) -> Model {
-    let dir = work.join(name);
-    let status = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_model.py"))
-        .arg(&dir)
-        .args(["--size", &size.to_string(), "--shards", &(size.div_ceil(4 << 30)).max(2).to_string()])
-        .args(["--tensor-bytes", &tensor_bytes.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "generating {name}");
+impl Model {
+    fn sources(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| self.dir.join(f)).collect()
+    }
+
+    fn mounted(&self, mountpoint: &Path) -> Vec<PathBuf> {
+        self.files.iter().map(|f| mountpoint.join(f)).collect()
+    }
+
+    fn blobs(&self, registry: &TestRegistry) -> Vec<Blob> {
+        self.digests
+            .iter()
+            .zip(&self.sizes)
+            .map(|(d, &size)| Blob {
+                url: format!("http://{}/v2/models/{}/blobs/{d}", registry.addr(), self.name),
+                digest: d.clone(),
+                size,
+            })
+            .collect()
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    format!("sha256:{}", hex::encode(sha.finalize()))
+}
+
+/// Pushes `dir` as `models/<name>:v1`; returns the model, reading `files` (whose digests
+/// are worked out unless given).
+fn push_model(
+    registry: &TestRegistry,
+    dir: &Path,
+    name: &str,
+    label: String,
+    files: Vec<PathBuf>,
+    digests: Option<Vec<String>>,
+) -> Model {
     let reference = format!("{}/models/{name}:v1", registry.addr());
-    push_dir(&dir, &reference, "raw");
-    let mut weights: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    weights.sort();
-    let weight_bytes = weights.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
-    let digests = weights.iter().map(|w| sha256_file(w)).collect();
-    Model { name: name.to_owned(), reference, dir, weights, digests, weight_bytes }
+    let (ok, stdout, stderr) = run_bin(&["push", dir.to_str().unwrap(), &reference, "--format", "raw"]);
+    assert!(ok, "push of {name} failed: {stderr}");
+    let digest = stdout.trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "push printed {stdout:?}");
+    let sizes: Vec<u64> = files.iter().map(|f| std::fs::metadata(dir.join(f)).unwrap().len()).collect();
+    let digests = digests.unwrap_or_else(|| files.iter().map(|f| sha256_file(&dir.join(f))).collect());
+    Model {
+        name: name.to_owned(),
+        label,
+        pinned: format!("{}/models/{name}@{digest}", registry.addr()),
+        reference,
+        dir: dir.to_owned(),
+        files,
+        digests,
+        bytes: sizes.iter().sum(),
+        sizes,
+    }
 }
 
-fn make_small_files_model(work: &Path, registry: &TestRegistry) -> Model {
+/// The safetensors files under `dir`, relative to it, sorted.
+fn safetensors_files(dir: &Path) -> Vec<PathBuf> {
+    read_tree(dir).keys().filter(|k| k.ends_with(".safetensors")).map(PathBuf::from).collect()
+}
+
+/// Generates a model with `scripts/make_model.py` and pushes it.
+fn make_model(
+    work: &Path,
+    registry: &TestRegistry,
+    name: &str,
+    size: u64,
+    shards: u64,
+    middle_tensors: &[u64],
+) -> Model {
+    let dir = work.join(name);
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_model.py"))
+        .arg(&dir)
+        .args(["--size", &size.to_string(), "--shards", &shards.to_string()])
+        .args(["--tensor-bytes", &(16 * MIB).to_string()]);
+    for t in middle_tensors {
+        cmd.args(["--middle-tensor", &t.to_string()]);
+    }
+    assert!(cmd.status().unwrap().success(), "generating {name}");
+    let label = format!("{} model ({shards} shard{})", size_label(size), if shards == 1 { "" } else { "s" });
+    push_model(registry, &dir, name, label, safetensors_files(&dir), None)
+}
+
+/// A model of `size` bytes made of `base`'s weight files, hard-linked again under
+/// `copy-<n>/` directories: the registry stores each blob once, and a mount reads only
+/// the manifest and config before it is ready.
+fn make_huge(work: &Path, registry: &TestRegistry, base: &Model, size: u64) -> Model {
+    let dir = work.join("huge");
+    let copies = size.div_ceil(base.bytes).max(1);
+    let mut files = Vec::new();
+    for k in 0..copies {
+        for f in &base.files {
+            let to = Path::new(&format!("copy-{k}")).join(f);
+            std::fs::create_dir_all(dir.join(&to).parent().unwrap()).unwrap();
+            std::fs::hard_link(base.dir.join(f), dir.join(&to)).unwrap();
+            files.push(to);
+        }
+    }
+    let label = format!(
+        "{} model ({} shards: the {} model's, {copies} times over)",
+        size_label(base.bytes * copies),
+        files.len(),
+        size_label(base.bytes)
+    );
+    let digests = (0..copies).flat_map(|_| base.digests.iter().cloned()).collect();
+    push_model(registry, &dir, "huge", label, files, Some(digests))
+}
+
+fn make_many_files(work: &Path, registry: &TestRegistry) -> Model {
     let dir = work.join("many-files");
     for i in 0..1000u64 {
         let sub = dir.join(format!("part-{:02}", i % 20));
@@ -96,29 +245,27 @@ fn make_small_files_model(work: &Path, registry: &TestRegistry) -> Model {
         std::fs::write(sub.join(format!("shard-{i:04}.bin")), pseudo_random(4096 + (i as usize * 997) % 61_440, i + 7))
             .unwrap();
     }
-    let reference = format!("{}/models/many-files:v1", registry.addr());
-    push_dir(&dir, &reference, "raw");
-    let files: Vec<PathBuf> = read_tree(&dir).keys().map(|k| dir.join(k)).collect();
-    let bytes = files.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
-    let digests = files.iter().map(|w| sha256_file(w)).collect();
-    Model { name: "many-files".into(), reference, dir, weights: files, digests, weight_bytes: bytes }
+    let files: Vec<PathBuf> = read_tree(&dir).keys().map(PathBuf::from).collect();
+    let bytes: u64 = files.iter().map(|f| std::fs::metadata(dir.join(f)).unwrap().len()).sum();
+    push_model(registry, &dir, "many-files", format!("1000 small files ({})", size_label(bytes)), files, None)
 }
 
 /// A `mount` process for benchmarking: started, timed to the first successful `stat`.
 struct Mount {
     child: Option<Child>,
+    stdout: Option<BufReader<ChildStdout>>,
     mountpoint: PathBuf,
     ready: Duration,
 }
 
 impl Mount {
-    fn start(model: &Model, work: &Path, cache: &Path, args: &[&str]) -> Self {
+    fn start(model: &Model, reference: &str, work: &Path, cache: &Path, args: &[&str]) -> Self {
         let mountpoint = work.join("mnt");
         std::fs::create_dir_all(&mountpoint).unwrap();
-        let probe = mountpoint.join(model.weights[0].strip_prefix(&model.dir).unwrap());
+        let probe = mountpoint.join(&model.files[0]);
         let t = Instant::now();
-        let child = Command::new(BIN)
-            .args(["mount", &model.reference])
+        let mut child = Command::new(BIN)
+            .args(["mount", reference])
             .arg(&mountpoint)
             .arg("--cache-dir")
             .arg(cache)
@@ -129,10 +276,19 @@ impl Mount {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         while std::fs::metadata(&probe).is_err() {
-            assert!(Instant::now() < deadline, "mount of {} never became ready", model.name);
+            assert!(Instant::now() < deadline, "mount of {reference} never became ready");
             std::thread::sleep(Duration::from_micros(200));
         }
-        Self { child: Some(child), mountpoint, ready: t.elapsed() }
+        let ready = t.elapsed();
+        // The file system answers a little before the process has printed `ready:` and
+        // set up its signal handling; a SIGTERM before that would kill it unreported.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("ready:") {
+            line.clear();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "mount of {reference} exited before it was ready");
+        }
+        Self { child: Some(child), stdout: Some(stdout), mountpoint, ready }
     }
 
     fn pid(&self) -> u32 {
@@ -152,11 +308,12 @@ impl Mount {
 
     /// Stops it; returns the bytes it fetched (from its closing line).
     fn stop(mut self) -> u64 {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         // SAFETY: signalling a child we spawned and have not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let mut text = String::new();
+        self.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+        child.wait().unwrap();
         if modelpack_snapshotter::fs::is_mountpoint(&self.mountpoint) {
             let _ = modelpack_snapshotter::fs::detach(&self.mountpoint);
         }
@@ -164,7 +321,7 @@ impl Mount {
             .find_map(|l| l.strip_prefix("unmounted: fetched "))
             .and_then(|l| l.split(' ').next())
             .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("mount printed no bytes fetched: {text:?}"))
     }
 }
 
@@ -180,67 +337,21 @@ impl Drop for Mount {
     }
 }
 
-fn mounted_weights(model: &Model, m: &Mount) -> Vec<PathBuf> {
-    model.weights.iter().map(|w| m.mountpoint.join(w.strip_prefix(&model.dir).unwrap())).collect()
-}
-
-/// Reads files start to end, `threads` files at a time; returns the time taken.
+/// Reads files start to end, `threads` files at a time, 1 MiB per read; returns the time taken.
 fn read_all(files: &[PathBuf], threads: usize) -> Duration {
     let t = Instant::now();
     std::thread::scope(|s| {
         for part in files.chunks(files.len().div_ceil(threads.max(1))) {
             s.spawn(move || {
-                let mut buf = vec![0u8; 1 << 20];
+                let mut buf = vec![0u8; MIB as usize];
                 for f in part {
                     let mut file = std::fs::File::open(f).unwrap();
-                    while std::io::Read::read(&mut file, &mut buf).unwrap() > 0 {}
+                    while file.read(&mut buf).unwrap() > 0 {}
                 }
             });
         }
     });
     t.elapsed()
-}
-
-/// Four parallel ranged `curl` downloads per blob, blob after blob: the link's limit.
-fn curl_ranges(registry: &TestRegistry, model: &Model) -> Duration {
-    let blobs: Vec<(u64, &String)> =
-        model.weights.iter().zip(&model.digests).map(|(w, d)| (std::fs::metadata(w).unwrap().len(), d)).collect();
-    let t = Instant::now();
-    for (data_len, digest) in blobs {
-        let quarter = data_len / 4;
-        let children: Vec<Child> = (0..4)
-            .map(|i| {
-                let start = i * quarter;
-                let end = if i == 3 { data_len - 1 } else { (i + 1) * quarter - 1 };
-                Command::new("curl")
-                    .args(["-fs", "-o", "/dev/null", "-r", &format!("{start}-{end}")])
-                    .arg(format!("http://{}/v2/models/{}/blobs/{digest}", registry.addr(), model.name))
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for mut c in children {
-            assert!(c.wait().unwrap().success());
-        }
-    }
-    t.elapsed()
-}
-
-/// CPU seconds (user and system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-    // SAFETY: sysconf only reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / hz as f64
-}
-
-fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split(' ').next().unwrap())
 }
 
 /// Random 4 KiB reads of a file; latencies in milliseconds.
@@ -255,374 +366,495 @@ fn random_reads(file: &Path, count: usize, seed: u64) -> Vec<f64> {
             let offset = (u64::from_le_bytes(b.try_into().unwrap()) % (size - 4096)) & !4095;
             let t = Instant::now();
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset).unwrap();
-            t.elapsed().as_secs_f64() * 1e3
+            ms(t.elapsed())
         })
         .collect()
 }
 
-/// Waits (up to a minute) until the cache at `cache` holds the blobs `digests`, verified.
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Waits (up to ten minutes) until the cache at `cache` holds the blobs `digests`, verified.
 fn wait_complete(cache: &Path, digests: &[String]) {
     let dir = cache.join("blobs/sha256");
     let markers: Vec<PathBuf> =
         digests.iter().map(|d| dir.join(format!("{}.verified", d.trim_start_matches("sha256:")))).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(600);
     while !markers.iter().all(|m| m.is_file()) {
-        assert!(Instant::now() < deadline, "blobs in {} were not verified within a minute", dir.display());
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(Instant::now() < deadline, "blobs in {} were not verified within ten minutes", dir.display());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn python(args: &[&str]) -> Duration {
-    let t = Instant::now();
-    let out = Command::new("python3").args(args).output().unwrap();
-    assert!(out.status.success(), "python3 {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    t.elapsed()
+/// Runs `scripts/load_tensors.py ARGS`; returns (tensor bytes loaded, seconds the loading took).
+fn load_tensors(args: &[&str]) -> (u64, f64) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/load_tensors.py");
+    let out = Command::new("python3").arg(script).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "load_tensors.py {args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    // "loaded N tensors, B bytes in S s"
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let bytes = words.get(3).and_then(|w| w.parse().ok());
+    let secs = words.get(6).and_then(|w| w.parse().ok());
+    bytes.zip(secs).unwrap_or_else(|| panic!("load_tensors.py printed {stdout:?}"))
+}
+
+/// Where a tensor's bytes are in a safetensors file: `(start, end)` file offsets.
+fn tensor_span(file: &Path, name: &str) -> (u64, u64) {
+    let mut f = std::fs::File::open(file).unwrap();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).unwrap();
+    let n = u64::from_le_bytes(len);
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    let at = |i: usize| header[name]["data_offsets"][i].as_u64().unwrap() + 8 + n;
+    (at(0), at(1))
+}
+
+/// The bench's state: the registry, scratch space, and the models.
+struct Bench {
+    registry: TestRegistry,
+    work: tempfile::TempDir,
+    runs: usize,
+}
+
+impl Bench {
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// An empty directory `name` (a cache, a download target).
+    fn fresh(&self, name: &str) -> PathBuf {
+        let dir = self.path(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The page cache state every side of a comparison starts from (see [`PAGE_CACHE`]):
+    /// what earlier sides wrote deleted, written pages flushed, the model's blobs in the
+    /// registry read whole.
+    fn start_side(&self, model: &Model) {
+        for dir in SCRATCH {
+            let _ = std::fs::remove_dir_all(self.path(dir));
+        }
+        let _ = Command::new("sync").status();
+        let files: Vec<PathBuf> = model.digests.iter().map(|d| self.registry.blob_file(d)).collect();
+        read_all(&files, 1);
+    }
+
+    fn mount(&self, model: &Model, cache: &Path, args: &[&str]) -> Mount {
+        Mount::start(model, &model.reference, self.work.path(), cache, args)
+    }
 }
 
 fn main() {
-    if !prerequisites(true) || !require_tools(&["curl", "python3", "sha256sum"]) {
+    if !prerequisites(true) || !require_tools(&["curl", "python3", "perf"]) {
         return;
     }
     let runs = env_u64("BENCH_RUNS", 3).max(1) as usize;
     let small_size = env_u64("BENCH_SMALL_BYTES", 1 << 30);
-    let large_size = env_u64("BENCH_LARGE_BYTES", 8 << 30);
-    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
-    let work = tempfile::tempdir_in("/var/tmp").unwrap();
-    let registry = TestRegistry::start();
+    let large_size = env_u64("BENCH_LARGE_BYTES", 4 << 30);
+    let huge_size = env_u64("BENCH_HUGE_BYTES", 8 << 30);
+    let bench = Bench { registry: TestRegistry::start(), work: tempfile::tempdir_in("/var/tmp").unwrap(), runs };
+    let (work, registry) = (bench.work.path(), &bench.registry);
     eprintln!("bench: generating and pushing models");
-    let small = make_model(work.path(), &registry, "small", small_size, 16 << 20);
-    let large = (large_size > 0).then(|| make_model(work.path(), &registry, "large", large_size, 16 << 20));
-    // For the partial-read target: a 1 GiB shard whose tensors are 1 MiB each.
-    let fine = make_model(work.path(), &registry, "fine", 2 << 30, 1 << 20);
-    let many = make_small_files_model(work.path(), &registry);
+    let shards = |size: u64| size.div_ceil(4 << 30).max(2);
+    let small = make_model(work, registry, "small", small_size, shards(small_size), &[]);
+    let large = (large_size > 0).then(|| make_model(work, registry, "large", large_size, shards(large_size), &[]));
+    let huge = (huge_size > 0).then(|| make_huge(work, registry, large.as_ref().unwrap_or(&small), huge_size));
+    // For the partial reads: one 1 GiB shard with a 16 MiB and a 1 MiB tensor in its middle.
+    let shard = make_model(work, registry, "shard", 1 << 30, 1, &[16 * MIB, MIB]);
+    let many = make_many_files(work, registry);
+
     let mut measures = Vec::new();
-    let cache = |n: &str| work.path().join(format!("cache-{n}"));
-    let fresh = |n: &str| {
-        let _ = std::fs::remove_dir_all(cache(n));
-        cache(n)
-    };
-
-    // Mount ready, for each model size: constant in size, under 100 ms.
-    let mut ready_ms = Vec::new();
-    for model in [Some(&small), large.as_ref(), Some(&many)].into_iter().flatten() {
-        let times: Vec<f64> = (0..runs)
-            .map(|_| {
-                let m = Mount::start(model, work.path(), &fresh("ready"), &[]);
-                let d = m.ready;
-                m.stop();
-                d.as_secs_f64() * 1e3
-            })
-            .collect();
-        let ms = median(times);
-        ready_ms.push((model.name.clone(), ms));
-        measures.push(Measure {
-            id: "mount_ready_ms",
-            what: format!("mount ready ({}, {} bytes): command start to first stat", model.name, model.weight_bytes),
-            value: ms,
-            unit: "ms",
-            reference: None,
-            target: Some(("< 100 ms", ms < 100.0)),
-        });
-    }
-
-    // First bytes of a safetensors header, from command start.
-    let header_ms: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            let m = Mount::start(&small, work.path(), &fresh("header"), &[]);
-            let file = &mounted_weights(&small, &m)[0];
-            let mut f = std::fs::File::open(file).unwrap();
-            let mut len = [0u8; 8];
-            std::io::Read::read_exact(&mut f, &mut len).unwrap();
-            let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
-            std::io::Read::read_exact(&mut f, &mut header).unwrap();
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            m.stop();
-            ms
-        })
-        .collect();
-    measures.push(Measure {
-        id: "header_ms",
-        what: format!("command start to a safetensors header read ({} bytes)", small.weight_bytes),
-        value: median(header_ms),
-        unit: "ms",
-        reference: None,
-        target: None,
-    });
-
-    // Cold and warm sequential reads, next to curl and a local file, for each model.
+    eprintln!("bench: mount ready");
+    mount_ready(&bench, [Some(&small), large.as_ref(), huge.as_ref(), Some(&many)], &mut measures);
     for model in [Some(&small), large.as_ref()].into_iter().flatten() {
-        let mut cold = Vec::new();
-        let mut curl = Vec::new();
-        let mut warm = Vec::new();
-        let mut local = Vec::new();
-        let mut rss = 0u64;
-        let (mut curl_registry_cpu, mut cold_registry_cpu, mut cold_mount_cpu) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..runs {
-            // The registry's files in page cache for both, as for a registry serving hot content.
-            read_all(&model.weights, 1);
-            let registry_cpu = cpu_seconds(registry.pid());
-            curl.push(mbps(model.weight_bytes, curl_ranges(&registry, model)));
-            curl_registry_cpu.push(cpu_seconds(registry.pid()) - registry_cpu);
-            let dir = fresh("seq");
-            let m = Mount::start(model, work.path(), &dir, &[]);
-            let files = mounted_weights(model, &m);
-            let (registry_cpu, mount_cpu) = (cpu_seconds(registry.pid()), cpu_seconds(m.pid()));
-            cold.push(mbps(model.weight_bytes, read_all(&files, 1)));
-            cold_registry_cpu.push(cpu_seconds(registry.pid()) - registry_cpu);
-            cold_mount_cpu.push(cpu_seconds(m.pid()) - mount_cpu);
-            rss = rss.max(m.peak_rss());
-            // Steady state after a full read: each verified blob also kept whole.
-            wait_complete(&dir, &model.digests);
+        eprintln!("bench: reads of the {}", model.label);
+        full_reads(&bench, model, &mut measures);
+    }
+    eprintln!("bench: partial reads");
+    partial_reads(&bench, &shard, &small, &mut measures);
+    measures.sort_by_key(|m| GROUPS.iter().position(|g| *g == m.group).unwrap_or(GROUPS.len()));
+
+    let models: Vec<serde_json::Value> = [Some(&small), large.as_ref(), huge.as_ref(), Some(&shard), Some(&many)]
+        .into_iter()
+        .flatten()
+        .map(|m| json!({ "name": m.name, "label": m.label, "bytes": m.bytes, "files": m.files.len(), "manifest": m.pinned }))
+        .collect();
+    let setup = report::Setup {
+        runs,
+        page_cache: PAGE_CACHE,
+        context_switches: CONTEXT_SWITCHES,
+        verified_download: VERIFIED_DOWNLOAD,
+        models: serde_json::Value::Array(models),
+    };
+    report::write(&measures, &setup);
+}
+
+/// Mount ready for every model from an empty cache, again with the manifest and config
+/// cached, and the first safetensors header.
+fn mount_ready(bench: &Bench, models: [Option<&Model>; 4], measures: &mut Vec<Measure>) {
+    let small = models[0].unwrap();
+    for model in models.into_iter().flatten() {
+        let times = repeat(bench.runs, || {
+            let m = bench.mount(model, &bench.fresh("ready"), &[]);
+            let d = m.ready;
             m.stop();
-            let m = Mount::start(model, work.path(), &dir, &[]);
-            drop_caches();
-            warm.push(mbps(model.weight_bytes, read_all(&mounted_weights(model, &m), 1)));
-            m.stop();
-            drop_caches();
-            local.push(mbps(model.weight_bytes, read_all(&model.weights, 1)));
-        }
-        let (cold, curl, warm, local) = (median(cold), median(curl), median(warm), median(local));
-        measures.push(Measure {
-            id: "cold_read_mbps",
-            what: format!("cold sequential read of all weights ({})", model.name),
-            value: cold,
-            unit: "MB/s",
-            reference: Some(("4 parallel curl ranges".into(), curl)),
-            target: Some(("≥ 0.9× curl", cold >= 0.9 * curl)),
+            ms(d)
         });
-        // Where the CPU of the cold read goes, per GiB: on a machine with few cores the
-        // registry, this process and the reader share them.
-        let gib = model.weight_bytes as f64 / f64::from(1u32 << 30);
-        let (curl_registry_cpu, cold_registry_cpu, cold_mount_cpu) =
-            (median(curl_registry_cpu) / gib, median(cold_registry_cpu) / gib, median(cold_mount_cpu) / gib);
-        measures.push(Measure {
-            id: "cold_read_cpu_seconds_per_gib",
-            what: format!(
-                "CPU per GiB during the cold read ({}): mount process / registry {cold_registry_cpu:.2} s",
-                model.name
+        measures.push(
+            Measure::new(
+                "Mount ready",
+                format!("mount_ready_ms/{}", model.name),
+                format!("mount ready, {}: command start to the first stat of a file, empty cache", model.label),
+                "ms",
+                times,
+            )
+            .target(Target::value(Cmp::Below, 100.0)),
+        );
+    }
+
+    // The same digest reference mounted a second time with the cache kept.
+    let times = repeat(bench.runs, || {
+        let cache = bench.fresh("ready-again");
+        Mount::start(small, &small.pinned, bench.work.path(), &cache, &[]).stop();
+        let m = Mount::start(small, &small.pinned, bench.work.path(), &cache, &[]);
+        let d = m.ready;
+        m.stop();
+        ms(d)
+    });
+    measures.push(
+        Measure::new(
+            "Mount ready",
+            "mount_ready_cached_ms".into(),
+            format!(
+                "mount ready again, {}, by digest (models/{}@sha256:…), manifest and config cached by a first mount",
+                small.label, small.name
             ),
-            value: cold_mount_cpu,
-            unit: "s",
-            reference: Some(("registry CPU per GiB while serving curl".into(), curl_registry_cpu)),
-            target: None,
-        });
-        measures.push(Measure {
-            id: "warm_read_mbps",
-            what: format!("warm read, every chunk cached, page cache dropped ({})", model.name),
-            value: warm,
-            unit: "MB/s",
-            reference: Some(("local file, page cache dropped".into(), local)),
-            target: Some(("≥ 0.95× local", warm >= 0.95 * local)),
-        });
-        measures.push(Measure {
-            id: "peak_rss_bytes",
-            what: format!("peak RSS of the mount process during the cold read ({})", model.name),
-            value: rss as f64,
-            unit: "bytes",
-            reference: None,
-            target: Some(("≤ 100 MiB", rss <= 100 << 20)),
-        });
-    }
+            "ms",
+            times,
+        )
+        .target(Target::value(Cmp::Below, 40.0)),
+    );
 
-    // Random 4 KiB reads, cold (prefetch and read-ahead off) and warm.
-    let dir = fresh("random");
-    let m = Mount::start(&small, work.path(), &dir, &["--readahead-chunks", "0"]);
-    let file = mounted_weights(&small, &m)[0].clone();
-    let cold = random_reads(&file, 200, 11);
-    read_all(std::slice::from_ref(&file), 1);
-    wait_complete(&dir, &small.digests[..1]);
-    m.stop();
-    let m = Mount::start(&small, work.path(), &dir, &["--readahead-chunks", "0"]);
-    drop_caches();
-    let warm = random_reads(&mounted_weights(&small, &m)[0], 200, 12);
-    m.stop();
-    drop_caches();
-    let local = random_reads(&small.weights[0], 200, 13);
-    for (id, label, v) in [("random_cold", "cold", cold), ("random_warm", "warm", warm)] {
-        measures.push(Measure {
-            id,
-            what: format!("random 4 KiB read latency, {label}, p50 / p99"),
-            value: percentile(v.clone(), 0.5),
-            unit: "ms (p50)",
-            reference: Some((
-                format!("p99 {:.2} ms; local file p50", percentile(v, 0.99)),
-                percentile(local.clone(), 0.5),
-            )),
-            target: None,
-        });
-    }
+    let times = repeat(bench.runs, || {
+        let t = Instant::now();
+        let m = bench.mount(small, &bench.fresh("header"), &[]);
+        let mut f = std::fs::File::open(m.mountpoint.join(&small.files[0])).unwrap();
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).unwrap();
+        let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+        f.read_exact(&mut header).unwrap();
+        let d = t.elapsed();
+        drop(f);
+        m.stop();
+        ms(d)
+    });
+    measures.push(Measure::new(
+        "Mount ready",
+        "header_ms".into(),
+        format!("command start to a safetensors header read, {}, empty cache", small.label),
+        "ms",
+        times,
+    ));
+}
 
-    // One tensor with prefetch off: bytes fetched, for 16 MiB and 1 MiB tensors.
-    for (model, tensor, target) in [(&small, "16 MiB", None), (&fine, "1 MiB", Some(8u64 << 20))] {
-        let m = Mount::start(model, work.path(), &fresh("one"), &[]);
-        python(&[scripts.join("load_tensors.py").to_str().unwrap(), m.mountpoint.to_str().unwrap(), "--one"]);
-        let fetched = m.stop();
-        measures.push(Measure {
-            id: "one_tensor_fetched_bytes",
-            what: format!("bytes fetched for the header and first tensor ({tensor}) of a shard ({})", model.name),
-            value: fetched as f64,
-            unit: "bytes",
-            reference: None,
-            target: target.map(|t| ("≤ 8 MiB", fetched <= t)),
-        });
-    }
+/// The samples of one run of [`full_reads`].
+#[derive(Default)]
+struct ReadRun {
+    curl: f64,
+    registry_cpu_curl: f64,
+    verified: f64,
+    /// CPU seconds and context switches per GiB, of the verified download and of the mount.
+    verified_cpu: f64,
+    verified_switches: f64,
+    cold: f64,
+    mount_cpu: f64,
+    mount_switches: f64,
+    registry_cpu_cold: f64,
+    rss: f64,
+    warm: f64,
+    local: f64,
+    loader: f64,
+    e2e_lazy: f64,
+    e2e_prefetch: f64,
+    e2e_download: f64,
+}
 
-    // End to end: load every tensor straight after mount (on demand only, and with the
-    // background prefetch a user loading everything would ask for), versus download then load.
-    let load = scripts.join("load_tensors.py");
-    let load = load.to_str().unwrap();
-    let (mut lazy, mut prefetched, mut pull_first) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..runs {
-        for (args, times) in [(&[][..], &mut lazy), (&["--prefetch"][..], &mut prefetched)] {
-            read_all(&small.weights, 1);
+/// Whole-model reads of `model`: cold next to the link and a verified download, CPU and
+/// context switches, warm next to local, a loader in file order, and end to end.
+fn full_reads(bench: &Bench, model: &Model, measures: &mut Vec<Measure>) {
+    let registry = &bench.registry;
+    let blobs = model.blobs(registry);
+    let gib = model.bytes as f64 / GIB;
+    let bytes = model.bytes;
+    let samples = repeat(bench.runs, || {
+        let mut r = ReadRun::default();
+
+        // The link: four ranges per blob to /dev/null.
+        bench.start_side(model);
+        let cpu = probes::cpu_seconds(registry.pid());
+        r.curl = mbps(bytes, probes::curl_ranges(&blobs));
+        r.registry_cpu_curl = (probes::cpu_seconds(registry.pid()) - cpu) / gib;
+
+        // A verified download done well.
+        bench.start_side(model);
+        let dl = bench.fresh("download");
+        let usage = probes::self_usage();
+        r.verified = mbps(bytes, probes::verified_download(&blobs, &dl));
+        let usage = probes::self_usage() - usage;
+        (r.verified_cpu, r.verified_switches) = (usage.cpu_seconds / gib, usage.context_switches / gib);
+
+        // The cold read through a fresh mount, until every blob is verified.
+        bench.start_side(model);
+        let cache = bench.fresh("seq");
+        let m = bench.mount(model, &cache, &[]);
+        let mut perf = PerfStat::attach(m.pid());
+        perf.enable();
+        let cpu = probes::cpu_seconds(registry.pid());
+        r.cold = mbps(bytes, read_all(&model.mounted(&m.mountpoint), 1));
+        wait_complete(&cache, &model.digests);
+        perf.disable();
+        r.registry_cpu_cold = (probes::cpu_seconds(registry.pid()) - cpu) / gib;
+        let usage = perf.finish();
+        (r.mount_cpu, r.mount_switches) = (usage.cpu_seconds / gib, usage.context_switches / gib);
+        r.rss = m.peak_rss() as f64;
+        m.stop();
+
+        // Warm: a second mount over the full cache; next to the source files.
+        let m = bench.mount(model, &cache, &[]);
+        drop_caches();
+        r.warm = mbps(bytes, read_all(&model.mounted(&m.mountpoint), 1));
+        m.stop();
+        drop_caches();
+        r.local = mbps(bytes, read_all(&model.sources(), 1));
+
+        // A loader reading each shard's tensors in file order, straight after mount.
+        bench.start_side(model);
+        let m = bench.mount(model, &bench.fresh("loader"), &[]);
+        let (loaded, secs) = load_tensors(&[m.mountpoint.to_str().unwrap(), "--file-order"]);
+        r.loader = loaded as f64 / secs / 1e6;
+        m.stop();
+
+        // End to end: mount and load every tensor, on demand and with --prefetch.
+        for (args, out) in [(&[][..], &mut r.e2e_lazy), (&["--prefetch"][..], &mut r.e2e_prefetch)] {
+            bench.start_side(model);
             let t = Instant::now();
-            let m = Mount::start(&small, work.path(), &fresh("e2e"), args);
-            python(&[load, m.mountpoint.to_str().unwrap()]);
-            times.push(t.elapsed().as_secs_f64());
+            let m = bench.mount(model, &bench.fresh("e2e"), args);
+            load_tensors(&[m.mountpoint.to_str().unwrap()]);
+            *out = t.elapsed().as_secs_f64();
             m.stop();
         }
-        let dl = work.path().join(format!("download-{i}"));
-        std::fs::create_dir_all(&dl).unwrap();
-        read_all(&small.weights, 1);
+        // Versus downloading the blobs with curl, then loading from disk.
+        bench.start_side(model);
+        let dl = bench.fresh("download");
         let t = Instant::now();
-        for (w, digest) in small.weights.iter().zip(&small.digests) {
-            let target = dl.join(w.file_name().unwrap());
+        for (file, blob) in model.files.iter().zip(&blobs) {
             let ok = Command::new("curl")
                 .args(["-fs", "-o"])
-                .arg(&target)
-                .arg(format!("http://{}/v2/models/small/blobs/{digest}", registry.addr()))
+                .arg(dl.join(file.file_name().unwrap()))
+                .arg(&blob.url)
                 .status()
                 .unwrap()
                 .success();
-            assert!(ok);
+            assert!(ok, "curl of {}", blob.url);
         }
-        python(&[load, dl.to_str().unwrap()]);
-        pull_first.push(t.elapsed().as_secs_f64());
+        load_tensors(&[dl.to_str().unwrap()]);
+        r.e2e_download = t.elapsed().as_secs_f64();
         let _ = std::fs::remove_dir_all(&dl);
-    }
-    let pull_first = median(pull_first);
-    for (id, how, value) in
-        [("e2e_load_seconds", "", median(lazy)), ("e2e_load_prefetch_seconds", ", with --prefetch", median(prefetched))]
-    {
-        measures.push(Measure {
-            id,
-            what: format!(
-                "load every tensor with safetensors straight after mount{how} ({} bytes)",
-                small.weight_bytes
+        r
+    });
+    let get = |f: fn(&ReadRun) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    let (name, label) = (&model.name, &model.label);
+    let g = "Cold sequential read";
+    measures.push(
+        Measure::new(
+            g,
+            format!("cold_read_vs_curl/{name}"),
+            format!("cold sequential read, {label}, fresh mount and empty cache ÷ four parallel curl ranges"),
+            "MB/s",
+            get(|r| r.cold),
+        )
+        .against("4 parallel curl ranges", get(|r| r.curl))
+        .target(Target::ratio(Cmp::AtLeast, 0.7)),
+    );
+    measures.push(
+        Measure::new(
+            g,
+            format!("cold_read_vs_verified_download/{name}"),
+            format!(
+                "cold sequential read, {label} ÷ a verified download (the same four ranges written to a file and \
+                 sha256-hashed in order as they arrive)"
             ),
-            value,
-            unit: "s",
-            reference: Some(("download the blobs with curl, then load from disk".into(), pull_first)),
-            target: Some(("≤ 0.75× download-then-load", value <= 0.75 * pull_first)),
-        });
-    }
-
-    write_report(&measures, runs, &ready_ms);
-}
-
-fn machine() -> serde_json::Value {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem =
-        std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or_default().to_owned();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
-        .unwrap_or_default();
-    json!({ "cpus": cpus, "cpu": cpu, "memory": mem, "kernel": kernel })
-}
-
-fn write_report(measures: &[Measure], runs: usize, ready: &[(String, f64)]) {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    let machine = machine();
-    let entries: Vec<serde_json::Value> = measures
-        .iter()
-        .map(|m| {
-            json!({
-                "id": m.id, "what": m.what, "value": m.value, "unit": m.unit,
-                "reference": m.reference.as_ref().map(|(w, v)| json!({"what": w, "value": v})),
-                "ratio": m.reference.as_ref().map(|(_, v)| m.value / v),
-                "target": m.target.map(|(t, met)| json!({"target": t, "met": met})),
-            })
-        })
-        .collect();
-    let report = json!({ "machine": machine, "runs": runs, "mount_ready_ms": ready, "measures": entries });
-    std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report).unwrap()).unwrap();
-
-    let mut md = String::new();
-    let _ = writeln!(md, "# modelpack-snapshotter benchmark\n");
-    let _ = writeln!(
-        md,
-        "Machine: {} × {}, {}, kernel {}. Medians of {runs} runs.\n",
-        machine["cpus"],
-        machine["cpu"].as_str().unwrap_or(""),
-        machine["memory"].as_str().unwrap_or("").split_whitespace().skip(1).collect::<Vec<_>>().join(" "),
-        machine["kernel"].as_str().unwrap_or("")
+            "MB/s",
+            get(|r| r.cold),
+        )
+        .against("verified download", get(|r| r.verified))
+        .target(Target::ratio(Cmp::AtLeast, 1.0)),
     );
-    let _ = writeln!(md, "| measure | value | next to | ratio | target | met |");
-    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- |");
-    for m in measures {
-        let value = match m.unit {
-            "bytes" => format!("{:.1} MiB", m.value / (1 << 20) as f64),
-            unit => format!("{:.2} {unit}", m.value),
-        };
-        let (reference, ratio) = match &m.reference {
-            Some((w, v)) => (format!("{w}: {v:.2}"), format!("{:.2}×", m.value / v)),
-            None => (String::new(), String::new()),
-        };
-        let (target, met) = match m.target {
-            Some((t, true)) => (t.to_owned(), "yes".to_owned()),
-            Some((t, false)) => (t.to_owned(), "**no**".to_owned()),
-            None => (String::new(), String::new()),
-        };
-        let _ = writeln!(md, "| {} | {value} | {reference} | {ratio} | {target} | {met} |", m.what);
-    }
-    std::fs::write(out.join("report.md"), &md).unwrap();
-    std::fs::write(out.join("report.svg"), chart(measures)).unwrap();
-    println!("{md}");
-    println!("written: {}/report.{{json,md,svg}}", out.display());
-}
-
-/// A bar chart of every measure that has a reference: our value as a share of it, with
-/// the target line where there is one.
-fn chart(measures: &[Measure]) -> String {
-    let rows: Vec<&Measure> = measures
-        .iter()
-        .filter(|m| m.reference.is_some() && m.unit != "ms (p50)" && !m.id.starts_with("cold_read_cpu"))
-        .collect();
-    let (w, row_h, left) = (760.0, 34.0, 330.0);
-    let h = 40.0 + row_h * rows.len() as f64;
-    let scale = (w - left - 60.0) / 1.5;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    measures.push(
+        Measure::new(
+            g,
+            format!("cold_read_cpu_seconds_per_gib/{name}"),
+            format!("mount process CPU per GiB of the cold read, until every blob is verified, {label}"),
+            "s/GiB",
+            get(|r| r.mount_cpu),
+        )
+        .against("verified download", get(|r| r.verified_cpu))
+        .target(Target::value(Cmp::AtMost, 1.0)),
     );
-    let _ =
-        write!(svg, r#"<text x="10" y="20" font-size="14">ours ÷ reference (1.0 = as fast as the reference)</text>"#);
-    let x1 = left + scale;
-    let _ = write!(svg, r##"<line x1="{x1}" y1="28" x2="{x1}" y2="{h}" stroke="#888" stroke-dasharray="4"/>"##);
-    for (i, m) in rows.iter().enumerate() {
-        let y = 34.0 + row_h * i as f64;
-        let (_, reference) = m.reference.as_ref().unwrap();
-        let ratio = m.value / reference;
-        let ratio = if m.unit == "s" { reference / m.value } else { ratio };
-        let color = match m.target {
-            Some((_, true)) => "#3a7",
-            Some((_, false)) => "#c44",
-            None => "#59c",
-        };
-        let _ = write!(svg, r#"<text x="10" y="{}">{}</text>"#, y + 16.0, m.what.chars().take(48).collect::<String>());
-        let _ = write!(
-            svg,
-            r#"<rect x="{left}" y="{}" width="{:.1}" height="22" fill="{color}"/>"#,
-            y + 2.0,
-            (ratio.min(1.5) * scale).max(1.0)
+    measures.push(
+        Measure::new(
+            g,
+            format!("cold_read_context_switches_per_gib/{name}"),
+            format!("mount process context switches per GiB of the same read (voluntary + involuntary, all threads), {label}"),
+            "/GiB",
+            get(|r| r.mount_switches),
+        )
+        .against("verified download", get(|r| r.verified_switches)),
+    );
+    measures.push(
+        Measure::new(
+            g,
+            format!("cold_read_registry_cpu_seconds_per_gib/{name}"),
+            format!("registry CPU per GiB serving the cold read, {label}"),
+            "s/GiB",
+            get(|r| r.registry_cpu_cold),
+        )
+        .against("serving the curl ranges", get(|r| r.registry_cpu_curl)),
+    );
+    let g = "Warm read and memory";
+    measures.push(
+        Measure::new(
+            g,
+            format!("warm_read_mbps/{name}"),
+            format!("warm read, {label}: every chunk cached, second mount, page cache dropped"),
+            "MB/s",
+            get(|r| r.warm),
+        )
+        .against("local file, page cache dropped", get(|r| r.local))
+        .target(Target::ratio(Cmp::AtLeast, 0.95)),
+    );
+    measures.push(
+        Measure::new(
+            g,
+            format!("peak_rss_bytes/{name}"),
+            format!("peak RSS of the mount process (VmHWM) over the cold read, {label}"),
+            "bytes",
+            get(|r| r.rss),
+        )
+        .target(Target::value(Cmp::AtMost, 100.0 * MIB as f64)),
+    );
+    measures.push(
+        Measure::new(
+            "Partial reads",
+            format!("file_order_load_mbps/{name}"),
+            format!(
+                "a loader reading every tensor in file order (safetensors, offset_keys), straight after mount, \
+                 {label} ÷ the cold sequential read"
+            ),
+            "MB/s",
+            get(|r| r.loader),
+        )
+        .against("cold sequential read", get(|r| r.cold))
+        .target(Target::ratio(Cmp::AtLeast, 0.9)),
+    );
+    for (id, how, f) in [
+        ("e2e_load_seconds", "", (|r: &ReadRun| r.e2e_lazy) as fn(&ReadRun) -> f64),
+        ("e2e_load_prefetch_seconds", " with --prefetch", |r: &ReadRun| r.e2e_prefetch),
+    ] {
+        measures.push(
+            Measure::new(
+                "End to end",
+                format!("{id}/{name}"),
+                format!(
+                    "mount{how}, then load every tensor with safetensors, {label} ÷ download the blobs with curl, \
+                     then load"
+                ),
+                "s",
+                get(f),
+            )
+            .against("download then load", get(|r| r.e2e_download))
+            .target(Target::ratio(Cmp::AtMost, 1.0).with_goal(0.75)),
         );
-        let _ =
-            write!(svg, r#"<text x="{:.1}" y="{}">{ratio:.2}×</text>"#, left + ratio.min(1.5) * scale + 4.0, y + 17.0);
     }
-    svg.push_str("</svg>");
-    svg
+}
+
+/// Bytes fetched for one tensor from the middle of a shard, random 4 KiB reads.
+fn partial_reads(bench: &Bench, shard: &Model, small: &Model, measures: &mut Vec<Measure>) {
+    let chunk = FetchSettings::default().chunk_size;
+    for (size, limit) in [(16 * MIB, 24 * MIB), (MIB, 8 * MIB)] {
+        let name = format!("middle.0.{size}");
+        let (start, end) = tensor_span(&shard.dir.join(&shard.files[0]), &name);
+        let fetched = repeat(bench.runs, || {
+            let m = bench.mount(shard, &bench.fresh("one"), &[]);
+            load_tensors(&[m.mountpoint.to_str().unwrap(), "--tensor", &name]);
+            m.stop() as f64
+        });
+        let touched = end.div_ceil(chunk) - start / chunk;
+        measures.push(
+            Measure::new(
+                "Partial reads",
+                format!("one_tensor_fetched_bytes/{}", size_label(size).replace(' ', "")),
+                format!(
+                    "bytes fetched for the header and one {} tensor from the middle of a {} shard (safetensors: safe_open, \
+                     get_tensor), fresh mount",
+                    size_label(size),
+                    size_label(shard.bytes)
+                ),
+                "bytes",
+                fetched,
+            )
+            .note(format!(
+                "tensor at {:.3}–{:.3} MiB of the file: {touched} chunk{} of {} and the header's",
+                start as f64 / MIB as f64,
+                end as f64 / MIB as f64,
+                if touched == 1 { "" } else { "s" },
+                size_label(chunk)
+            ))
+            .target(Target::value(Cmp::AtMost, limit as f64)),
+        );
+    }
+
+    // Random 4 KiB reads of one shard, cold (read-ahead off) and warm, next to a local file.
+    let file = &small.files[0];
+    let samples = repeat(bench.runs, || {
+        let cache = bench.fresh("random");
+        let m = bench.mount(small, &cache, &["--readahead-chunks", "0"]);
+        let cold = random_reads(&m.mountpoint.join(file), 200, 11);
+        read_all(&[m.mountpoint.join(file)], 1);
+        wait_complete(&cache, &small.digests[..1]);
+        m.stop();
+        let m = bench.mount(small, &cache, &["--readahead-chunks", "0"]);
+        drop_caches();
+        let warm = random_reads(&m.mountpoint.join(file), 200, 12);
+        m.stop();
+        drop_caches();
+        let local = random_reads(&small.dir.join(file), 200, 13);
+        [cold, warm, local].map(|v| (percentile(v.clone(), 0.5), percentile(v, 0.99)))
+    });
+    let get = |i: usize, p99: bool| samples.iter().map(|s| if p99 { s[i].1 } else { s[i].0 }).collect::<Vec<_>>();
+    let what = |how: &str| format!("random 4 KiB reads of a {} shard, {how}, p50", size_label(small.sizes[0]));
+    measures.push(
+        Measure::new("Random reads", "random_cold_p50_ms".into(), what("cold (read-ahead off)"), "ms", get(0, false))
+            .note(format!("p99 {:.2} ms", median(&get(0, true)))),
+    );
+    measures.push(
+        Measure::new(
+            "Random reads",
+            "random_warm_p50_ms".into(),
+            what("warm, page cache dropped"),
+            "ms",
+            get(1, false),
+        )
+        .against(
+            format!("local file (p99 here {:.2} ms, local {:.2} ms)", median(&get(1, true)), median(&get(2, true))),
+            get(2, false),
+        ),
+    );
 }

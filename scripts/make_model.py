@@ -6,6 +6,11 @@ arguments always give the same bytes. Shards are streamed to disk tensor by tens
 so a multi-gigabyte model needs little memory.
 
 usage: make_model.py DIR --size BYTES [--shards N] [--tensor-bytes BYTES] [--seed N]
+                     [--middle-tensor BYTES ...]
+
+With --middle-tensor (repeatable), each shard also holds tensors of those sizes, one after
+the other, starting at the first tensor boundary at or past the middle of its data; they are
+named `middle.<shard>.<bytes>` (for benchmarks that read one tensor from a shard's middle).
 """
 
 import argparse
@@ -51,6 +56,7 @@ def main():
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--tensor-bytes", type=int, default=16 << 20)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--middle-tensor", type=int, action="append", default=[])
     a = p.parse_args()
 
     os.makedirs(a.dir, exist_ok=True)
@@ -60,7 +66,17 @@ def main():
     for s in range(a.shards):
         name = f"model-{s + 1:05d}-of-{a.shards:05d}.safetensors"
         tensors, left, t = [], per_shard, 0
+        middle = list(a.middle_tensor)
+        if sum(middle) > per_shard // 2 or any(n < 2 or n % 2 for n in middle):
+            p.error("--middle-tensor sizes must be even and fit in half a shard")
         while left > 0:
+            if middle and per_shard - left >= per_shard // 2:
+                for nbytes in middle:
+                    cols = 1024 if nbytes % 2048 == 0 else 1
+                    tensors.append((f"middle.{s}.{nbytes}", "float16", (nbytes // 2 // cols, cols)))
+                    left -= nbytes
+                middle = []
+                continue
             nbytes = min(a.tensor_bytes, left)
             if t % 4 == 3 and nbytes % 4 == 0:
                 tensors.append((f"layers.{s}.{t}.bias", "float32", (nbytes // 4,)))

@@ -5,9 +5,10 @@ set -eu
 
 need_apt=""
 # podman (4.3, with conmon) and mmdebstrap (to build podman 5's root) are for the tests of the
-# additional layer store; as root podman needs neither uidmap nor fuse-overlayfs.
+# additional layer store; as root podman needs neither uidmap nor fuse-overlayfs. linux-perf is for
+# `make bench` (the mount process's CPU and context switches).
 for pkg in fuse3 docker-registry curl containerd runc busybox-static protobuf-compiler apache2-utils \
-    podman mmdebstrap; do
+    podman mmdebstrap linux-perf; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt="$need_apt $pkg"
 done
 if [ -n "$need_apt" ]; then

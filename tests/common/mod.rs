@@ -153,6 +153,18 @@ impl TestRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The file holding a blob's bytes in the registry's filesystem storage
+    /// (`sha256:<hex>` given); the benchmarks read it to put it in page cache.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(hex)
+            .join("data")
+    }
+
     /// Starts the registry again after [`Self::stop`], on the same port with the same data.
     pub fn restart(&mut self) {
         if self.child.is_none() {
