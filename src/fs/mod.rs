@@ -568,7 +568,7 @@ fn spawn(
 ) -> Result<Mounted, FsError> {
     let err = |source| FsError::Mount { path: mountpoint.display().to_string(), source };
     // A daemon killed earlier leaves a dead FUSE mount ("transport endpoint is not connected").
-    if is_mountpoint(mountpoint) && std::fs::metadata(mountpoint).is_err() {
+    if is_mountpoint(mountpoint) && is_dead(mountpoint) {
         tracing::warn!(path = %mountpoint.display(), "detaching a stale mount");
         detach(mountpoint).map_err(err)?;
     }
@@ -591,6 +591,17 @@ fn widen_read_ahead(mountpoint: &Path, bytes: u32) -> std::io::Result<()> {
     let dev = std::fs::metadata(mountpoint)?.dev();
     let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
     std::fs::write(path, (bytes / 1024).to_string())
+}
+
+/// Whether the file system mounted at `path` no longer answers: `statfs` always asks
+/// the server, where `stat` may be answered from attributes the kernel cached.
+fn is_dead(path: &Path) -> bool {
+    let Ok(c) = c_path(path) else { return false };
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `buf` is writable for one `statfs`,
+    // both outliving the call.
+    let rc = unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Whether `path` is listed as a mount point in `/proc/self/mountinfo`.

@@ -12,6 +12,7 @@
 //! No error message carries a secret: text a registry sent back is redacted first.
 
 pub mod credentials;
+mod reference;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -102,7 +103,8 @@ impl std::fmt::Debug for Registry {
 /// Parses an image reference such as `127.0.0.1:5000/models/demo:v1` or
 /// `registry.example.com/m@sha256:...`.
 pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
-    s.parse::<Reference>().map_err(|e| RegistryError::BadReference { reference: s.to_owned(), reason: e.to_string() })
+    reference::parse(s)
+        .map_err(|reason| RegistryError::BadReference { reference: s.to_owned(), reason: reason.to_owned() })
 }
 
 /// Whether a registry host (with optional port) is on loopback, where containerd and we
