@@ -19,6 +19,7 @@ use std::io::Cursor;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use modelpack_snapshotter::companion::index_from_tar;
+use modelpack_snapshotter::config::PrefetchPolicy;
 use modelpack_snapshotter::modelpack::index::{IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH};
 use modelpack_snapshotter::modelpack::manifest::{self, FileMetadata, MAX_BLOB_SIZE};
 use modelpack_snapshotter::modelpack::path::{self, ModelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
@@ -252,6 +253,7 @@ fn valid_index() -> LazyIndex {
                 target: None,
             },
         ],
+        prefetch: Some(PrefetchPolicy::Head(64 << 20)),
     }
 }
 

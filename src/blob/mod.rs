@@ -24,6 +24,7 @@
 //!   has memory of its own for chunks awaiting their cache write.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -563,14 +564,31 @@ impl BlobStore {
     /// chunks per request, `prefetch_concurrency` requests at a time, waiting while
     /// on-demand reads are in flight. Returns the first error after trying every chunk.
     pub async fn prefetch(self: &Arc<Self>, blobs: Vec<BlobInfo>) -> Result<(), BlobError> {
+        self.prefetch_ranges(blobs.into_iter().map(|b| (b, 0..b.size)).collect()).await
+    }
+
+    /// [`Self::prefetch`] of byte ranges: every chunk covering a range (clamped to its
+    /// blob) that is not cached yet, in the order given. A range's chunks are requested
+    /// in groups of `stream_request_chunks` aligned on the blob's chunk index, as for a
+    /// whole blob, so ranges that meet or overlap share requests instead of splitting them.
+    pub async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<(BlobInfo, Range<u64>)>) -> Result<(), BlobError> {
         let per_request = self.settings.stream_request_chunks.max(1);
-        let work: Vec<(BlobInfo, u64, u64)> = blobs
-            .iter()
-            .flat_map(|b| {
-                let count = self.chunk_count(b);
-                (0..count).step_by(per_request as usize).map(move |i| (*b, i, per_request.min(count - i)))
-            })
-            .collect();
+        let cs = self.settings.chunk_size;
+        let mut work: Vec<(BlobInfo, u64, u64)> = Vec::new();
+        let mut queued = HashSet::new();
+        for (b, range) in ranges {
+            let end = range.end.min(b.size);
+            if range.start >= end {
+                continue;
+            }
+            let (first, last) = (range.start / cs / per_request, (end - 1) / cs / per_request);
+            for group in first..=last {
+                let start = group * per_request;
+                if queued.insert((b.digest, start)) {
+                    work.push((b, start, per_request.min(self.chunk_count(&b) - start)));
+                }
+            }
+        }
         let first_error = Mutex::new(None);
         futures_util::stream::iter(work)
             .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, first, count)| {
@@ -1171,6 +1189,37 @@ mod tests {
         // What is not in memory any more comes from the cache, without a fetch.
         assert_eq!(store.read(&blob, 0, 3072).await.unwrap(), data[..3072]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetch_of_ranges_fetches_the_groups_of_chunks_they_touch() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 247) as u8).collect();
+        let small = b"a small file".to_vec();
+        let (blob, tiny) = (info(&data), info(&small));
+        let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
+        let (store, source, _dir) = store_with(&[&data, &small], settings, None);
+        // The head of the blob (chunks 0..=1, one group), one byte inside chunk 9 (the
+        // group 8..=11), the same again, a range past the end, an empty range, and a
+        // whole small blob.
+        let ranges = vec![
+            (blob, 0..2000),
+            (blob, 9300..9301),
+            (blob, 9000..9100),
+            (blob, 30_000..40_000),
+            (blob, 5..5),
+            (tiny, 0..u64::MAX),
+        ];
+        store.prefetch_ranges(ranges).await.unwrap();
+        store.settle().await;
+        let cached: Vec<u64> =
+            (0..20).filter(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: *i })).collect();
+        assert_eq!(cached, [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert!(store.cache().contains(&ChunkKey { blob: tiny.digest, index: 0 }));
+        assert_eq!(source.requests.load(Ordering::SeqCst), 3, "one request per group");
+        // A whole-blob prefetch fetches only what is missing, in the same groups.
+        store.prefetch(vec![blob]).await.unwrap();
+        assert_eq!(source.requests.load(Ordering::SeqCst), 3 + 3);
+        assert_eq!(store.read(&blob, 0, 20_000).await.unwrap(), data);
     }
 
     /// Stores over one shared cache, as `serve` has one per model: each serves `blobs`
