@@ -569,24 +569,24 @@ impl BlobStore {
 
     /// [`Self::prefetch`] of byte ranges: every chunk covering a range (clamped to its
     /// blob) that is not cached yet, in the order given. A range's chunks are requested
-    /// in groups of `stream_request_chunks` aligned on the blob's chunk index, as for a
-    /// whole blob, so ranges that meet or overlap share requests instead of splitting them.
+    /// at most `stream_request_chunks` at a time, split where the blob's groups of that
+    /// many chunks meet (as for a whole blob), so a head of a file fetches the chunks it
+    /// covers and no more.
     pub async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<(BlobInfo, Range<u64>)>) -> Result<(), BlobError> {
         let per_request = self.settings.stream_request_chunks.max(1);
         let cs = self.settings.chunk_size;
         let mut work: Vec<(BlobInfo, u64, u64)> = Vec::new();
-        let mut queued = HashSet::new();
         for (b, range) in ranges {
             let end = range.end.min(b.size);
             if range.start >= end {
                 continue;
             }
-            let (first, last) = (range.start / cs / per_request, (end - 1) / cs / per_request);
-            for group in first..=last {
-                let start = group * per_request;
-                if queued.insert((b.digest, start)) {
-                    work.push((b, start, per_request.min(self.chunk_count(&b) - start)));
-                }
+            let (first, last) = (range.start / cs, (end - 1) / cs);
+            let mut index = first;
+            while index <= last {
+                let group_end = ((index / per_request + 1) * per_request).min(last + 1);
+                work.push((b, index, group_end - index));
+                index = group_end;
             }
         }
         let first_error = Mutex::new(None);
@@ -1192,19 +1192,19 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn prefetch_of_ranges_fetches_the_groups_of_chunks_they_touch() {
+    async fn prefetch_of_ranges_fetches_the_chunks_they_cover() {
         let data: Vec<u8> = (0..20_000u32).map(|i| (i % 247) as u8).collect();
         let small = b"a small file".to_vec();
         let (blob, tiny) = (info(&data), info(&small));
         let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
         let (store, source, _dir) = store_with(&[&data, &small], settings, None);
-        // The head of the blob (chunks 0..=1, one group), one byte inside chunk 9 (the
-        // group 8..=11), the same again, a range past the end, an empty range, and a
-        // whole small blob.
+        // The head of the blob (chunks 0..=1), chunks 3..=9 (split where the groups of
+        // four meet: 3, 4..=7, 8..=9), chunk 9 again, a range past the end, an empty
+        // range, and a whole small blob.
         let ranges = vec![
             (blob, 0..2000),
+            (blob, 3500..9300),
             (blob, 9300..9301),
-            (blob, 9000..9100),
             (blob, 30_000..40_000),
             (blob, 5..5),
             (tiny, 0..u64::MAX),
@@ -1213,12 +1213,12 @@ mod tests {
         store.settle().await;
         let cached: Vec<u64> =
             (0..20).filter(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: *i })).collect();
-        assert_eq!(cached, [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(cached, [0, 1, 3, 4, 5, 6, 7, 8, 9]);
         assert!(store.cache().contains(&ChunkKey { blob: tiny.digest, index: 0 }));
-        assert_eq!(source.requests.load(Ordering::SeqCst), 3, "one request per group");
+        assert_eq!(source.requests.load(Ordering::SeqCst), 5, "0..=1, 3, 4..=7, 8..=9 and the small blob");
         // A whole-blob prefetch fetches only what is missing, in the same groups.
         store.prefetch(vec![blob]).await.unwrap();
-        assert_eq!(source.requests.load(Ordering::SeqCst), 3 + 3);
+        assert_eq!(source.requests.load(Ordering::SeqCst), 5 + 4, "2, 10..=11, 12..=15, 16..=19");
         assert_eq!(store.read(&blob, 0, 20_000).await.unwrap(), data);
     }
 
