@@ -142,13 +142,11 @@ const SIZE_UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB"
 impl PrefetchPolicy {
     /// The longest text accepted: more than any valid policy needs.
     pub const MAX_LEN: usize = 32;
-
-    /// Whether this policy fetches anything.
-    pub fn fetches(self) -> bool {
-        self != Self::None
-    }
 }
 
+/// A grammar this small is parsed here rather than by a size-parsing crate: those also
+/// take decimal units, fractions and spaces, more than a companion or a pod spec should
+/// be able to write.
 impl FromStr for PrefetchPolicy {
     type Err = PolicyError;
 
@@ -348,7 +346,7 @@ mod tests {
             policies,
             [PrefetchPolicy::None, PrefetchPolicy::Head(1), PrefetchPolicy::Head(2), PrefetchPolicy::All]
         );
-        assert!(!PrefetchPolicy::default().fetches());
+        assert_eq!(PrefetchPolicy::default(), PrefetchPolicy::None);
     }
 
     #[test]
