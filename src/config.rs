@@ -3,7 +3,12 @@
 //!
 //! Every size, timeout, retry count and concurrency limit lives here, so the rest of the
 //! code never carries a literal for one. The CLI fills these from flags.
+//!
+//! [`PrefetchPolicy`] is also read from untrusted places (a companion's lazy index, a CSI
+//! volume's attributes), so its parser is strict and bounded.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// How the registry is reached.
@@ -58,6 +63,13 @@ pub struct FetchSettings {
     pub pending_store_chunks: u64,
     /// Parallel ranged requests of the background prefetch.
     pub prefetch_concurrency: usize,
+    /// What of each model is fetched in the background once it is served, unless its
+    /// companion or a CSI volume says otherwise. [`PrefetchPolicy::None`] by default: a
+    /// node serving many models, or models read only in part (one shard, one tensor),
+    /// would otherwise fetch and store every byte of each, which is what lazy serving
+    /// spares it; a model that will be read whole asks for `all` through its companion
+    /// (`convert --prefetch all`) or its volume.
+    pub prefetch: PrefetchPolicy,
     /// Let the kernel read a fully fetched and verified raw-layer blob straight from its
     /// cache file (FUSE passthrough, Linux ≥ 6.9) instead of through this process.
     pub passthrough: bool,
@@ -84,11 +96,120 @@ impl Default for FetchSettings {
             stream_request_chunks: 4,
             pending_store_chunks: 6,
             prefetch_concurrency: 4,
+            prefetch: PrefetchPolicy::None,
             passthrough: true,
             cache_budget: None,
             max_unpacked_bytes: 256 << 30,
             require_lazy_index: false,
         }
+    }
+}
+
+/// What of a model is fetched in the background once it is served, at a lower priority
+/// than reads (on-demand reads always go first). Written `none`, `all` or `head:BYTES`,
+/// where BYTES is a decimal integer, optionally followed (without a space) by `KiB`,
+/// `MiB`, `GiB` or `TiB`; nothing else is accepted.
+///
+/// Policies are ordered by how much they fetch: `none` < `head:N` < `head:M` (N < M) <
+/// `all`. Where several apply to one mounted model (two CSI volumes of one model), the
+/// largest wins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PrefetchPolicy {
+    /// Nothing: bytes are fetched when read (and read ahead of sequential readers).
+    #[default]
+    None,
+    /// The first this many bytes (never 0) of every file served: safetensors headers,
+    /// configs and tokenizers, and the first tensors, without the bulk of the weights.
+    Head(u64),
+    /// Every blob of every file served, whole, so that each is verified and can be
+    /// served by passthrough.
+    All,
+}
+
+/// Why a prefetch policy was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("prefetch policy {value:?}: {reason}")]
+pub struct PolicyError {
+    /// The value as given (cut to [`PrefetchPolicy::MAX_LEN`] bytes).
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Binary units a `head:` size may end with, largest first.
+const SIZE_UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+
+impl PrefetchPolicy {
+    /// The longest text accepted: more than any valid policy needs.
+    pub const MAX_LEN: usize = 32;
+}
+
+/// A grammar this small is parsed here rather than by a size-parsing crate: those also
+/// take decimal units, fractions and spaces, more than a companion or a pod spec should
+/// be able to write.
+impl FromStr for PrefetchPolicy {
+    type Err = PolicyError;
+
+    fn from_str(value: &str) -> Result<Self, PolicyError> {
+        let err = |reason| {
+            let mut end = value.len().min(Self::MAX_LEN);
+            while !value.is_char_boundary(end) {
+                end -= 1;
+            }
+            PolicyError { value: value[..end].to_owned(), reason }
+        };
+        if value.len() > Self::MAX_LEN {
+            return Err(err("longer than any policy"));
+        }
+        match value {
+            "none" => return Ok(Self::None),
+            "all" => return Ok(Self::All),
+            _ => {}
+        }
+        let Some(size) = value.strip_prefix("head:") else {
+            return Err(err("expected none, all or head:BYTES (e.g. head:64MiB)"));
+        };
+        let (digits, unit) = SIZE_UNITS
+            .iter()
+            .find_map(|(suffix, unit)| size.strip_suffix(suffix).map(|d| (d, *unit)))
+            .unwrap_or((size, 1));
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err("the size must be a decimal integer, optionally followed by KiB, MiB, GiB or TiB"));
+        }
+        let bytes =
+            digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)).ok_or_else(|| err("the size is too large"))?;
+        if bytes == 0 {
+            return Err(err("head:0 fetches nothing; write none"));
+        }
+        Ok(Self::Head(bytes))
+    }
+}
+
+impl fmt::Display for PrefetchPolicy {
+    /// The form [`FromStr`] reads: `none`, `all`, or `head:` with the largest unit that
+    /// divides the size.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::None => f.write_str("none"),
+            Self::All => f.write_str("all"),
+            Self::Head(bytes) => match SIZE_UNITS.iter().find(|(_, unit)| bytes % unit == 0) {
+                Some((suffix, unit)) => write!(f, "head:{}{suffix}", bytes / unit),
+                None => write!(f, "head:{bytes}"),
+            },
+        }
+    }
+}
+
+impl serde::Serialize for PrefetchPolicy {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PrefetchPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -158,5 +279,83 @@ impl Default for ModelMountSettings {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_policies_parse_strictly_and_read_back() {
+        for (text, policy) in [
+            ("none", PrefetchPolicy::None),
+            ("all", PrefetchPolicy::All),
+            ("head:1", PrefetchPolicy::Head(1)),
+            ("head:4096", PrefetchPolicy::Head(4 << 10)),
+            ("head:64MiB", PrefetchPolicy::Head(64 << 20)),
+            ("head:3KiB", PrefetchPolicy::Head(3 << 10)),
+            ("head:2GiB", PrefetchPolicy::Head(2 << 30)),
+            ("head:1TiB", PrefetchPolicy::Head(1 << 40)),
+        ] {
+            assert_eq!(text.parse::<PrefetchPolicy>().unwrap(), policy, "{text}");
+            assert_eq!(policy.to_string().parse::<PrefetchPolicy>().unwrap(), policy);
+        }
+        assert_eq!(PrefetchPolicy::Head(4096).to_string(), "head:4KiB");
+        assert_eq!(PrefetchPolicy::Head(1000).to_string(), "head:1000");
+        for bad in [
+            "",
+            "None",
+            "ALL",
+            " all",
+            "all ",
+            "head",
+            "head:",
+            "head:0",
+            "head:0MiB",
+            "head:-1",
+            "head:+1",
+            "head:1.5MiB",
+            "head:64 MiB",
+            "head:64mib",
+            "head:64MB",
+            "head:64M",
+            "head:0x10",
+            "head:18446744073709551616",
+            "head:17179869184GiB",
+            "head:1MiBMiB",
+            "tail:1",
+            "first:1MiB",
+            "head:１",
+        ] {
+            let e = bad.parse::<PrefetchPolicy>().unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        let long = "head:".to_owned() + &"9".repeat(1000);
+        let e = long.parse::<PrefetchPolicy>().unwrap_err();
+        assert!(e.value.len() <= PrefetchPolicy::MAX_LEN, "{e}");
+        assert!("é".repeat(40).parse::<PrefetchPolicy>().is_err(), "cut on a character boundary");
+    }
+
+    #[test]
+    fn the_larger_policy_is_the_one_that_fetches_more() {
+        let mut policies =
+            [PrefetchPolicy::All, PrefetchPolicy::Head(2), PrefetchPolicy::None, PrefetchPolicy::Head(1)];
+        policies.sort();
+        assert_eq!(
+            policies,
+            [PrefetchPolicy::None, PrefetchPolicy::Head(1), PrefetchPolicy::Head(2), PrefetchPolicy::All]
+        );
+        assert_eq!(PrefetchPolicy::default(), PrefetchPolicy::None);
+    }
+
+    #[test]
+    fn prefetch_policies_are_strings_in_json() {
+        let json = serde_json::to_string(&PrefetchPolicy::Head(64 << 20)).unwrap();
+        assert_eq!(json, "\"head:64MiB\"");
+        assert_eq!(serde_json::from_str::<PrefetchPolicy>(&json).unwrap(), PrefetchPolicy::Head(64 << 20));
+        let e = serde_json::from_str::<PrefetchPolicy>("\"most\"").unwrap_err().to_string();
+        assert!(e.contains("\"most\""), "{e}");
+        assert!(serde_json::from_str::<PrefetchPolicy>("5").is_err());
     }
 }

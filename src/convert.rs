@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::cache::ChunkCache;
-use crate::config::Settings;
+use crate::config::{PrefetchPolicy, Settings};
 use crate::model::{Model, ModelError};
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::{
@@ -179,11 +179,13 @@ fn index_tar(index_json: &[u8]) -> Vec<u8> {
     builder.into_inner().expect("in-memory tar")
 }
 
-/// Converts `source` and pushes the companion to `target`.
+/// Converts `source` and pushes the companion to `target`; its lazy index asks nodes to
+/// prefetch as `prefetch` says, when given.
 pub async fn convert(
     source: &str,
     target: &str,
     chunk_size: u64,
+    prefetch: Option<PrefetchPolicy>,
     settings: &Settings,
 ) -> Result<Converted, ConvertError> {
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
@@ -274,6 +276,7 @@ pub async fn convert(
         chunk_size,
         blobs,
         files,
+        prefetch,
     };
     // Check what we publish the way the snapshotter will read it.
     LazyIndex::parse(&index.to_json()).map_err(|e| ConvertError::Target(e.to_string()))?;

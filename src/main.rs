@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use modelpack_snapshotter::cache::ChunkCache;
-use modelpack_snapshotter::config::{FetchSettings, RegistrySettings, Settings};
+use modelpack_snapshotter::config::{FetchSettings, PrefetchPolicy, RegistrySettings, Settings};
 use modelpack_snapshotter::daemon::{self, DaemonConfig};
-use modelpack_snapshotter::model::Model;
+use modelpack_snapshotter::model::{Model, Prefetched};
 use modelpack_snapshotter::modelpack::select::Selection;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
@@ -85,6 +85,10 @@ enum Command {
         /// Bytes per digested chunk; the snapshotter's chunk size must be a multiple of it.
         #[arg(long, default_value_t = 1 << 20)]
         chunk_size: u64,
+        /// What nodes serving the model fetch in the background (`none`, `all`,
+        /// `head:BYTES`), in place of their own `cache.prefetch` [default: theirs].
+        #[arg(long, value_name = "POLICY")]
+        prefetch: Option<PrefetchPolicy>,
     },
     /// Serve containerd's snapshots API on a Unix socket, containers/storage's additional
     /// layer store (CRI-O, podman) and the CSI node plugin (kubelet), as configured, until
@@ -123,9 +127,11 @@ enum Command {
         mountpoint: PathBuf,
         #[command(flatten)]
         cache: CacheArgs,
-        /// Fetch the whole model in the background after mounting.
-        #[arg(long)]
-        prefetch: bool,
+        /// Fetch in the background after mounting: `--prefetch` alone (or `=all`) the
+        /// whole model, `--prefetch=head:BYTES` the first BYTES of every file,
+        /// `--prefetch=none` nothing [default: the companion's policy, else none].
+        #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "all")]
+        prefetch: Option<PrefetchPolicy>,
     },
 }
 
@@ -175,6 +181,8 @@ impl CacheArgs {
             stream_request_chunks: self.stream_request_chunks,
             pending_store_chunks: self.pending_store_chunks,
             prefetch_concurrency: self.prefetch_concurrency,
+            // `mount` has no node policy: `--prefetch`, else the companion's, else none.
+            prefetch: PrefetchPolicy::None,
             passthrough: !self.no_passthrough,
             cache_budget: self.cache_budget,
             max_unpacked_bytes: self.max_unpacked_bytes,
@@ -265,14 +273,14 @@ fn run(cli: Cli) -> Result<()> {
             print_inspect(&model);
             Ok(())
         }
-        Command::Convert { source, target, chunk_size } => {
+        Command::Convert { source, target, chunk_size, prefetch } => {
             let target = match target {
                 Some(t) => t,
                 None => convert::default_target(&source)?,
             };
             let settings =
                 Settings { registry: registry_settings, fetch: FetchSettings::default(), selection: Selection::all() };
-            let done = runtime.block_on(convert::convert(&source, &target, chunk_size, &settings))?;
+            let done = runtime.block_on(convert::convert(&source, &target, chunk_size, prefetch, &settings))?;
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
@@ -334,7 +342,7 @@ async fn mount(
     mountpoint: &Path,
     settings: &Settings,
     cache: Arc<ChunkCache>,
-    prefetch: bool,
+    prefetch: Option<PrefetchPolicy>,
 ) -> Result<()> {
     let started = Instant::now();
     let model = Arc::new(Model::open(reference, settings, cache).await?);
@@ -348,13 +356,12 @@ async fn mount(
         started.elapsed().as_millis(),
         if model.offline { " [offline: registry unreachable, serving from cache]" } else { "" },
     );
-    if prefetch {
-        let (model, blobs) = (model.clone(), model.remote_blobs());
+    let policy = prefetch.unwrap_or(model.prefetch);
+    if let Some(done) = model.start_prefetch(policy, &tokio::runtime::Handle::current()) {
+        let reference = model.reference.clone();
         tokio::spawn(async move {
-            let t = Instant::now();
-            match model.store.prefetch(blobs).await {
-                Ok(()) => println!("prefetched: {} in {:.3} s", model.reference, t.elapsed().as_secs_f64()),
-                Err(e) => tracing::warn!(error = %e, "prefetch incomplete"),
+            if let Ok(Prefetched { policy, elapsed, result: Ok(()), .. }) = done.await {
+                println!("prefetched: {reference} ({policy}) in {:.3} s", elapsed.as_secs_f64());
             }
         });
     }

@@ -12,13 +12,18 @@
 //! opens the model its lazy index describes, with every chunk checked against the index.
 //! So does a plain reference whose manifest has a companion among its referrers
 //! ([`companion::discover`]); without one it is served as it is, or refused when
-//! [`crate::config::FetchSettings::require_lazy_index`] is set.
+//! [`crate::config::FetchSettings::require_lazy_index`] is set. [`prefetch`] fetches what a
+//! [`crate::config::PrefetchPolicy`] asks of it in the background, while it is served.
+
+mod prefetch;
+
+pub use prefetch::Prefetched;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use futures_util::StreamExt;
@@ -27,7 +32,7 @@ use tokio::runtime::Handle;
 use crate::blob::{BlobError, BlobInfo, BlobStore, IndexDigests};
 use crate::cache::{CacheError, ChunkCache, UnpackedLease};
 use crate::companion;
-use crate::config::Settings;
+use crate::config::{PrefetchPolicy, Settings};
 use crate::modelpack::digest::Hasher;
 use crate::modelpack::index::VerifiedIndex;
 use crate::modelpack::labels::Pinned;
@@ -134,6 +139,12 @@ pub struct Model {
     /// The digest of the lazy index every fetched chunk is checked against, when the
     /// model is served from one (a companion, or one found among the referrers).
     pub lazy_index: Option<Digest>,
+    /// What of it is fetched in the background once it is served: its lazy index's
+    /// `prefetch` when it has one, else the node's `fetch.prefetch`. A front-end may
+    /// start another (a CSI volume attribute overrides both).
+    pub prefetch: PrefetchPolicy,
+    /// The background prefetch, stopped when the model is dropped.
+    prefetching: Mutex<Option<prefetch::Prefetching>>,
     /// Holds the unpacked copies of compressed layers while the model lives.
     _unpacked: Vec<UnpackedLease>,
 }
@@ -252,6 +263,7 @@ impl Model {
         cache: Arc<ChunkCache>,
     ) -> Result<Self, ModelError> {
         let reference = index.index.source.reference.clone();
+        let prefetch = index.index.prefetch;
         let registry = Arc::new(Registry::new(registry::parse_reference(&reference)?, settings.registry.clone()));
         let manifest_err = |source| ModelError::Manifest { reference: reference.clone(), source };
         let diff_ids = manifest::parse_config(index.index.config.as_bytes()).map_err(manifest_err)?.diff_ids;
@@ -273,6 +285,7 @@ impl Model {
         };
         let mut model = Self::assemble(parts, settings, cache).await?;
         model.lazy_index = Some(index.digest);
+        model.prefetch = prefetch.unwrap_or(model.prefetch);
         Ok(model)
     }
 
@@ -339,6 +352,8 @@ impl Model {
             offline,
             selection: settings.selection.clone(),
             lazy_index: None,
+            prefetch: settings.fetch.prefetch,
+            prefetching: Mutex::new(None),
             _unpacked: leases,
         })
     }

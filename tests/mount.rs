@@ -506,6 +506,39 @@ fn prefetch_fetches_the_whole_model_in_the_background() {
 }
 
 #[test]
+fn mount_prefetches_as_the_companion_says_unless_told_otherwise() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 6 << 20);
+    let source = format!("{}/models/policy:v1", proxy.addr());
+    push_dir(&src, &source, "raw");
+    let (ok, _, stderr) = run_bin(&["convert", &source, "--prefetch", "all"]);
+    assert!(ok, "{stderr}");
+    let companion = format!("{source}-lazy");
+    let sizes: Vec<u64> = read_tree(&src).values().map(|v| v.len() as u64).collect();
+
+    // No --prefetch: the companion's policy.
+    let m = mount(&companion, &tmp.path().join("a"), &["--chunk-size", "1048576"]);
+    let line = m.wait_line("prefetched:", std::time::Duration::from_secs(60));
+    assert!(line.contains("(all)"), "{line}");
+    drop(m);
+
+    // --prefetch=POLICY overrides it: the first MiB of each file, into a fresh cache.
+    proxy.reset_counts();
+    let m = mount(&companion, &tmp.path().join("b"), &["--prefetch=head:1MiB", "--chunk-size", "1048576"]);
+    let line = m.wait_line("prefetched:", std::time::Duration::from_secs(60));
+    assert!(line.contains("(head:1MiB)"), "{line}");
+    let heads: u64 = sizes.iter().map(|s| (*s).min(1 << 20)).sum();
+    let (_, fetched) = proxy.blob_counts();
+    assert!((heads..heads + (64 << 10)).contains(&fetched), "fetched {fetched}; the heads are {heads} bytes");
+}
+
+#[test]
 fn a_mount_left_by_a_killed_process_is_replaced() {
     if !prerequisites(true) {
         return;

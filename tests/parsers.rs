@@ -1,7 +1,7 @@
 //! Property tests of every parser of untrusted bytes, through the library's public API:
 //! manifests, model configs, file metadata and its timestamps, lazy indexes (JSON and the
-//! companion layer's tar), referrers lists, tar layers, model paths, model labels,
-//! containerd filters and digests.
+//! companion layer's tar), prefetch policies, referrers lists, tar layers, model paths,
+//! model labels, containerd filters and digests.
 //!
 //! Each property runs on random inputs and on mutations of a valid input built here
 //! (bytes set, truncated, inserted, deleted, copied), and asserts that the parser never
@@ -19,6 +19,7 @@ use std::io::Cursor;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use modelpack_snapshotter::companion::index_from_tar;
+use modelpack_snapshotter::config::PrefetchPolicy;
 use modelpack_snapshotter::modelpack::index::{IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH};
 use modelpack_snapshotter::modelpack::manifest::{self, FileMetadata, MAX_BLOB_SIZE};
 use modelpack_snapshotter::modelpack::path::{self, ModelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
@@ -252,6 +253,7 @@ fn valid_index() -> LazyIndex {
                 target: None,
             },
         ],
+        prefetch: Some(PrefetchPolicy::Head(64 << 20)),
     }
 }
 
@@ -400,6 +402,54 @@ fn digests_parse_only_their_canonical_form() {
                 && s[7..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
             prop_assert!(!ok, "{s:?} is canonical but was refused");
         }
+        Ok(())
+    });
+}
+
+#[test]
+fn prefetch_policies_parse_strictly_and_read_back() {
+    let alphabet: &'static [&'static str] = &[
+        "none",
+        "all",
+        "head:",
+        "0",
+        "1",
+        "9",
+        "64",
+        "18446744073709551615",
+        "KiB",
+        "MiB",
+        "GiB",
+        "TiB",
+        "B",
+        " ",
+        ":",
+    ];
+    let valid = prop_oneof![
+        Just(PrefetchPolicy::None),
+        Just(PrefetchPolicy::All),
+        (1u64..).prop_map(PrefetchPolicy::Head),
+        (1u64..1 << 24, 0usize..4).prop_map(|(n, shift)| PrefetchPolicy::Head(n << (10 * shift))),
+    ];
+    let written = valid.clone().prop_map(|p| p.to_string());
+    let near = written
+        .clone()
+        .prop_flat_map(|s| mutated(s.into_bytes()))
+        .prop_map(|b| String::from_utf8_lossy(&b).into_owned());
+    check(prop_oneof![written, near, syntax_string(alphabet, 8), any::<String>()], |s| {
+        match s.parse::<PrefetchPolicy>() {
+            Ok(p) => {
+                prop_assert!(s.len() <= PrefetchPolicy::MAX_LEN);
+                prop_assert!(s == "none" || s == "all" || s.starts_with("head:"), "{s:?}");
+                prop_assert_ne!(p, PrefetchPolicy::Head(0));
+                prop_assert_eq!(p.to_string().parse::<PrefetchPolicy>().unwrap(), p, "{:?} reads back", s);
+            }
+            Err(e) => prop_assert!(e.value.len() <= PrefetchPolicy::MAX_LEN && s.starts_with(&e.value), "{e}"),
+        }
+        Ok(())
+    });
+    check(valid, |p| {
+        prop_assert_eq!(p.to_string().parse::<PrefetchPolicy>().unwrap(), p);
         Ok(())
     });
 }

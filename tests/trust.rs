@@ -17,8 +17,6 @@ use common::*;
 use modelpack_snapshotter::companion::index_from_tar;
 use modelpack_snapshotter::modelpack::index::LazyIndex;
 use modelpack_snapshotter::modelpack::Digest;
-use modelpack_snapshotter::registry::parse_reference;
-use serde_json::json;
 
 /// The shard the attacker forges: several 4 MiB chunks, so no single chunk is the blob.
 const WEIGHT: &str = "model-00001-of-00002.safetensors";
@@ -56,7 +54,7 @@ impl Scene {
         let mut index = honest_index(&honest_companion).await;
         forgery.forge(&mut index, "evil/model");
         let forged_companion = format!("{}/evil/companion:v1", registry.addr());
-        tokio::task::block_in_place(|| publish_companion(&forged_companion, &index));
+        tokio::task::block_in_place(|| publish_companion(&forged_companion, &index.to_json()));
         let forged_index = Digest::of(&index.to_json());
         Self {
             _registry: registry,
@@ -79,35 +77,6 @@ impl Scene {
 async fn honest_index(companion: &str) -> LazyIndex {
     let layer = companion_layer(companion).await;
     serde_json::from_slice(&index_from_tar(&layer.bytes).unwrap()).unwrap()
-}
-
-/// Publishes a companion image (one manifest, one index layer) for `index` at `target`.
-fn publish_companion(target: &str, index: &LazyIndex) {
-    let json = index.to_json();
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_ustar();
-    header.set_size(json.len() as u64);
-    header.set_mode(0o444);
-    tar.append_data(&mut header, ".modelpack/index.json", &json[..]).unwrap();
-    let layer = tar.into_inner().unwrap();
-    let layer_digest = Digest::of(&layer);
-    let reference = parse_reference(target).unwrap();
-    let location = format!("{}/{}@{layer_digest}", reference.registry(), reference.repository());
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": { "type": "layers", "diff_ids": [layer_digest.to_string()] },
-    }))
-    .unwrap();
-    let layer = LayerSpec {
-        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-        data: layer,
-        annotations: json!({
-            "containerd.io/snapshot/modelpack.source": index.source.reference,
-            "containerd.io/snapshot/modelpack.index": location,
-            "containerd.io/snapshot/modelpack.version": index.version.to_string(),
-        }),
-    };
-    push_artifact(target, "", "application/vnd.oci.image.config.v1+json", &config, &[layer]);
 }
 
 /// Mounts `reference` with the shared cache, reads the weight file whole, unmounts.

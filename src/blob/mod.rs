@@ -24,6 +24,7 @@
 //!   has memory of its own for chunks awaiting their cache write.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -585,14 +586,31 @@ impl BlobStore {
     /// chunks per request, `prefetch_concurrency` requests at a time, waiting while
     /// on-demand reads are in flight. Returns the first error after trying every chunk.
     pub async fn prefetch(self: &Arc<Self>, blobs: Vec<BlobInfo>) -> Result<(), BlobError> {
+        self.prefetch_ranges(blobs.into_iter().map(|b| (b, 0..b.size)).collect()).await
+    }
+
+    /// [`Self::prefetch`] of byte ranges: every chunk covering a range (clamped to its
+    /// blob) that is not cached yet, in the order given. A range's chunks are requested
+    /// at most `stream_request_chunks` at a time, split where the blob's groups of that
+    /// many chunks meet (as for a whole blob), so a head of a file fetches the chunks it
+    /// covers and no more.
+    pub async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<(BlobInfo, Range<u64>)>) -> Result<(), BlobError> {
         let per_request = self.settings.stream_request_chunks.max(1);
-        let work: Vec<(BlobInfo, u64, u64)> = blobs
-            .iter()
-            .flat_map(|b| {
-                let count = self.chunk_count(b);
-                (0..count).step_by(per_request as usize).map(move |i| (*b, i, per_request.min(count - i)))
-            })
-            .collect();
+        let cs = self.settings.chunk_size;
+        let mut work: Vec<(BlobInfo, u64, u64)> = Vec::new();
+        for (b, range) in ranges {
+            let end = range.end.min(b.size);
+            if range.start >= end {
+                continue;
+            }
+            let (first, last) = (range.start / cs, (end - 1) / cs);
+            let mut index = first;
+            while index <= last {
+                let group_end = ((index / per_request + 1) * per_request).min(last + 1);
+                work.push((b, index, group_end - index));
+                index = group_end;
+            }
+        }
         let first_error = Mutex::new(None);
         futures_util::stream::iter(work)
             .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, first, count)| {
@@ -1268,6 +1286,37 @@ mod tests {
         // What is not in memory any more comes from the cache, without a fetch.
         assert_eq!(store.read(&blob, 0, 3072).await.unwrap(), data[..3072]);
         assert_eq!(source.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetch_of_ranges_fetches_the_chunks_they_cover() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 247) as u8).collect();
+        let small = b"a small file".to_vec();
+        let (blob, tiny) = (info(&data), info(&small));
+        let settings = FetchSettings { chunk_size: 1024, stream_request_chunks: 4, ..FetchSettings::default() };
+        let (store, source, _dir) = store_with(&[&data, &small], settings, None);
+        // The head of the blob (chunks 0..=1), chunks 3..=9 (split where the groups of
+        // four meet: 3, 4..=7, 8..=9), chunk 9 again, a range past the end, an empty
+        // range, and a whole small blob.
+        let ranges = vec![
+            (blob, 0..2000),
+            (blob, 3500..9300),
+            (blob, 9300..9301),
+            (blob, 30_000..40_000),
+            (blob, 5..5),
+            (tiny, 0..u64::MAX),
+        ];
+        store.prefetch_ranges(ranges).await.unwrap();
+        store.settle().await;
+        let cached: Vec<u64> =
+            (0..20).filter(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: *i })).collect();
+        assert_eq!(cached, [0, 1, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(store.cache().contains(&ChunkKey { blob: tiny.digest, index: 0 }));
+        assert_eq!(source.requests.load(Ordering::SeqCst), 5, "0..=1, 3, 4..=7, 8..=9 and the small blob");
+        // A whole-blob prefetch fetches only what is missing, in the same groups.
+        store.prefetch(vec![blob]).await.unwrap();
+        assert_eq!(source.requests.load(Ordering::SeqCst), 5 + 4, "2, 10..=11, 12..=15, 16..=19");
+        assert_eq!(store.read(&blob, 0, 20_000).await.unwrap(), data);
     }
 
     /// Stores over one shared cache, as `serve` has one per model: each serves `blobs`

@@ -86,7 +86,16 @@ fn parse_publish(request: &csi::NodePublishVolumeRequest, helper_timeout: Durati
     let exclusions = Exclusions::of(&request.volume_context);
     let selection = exclusions.selection().map_err(|e| status_of(&e))?;
     let pull_secret = PullSecret::of(&request.secrets, helper_timeout).map_err(|e| status_of(&e))?;
-    Ok(Publish { volume_id: request.volume_id.clone(), target, reference, selection, exclusions, pull_secret })
+    let prefetch = Publish::prefetch_of(&request.volume_context).map_err(|e| status_of(&e))?;
+    Ok(Publish {
+        volume_id: request.volume_id.clone(),
+        target,
+        reference,
+        selection,
+        exclusions,
+        pull_secret,
+        prefetch,
+    })
 }
 
 /// CSI's Identity and Node services over one [`CsiNode`].

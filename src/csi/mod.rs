@@ -15,6 +15,11 @@
 //! `exclude-file-patterns`) leave files out of the model's tree. Published volumes are
 //! recorded (`<root>/csi/volumes.redb`, without secrets) and published again after a
 //! restart.
+//!
+//! A published model is prefetched in the background as the volume's `prefetch`
+//! attribute says, else as its companion's lazy index says, else as the node's
+//! `cache.prefetch` says; of two volumes sharing a mount, the larger policy wins (a
+//! prefetch is widened, never narrowed, while the mount lives). It stops with the mount.
 
 pub mod grpc;
 pub mod proto;
@@ -29,7 +34,7 @@ use tokio::runtime::Handle;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::ChunkCache;
-use crate::config::Settings;
+use crate::config::{PrefetchPolicy, Settings};
 use crate::fs::{self, Mounted};
 use crate::metadata::records::{Records, RecordsError};
 use crate::model::{Model, ModelError};
@@ -40,6 +45,11 @@ use crate::registry::credentials::CredentialStore;
 /// The volume attributes naming the model: the Model CSI driver's key, and the one the
 /// ModelPack getting-started guide writes. Either may be used; both must then agree.
 pub const REFERENCE_KEYS: [&str; 2] = ["model.csi.modelpack.org/reference", "modelRef"];
+
+/// The volume attributes asking for a prefetch policy (`none`, `all`, `head:BYTES`): the
+/// Model CSI driver's style of key, and the short one. Either may be used; both must
+/// then agree.
+pub const PREFETCH_KEYS: [&str; 2] = ["model.csi.modelpack.org/prefetch", "prefetch"];
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +93,8 @@ pub struct Publish {
     pub exclusions: Exclusions,
     /// The volume's pull secret, if the pod names one.
     pub pull_secret: Option<PullSecret>,
+    /// The volume's prefetch policy, if its attributes name one.
+    pub prefetch: Option<PrefetchPolicy>,
 }
 
 /// A volume's exclusion attributes, as given.
@@ -156,6 +168,9 @@ struct VolumeRecord {
     target: PathBuf,
     reference: String,
     exclusions: Exclusions,
+    /// The prefetch attribute, parsed (absent in records of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefetch: Option<PrefetchPolicy>,
 }
 
 fn record_key(volume_id: &str, target: &Path) -> String {
@@ -181,6 +196,27 @@ impl Publish {
         }
         Ok(first.to_owned())
     }
+
+    /// The prefetch policy among `attributes`, under either key, if one is given; a
+    /// malformed one is refused, naming the attribute.
+    pub fn prefetch_of(attributes: &HashMap<String, String>) -> Result<Option<PrefetchPolicy>, CsiError> {
+        let mut found = None;
+        for key in PREFETCH_KEYS {
+            let Some(value) = attributes.get(key) else { continue };
+            let policy = value
+                .parse::<PrefetchPolicy>()
+                .map_err(|e| CsiError::InvalidArgument(format!("volume attribute {key}: {e}")))?;
+            match found {
+                Some((other, earlier)) if earlier != policy => {
+                    return Err(CsiError::InvalidArgument(format!(
+                        "volume attributes {other} and {key} ask for two prefetch policies: {earlier} and {policy}"
+                    )))
+                }
+                _ => found = Some((key, policy)),
+            }
+        }
+        Ok(found.map(|(_, policy)| policy))
+    }
 }
 
 /// A model mounted for CSI volumes.
@@ -188,6 +224,8 @@ impl Publish {
 struct Shared {
     dir: PathBuf,
     mounted: Mounted,
+    /// The model, to widen its prefetch for a volume that asks for more.
+    model: Arc<Model>,
     /// Targets publishing it.
     users: usize,
 }
@@ -259,6 +297,7 @@ impl CsiNode {
                     selection,
                     exclusions: record.exclusions.clone(),
                     pull_secret: None,
+                    prefetch: record.prefetch,
                 };
                 match this.publish(&request).await {
                     Ok(()) => tracing::info!(volume = %record.volume_id, target = %record.target.display(), "volume published again"),
@@ -318,12 +357,15 @@ impl CsiNode {
             target: request.target.clone(),
             reference: request.reference.clone(),
             exclusions: request.exclusions.clone(),
+            prefetch: request.prefetch,
         };
         if let Err(e) = self.records.update(&record_key, |_| Some(recorded)) {
             let _ = unbind(&request.target);
             release(&mut state, &model);
             return Err(e.into());
         }
+        let shared = state.models.get(&model).expect("published above");
+        shared.model.start_prefetch(request.prefetch.unwrap_or(shared.model.prefetch), &self.runtime);
         state.volumes.insert(key, model);
         tracing::info!(volume = %request.volume_id, target = %request.target.display(), reference = %request.reference, "volume published");
         Ok(())
@@ -375,17 +417,17 @@ impl CsiNode {
         if model.tree.len() <= 1 && !request.selection.is_all() {
             return Err(CsiError::InvalidArgument(format!("{reference}: the exclusions leave no file to serve")));
         }
-        let runtime = self.runtime.clone();
-        let at = dir.clone();
+        let model = Arc::new(model);
+        let (runtime, at, opened) = (self.runtime.clone(), dir.clone(), model.clone());
         let mounted = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&at)?;
-            fs::mount(Arc::new(model), &at, runtime).map_err(std::io::Error::other)
+            fs::mount(opened, &at, runtime).map_err(std::io::Error::other)
         })
         .await
         .map_err(|e| mount_err("the model", &dir, std::io::Error::other(e)))?
         .map_err(|e| mount_err("the model", &dir, e))?;
         tracing::info!(reference, dir = %dir.display(), "model mounted for CSI volumes");
-        Ok(Shared { dir, mounted, users: 0 })
+        Ok(Shared { dir, mounted, model, users: 0 })
     }
 }
 
@@ -454,5 +496,21 @@ mod tests {
         assert!(matches!(two, Err(CsiError::InvalidArgument(m)) if m.contains("two models")));
         assert!(Publish::reference_of(&attrs(&[("modelRef", " ")])).is_err());
         assert!(Publish::reference_of(&attrs(&[])).is_err());
+    }
+
+    #[test]
+    fn either_spelling_asks_for_a_prefetch_policy() {
+        assert_eq!(Publish::prefetch_of(&attrs(&[])).unwrap(), None);
+        assert_eq!(Publish::prefetch_of(&attrs(&[("prefetch", "all")])).unwrap(), Some(PrefetchPolicy::All));
+        let long = [("model.csi.modelpack.org/prefetch", "head:1MiB")];
+        assert_eq!(Publish::prefetch_of(&attrs(&long)).unwrap(), Some(PrefetchPolicy::Head(1 << 20)));
+        let both = [("model.csi.modelpack.org/prefetch", "head:1MiB"), ("prefetch", "head:1048576")];
+        assert_eq!(Publish::prefetch_of(&attrs(&both)).unwrap(), Some(PrefetchPolicy::Head(1 << 20)), "the same");
+        let two = Publish::prefetch_of(&attrs(&[("model.csi.modelpack.org/prefetch", "all"), ("prefetch", "none")]));
+        assert!(matches!(two, Err(CsiError::InvalidArgument(m)) if m.contains("two prefetch policies")));
+        let bad = Publish::prefetch_of(&attrs(&[("prefetch", "everything")]));
+        assert!(
+            matches!(bad, Err(CsiError::InvalidArgument(m)) if m.contains("prefetch") && m.contains("\"everything\""))
+        );
     }
 }

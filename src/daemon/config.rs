@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{FetchSettings, LayerStoreSettings, ModelMountSettings, RegistrySettings, Settings};
+use crate::config::{
+    FetchSettings, LayerStoreSettings, ModelMountSettings, PrefetchPolicy, RegistrySettings, Settings,
+};
 
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,9 @@ pub struct CacheConfig {
     pub pending_store_chunks: u64,
     /// Parallel requests of background prefetch.
     pub prefetch_concurrency: usize,
+    /// What of each model is fetched in the background once it is served (`none`, `all`,
+    /// `head:BYTES`), unless its companion or a CSI volume attribute says otherwise.
+    pub prefetch: PrefetchPolicy,
     /// Let the kernel read verified raw-layer blobs from the cache (FUSE passthrough).
     pub passthrough: bool,
     /// Most bytes a compressed layer that does not declare its size may unpack to.
@@ -192,6 +197,7 @@ impl Default for CacheConfig {
             stream_request_chunks: f.stream_request_chunks,
             pending_store_chunks: f.pending_store_chunks,
             prefetch_concurrency: f.prefetch_concurrency,
+            prefetch: f.prefetch,
             passthrough: f.passthrough,
             max_unpacked_bytes: f.max_unpacked_bytes,
             require_lazy_index: f.require_lazy_index,
@@ -339,6 +345,7 @@ impl DaemonConfig {
                 stream_request_chunks: self.cache.stream_request_chunks,
                 pending_store_chunks: self.cache.pending_store_chunks,
                 prefetch_concurrency: self.cache.prefetch_concurrency,
+                prefetch: self.cache.prefetch,
                 passthrough: self.cache.passthrough,
                 cache_budget: (self.cache.budget_bytes > 0).then_some(self.cache.budget_bytes),
                 max_unpacked_bytes: self.cache.max_unpacked_bytes,
@@ -390,6 +397,10 @@ mod tests {
         assert!(e.contains("nothing to serve"), "{e}");
         let e = DaemonConfig::parse("[layer_store]\npath = \"store\"\n", "cfg.toml").unwrap_err().to_string();
         assert!(e.contains("layer_store.path"), "{e}");
+        let e = DaemonConfig::parse("[cache]\nprefetch = \"head:64MB\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("cfg.toml") && e.contains("prefetch") && e.contains("\"head:64MB\""), "{e}");
+        let e = DaemonConfig::parse("[cache]\nprefetch = 5\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("prefetch"), "{e}");
     }
 
     #[test]
@@ -402,6 +413,11 @@ mod tests {
         assert_eq!(c.cache, CacheConfig::default(), "the sample shows the defaults");
         let c = DaemonConfig::parse("[cache]\nrequire_lazy_index = true\n", "t").unwrap();
         assert!(c.settings().fetch.require_lazy_index);
+        assert_eq!(c.settings().fetch.prefetch, PrefetchPolicy::None, "lazy unless configured");
+        for (text, policy) in [("all", PrefetchPolicy::All), ("head:64MiB", PrefetchPolicy::Head(64 << 20))] {
+            let c = DaemonConfig::parse(&format!("[cache]\nprefetch = \"{text}\"\n"), "t").unwrap();
+            assert_eq!(c.settings().fetch.prefetch, policy);
+        }
         assert_eq!(c.layer_store, LayerStoreConfig::default(), "the sample shows the defaults");
         assert_eq!(c.csi, CsiConfig::default(), "the sample shows the defaults");
     }

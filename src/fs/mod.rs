@@ -514,11 +514,15 @@ impl Filesystem for ModelFs {
     }
 }
 
-/// A mounted model; dropping it unmounts.
+/// A mounted model; dropping it unmounts, and stops the model's background prefetch.
 #[derive(Debug)]
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     mountpoint: std::path::PathBuf,
+    /// The model mounted alone here (none for the layer store's session). Its prefetch is
+    /// stopped at unmount: a mount detached while files are still open keeps the model
+    /// serving them, but nothing more is fetched for it.
+    model: Option<std::sync::Weak<Model>>,
 }
 
 impl Mounted {
@@ -528,6 +532,9 @@ impl Mounted {
     }
 
     fn do_unmount(&mut self) {
+        if let Some(model) = self.model.take().and_then(|m| m.upgrade()) {
+            model.stop_prefetch();
+        }
         if let Some(session) = self.session.take() {
             drop(session);
         }
@@ -555,7 +562,10 @@ pub fn mount(model: Arc<Model>, mountpoint: &Path, runtime: Handle) -> Result<Mo
         MountOption::NoDev,
         MountOption::DefaultPermissions,
     ];
-    spawn(ModelFs::new(model, runtime), mountpoint, options, SessionACL::All)
+    let weak = Arc::downgrade(&model);
+    let mut mounted = spawn(ModelFs::new(model, runtime), mountpoint, options, SessionACL::All)?;
+    mounted.model = Some(weak);
+    Ok(mounted)
 }
 
 /// Mounts `fs` at `mountpoint` with `options`, replacing a dead mount an earlier
@@ -576,7 +586,7 @@ fn spawn(
     config.mount_options = options;
     config.acl = acl;
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(err)?;
-    let mounted = Mounted { session: Some(session), mountpoint: mountpoint.to_owned() };
+    let mounted = Mounted { session: Some(session), mountpoint: mountpoint.to_owned(), model: None };
     if let Err(e) = widen_read_ahead(mountpoint, MAX_READAHEAD) {
         tracing::debug!(path = %mountpoint.display(), error = %e, "kernel read-ahead left at its default");
     }

@@ -19,6 +19,10 @@
 //! daemon serves the layers containers/storage still links to, from the cache when the
 //! registry is unreachable. A layer released by everyone is dropped, and its model with
 //! its last layer.
+//!
+//! A model starts its background prefetch when it is opened (its companion's `prefetch`,
+//! else the node's `cache.prefetch`); the model holds it, so it stops when the model's
+//! last layer is dropped.
 
 pub mod records;
 
@@ -351,6 +355,7 @@ impl LayerStore {
             Arc::new(Model::open_indexed(index, &self.settings, self.cache.clone()).await.map_err(|e| e.to_string())?);
         models.insert(digest, Arc::downgrade(&model));
         tracing::info!(index = %digest, source = %model.reference, "opened a model for the layer store");
+        model.start_prefetch(model.prefetch, &tokio::runtime::Handle::current());
         Ok(model)
     }
 

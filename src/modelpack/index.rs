@@ -119,6 +119,11 @@ pub struct LazyIndex {
     pub blobs: Vec<IndexBlob>,
     /// Every file, directory and symlink of the model tree.
     pub files: Vec<IndexFile>,
+    /// What of the model a node fetches in the background once it serves it (`convert
+    /// --prefetch`), in place of the node's own `cache.prefetch`; a CSI volume attribute
+    /// overrides it. Parsed strictly: a malformed value makes the whole index malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<crate::config::PrefetchPolicy>,
 }
 
 /// Chunk digests of one blob, validated.
@@ -258,6 +263,7 @@ mod tests {
                 offset: 0,
                 target: None,
             }],
+            prefetch: None,
         }
     }
 
@@ -291,5 +297,20 @@ mod tests {
         i.chunk_size = 1;
         assert!(matches!(LazyIndex::parse(&i.to_json()), Err(IndexError::ChunkSize(1))));
         assert!(matches!(LazyIndex::parse(b"{\"version\":1}"), Err(IndexError::Malformed(_))));
+    }
+
+    #[test]
+    fn carries_a_prefetch_policy_or_none() {
+        use crate::config::PrefetchPolicy;
+        let json = String::from_utf8(sample().to_json()).unwrap();
+        assert!(!json.contains("prefetch"), "absent unless set: {json}");
+        let mut i = sample();
+        i.prefetch = Some(PrefetchPolicy::Head(64 << 20));
+        let json = String::from_utf8(i.to_json()).unwrap();
+        assert!(json.contains(r#""prefetch":"head:64MiB""#), "{json}");
+        assert_eq!(LazyIndex::parse(json.as_bytes()).unwrap().index.prefetch, Some(PrefetchPolicy::Head(64 << 20)));
+        let bad = json.replace("head:64MiB", "head:lots");
+        let e = LazyIndex::parse(bad.as_bytes()).unwrap_err();
+        assert!(matches!(e, IndexError::Malformed(_)) && e.to_string().contains(r#""head:lots""#), "{e}");
     }
 }

@@ -18,6 +18,10 @@
 //! retrying with exponential backoff, and until a model is mounted `Stat` of it and
 //! `Mounts`/`Prepare`/`View` of its children answer `Unavailable` with the cause (after
 //! a bounded wait while its first attempt runs). [`super::models`] holds those states.
+//!
+//! Every mount (at `Prepare`, at `Commit`, again after a restart) starts the model's
+//! background prefetch as its companion's lazy index says (`prefetch`), else as the node's
+//! `cache.prefetch` says; unmounting the model stops it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -301,10 +305,15 @@ impl RemoteSnapshotter {
             .map_err(|source| SnapshotError::Model { name: name.to_owned(), source: Box::new(source) })
     }
 
-    /// Mounts an opened model at the `fs` directory of snapshot `id`.
+    /// Mounts an opened model at the `fs` directory of snapshot `id`, and starts its
+    /// background prefetch (its companion's policy, else the node's), which the mount
+    /// stops when it goes.
     fn mount_at(&self, name: &str, id: u64, model: Model) -> Result<Mounted, SnapshotError> {
-        fs::mount(Arc::new(model), &self.base.fs_dir(id), self.runtime.clone())
-            .map_err(|e| SnapshotError::Remote { name: name.to_owned(), detail: e.to_string() })
+        let model = Arc::new(model);
+        let mounted = fs::mount(model.clone(), &self.base.fs_dir(id), self.runtime.clone())
+            .map_err(|e| SnapshotError::Remote { name: name.to_owned(), detail: e.to_string() })?;
+        model.start_prefetch(model.prefetch, &self.runtime);
+        Ok(mounted)
     }
 
     /// The verified lazy index in the layer `at`, and the digest of its JSON.

@@ -445,6 +445,36 @@ pub fn push_artifact(reference: &str, artifact_type: &str, config_type: &str, co
     });
 }
 
+/// Publishes a companion image (one manifest, one index layer) at `target` for the lazy
+/// index `json` (taken as it is, so that it may be malformed past its source and version).
+pub fn publish_companion(target: &str, json: &[u8]) {
+    let index: serde_json::Value = serde_json::from_slice(json).unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_ustar();
+    header.set_size(json.len() as u64);
+    header.set_mode(0o444);
+    tar.append_data(&mut header, ".modelpack/index.json", json).unwrap();
+    let layer = tar.into_inner().unwrap();
+    let layer_digest = Digest::of(&layer);
+    let reference = parse_reference(target).unwrap();
+    let location = format!("{}/{}@{layer_digest}", reference.registry(), reference.repository());
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest.to_string()] },
+    }))
+    .unwrap();
+    let layer = LayerSpec {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        data: layer,
+        annotations: json!({
+            "containerd.io/snapshot/modelpack.source": index["source"]["reference"],
+            "containerd.io/snapshot/modelpack.index": location,
+            "containerd.io/snapshot/modelpack.version": index["version"].to_string(),
+        }),
+    };
+    push_artifact(target, "", "application/vnd.oci.image.config.v1+json", &config, &[layer]);
+}
+
 /// A `modelpack-snapshotter serve` process with its own root and socket.
 pub struct SnapshotterProcess {
     child: Option<Child>,
