@@ -183,11 +183,24 @@ impl Model {
         discover: bool,
     ) -> Result<Self, ModelError> {
         let parsed = registry::parse_reference(reference)?;
+        // A manifest named by its digest never changes: a cached copy that hashes to it
+        // is the manifest, and asking the registry again would only cost a round trip.
+        let pinned = parsed.digest().and_then(|d| d.parse::<Digest>().ok());
+        let cached = match pinned {
+            Some(digest) => cache.get_meta(&manifest_key(reference))?.filter(|bytes| Digest::of(bytes) == digest),
+            None => None,
+        };
         let registry = Arc::new(Registry::new(parsed, settings.registry.clone()));
-        let (manifest_bytes, manifest_digest, offline) = match registry.fetch_manifest().await {
-            Ok((bytes, digest)) => {
-                cache.put_meta(&manifest_key(reference), &bytes)?;
-                (bytes.to_vec(), digest, false)
+        let fetched = match (cached, pinned) {
+            (Some(bytes), Some(digest)) => Ok((false, bytes, digest)),
+            _ => registry.fetch_manifest().await.map(|(bytes, digest)| (true, bytes.to_vec(), digest)),
+        };
+        let (manifest_bytes, manifest_digest, offline) = match fetched {
+            Ok((fresh, bytes, digest)) => {
+                if fresh {
+                    cache.put_meta(&manifest_key(reference), &bytes)?;
+                }
+                (bytes, digest, false)
             }
             Err(e @ (RegistryError::Exhausted { .. } | RegistryError::Invalid { .. })) => {
                 match cache.get_meta(&manifest_key(reference))? {
@@ -215,7 +228,7 @@ impl Model {
         let manifest_err = |source| ModelError::Manifest { reference: reference.to_owned(), source };
         let artifact = manifest::parse_manifest(&manifest_bytes).map_err(manifest_err)?;
         if discover {
-            match referred_index(&registry, &cache, settings, &manifest_digest, offline).await {
+            match referred_index(&registry, &cache, settings, &manifest_digest, offline, pinned.is_some()).await {
                 Ok(Some(found)) => {
                     tracing::info!(reference, index = %found.index.digest, "serving the model through the lazy index of its companion");
                     let mut model = Self::open_indexed(found.index, settings, cache).await?;
@@ -401,12 +414,20 @@ async fn referred_index(
     settings: &Settings,
     manifest_digest: &Digest,
     offline: bool,
+    pinned: bool,
 ) -> Result<Option<companion::Discovered>, companion::CompanionError> {
     let chunk_size = settings.fetch.chunk_size;
     let before =
         || companion::discovered_before(registry.reference(), manifest_digest, cache, &settings.registry, chunk_size);
     if offline {
         return before().await;
+    }
+    // The companion found before for a manifest named by its digest still vouches for
+    // exactly that manifest: the referrers are listed again only when none was found.
+    if pinned {
+        if let Ok(Some(found)) = before().await {
+            return Ok(Some(found));
+        }
     }
     match companion::discover(registry, manifest_digest, cache, &settings.registry, chunk_size).await {
         Ok(found) => Ok(found),
