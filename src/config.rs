@@ -122,6 +122,11 @@ pub struct ModelMountSettings {
     /// Most delay between two retries: a registry back after an outage is noticed
     /// within five minutes.
     pub retry_max: Duration,
+    /// Threads taking the kernel's requests for every model snapshot together: they are
+    /// served in one FUSE session, whatever their number. Reads are handed to the async
+    /// runtime, so a thread only dispatches; two keep one slow request (an `open` that
+    /// sets up passthrough) from holding up every model's lookups.
+    pub fuse_threads: usize,
 }
 
 /// How the containers/storage additional layer store answers lookups.
@@ -157,6 +162,7 @@ impl Default for ModelMountSettings {
             restore_wait: Duration::from_secs(10),
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
+            fuse_threads: 2,
         }
     }
 }

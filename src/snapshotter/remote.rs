@@ -34,7 +34,8 @@ use super::{Mount, SnapshotError, Snapshotter};
 use crate::cache::ChunkCache;
 use crate::companion;
 use crate::config::{ModelMountSettings, Settings};
-use crate::fs::{self, Mounted};
+use crate::fs::shared::{Attached, SharedMounts};
+use crate::fs::{self, FsError};
 use crate::metadata::{Kind, SnapshotRecord, Usage};
 use crate::model::Model;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
@@ -67,6 +68,8 @@ pub struct RemoteSnapshotter {
     settings: Settings,
     mounting: ModelMountSettings,
     runtime: Handle,
+    /// The one FUSE session every model is served through.
+    session: Arc<SharedMounts>,
     models: ModelTable,
     /// Background mounts (restores and retries) running at once.
     mount_slots: Semaphore,
@@ -77,24 +80,27 @@ pub struct RemoteSnapshotter {
 
 impl RemoteSnapshotter {
     /// Wraps `base`; models are cached in `cache`, read on `runtime`, and kept mounted
-    /// as `mounting` says.
+    /// as `mounting` says. A dead model session a crashed process left is detached.
     pub fn new(
         base: Snapshotter,
         cache: Arc<ChunkCache>,
         settings: Settings,
         mounting: ModelMountSettings,
         runtime: Handle,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, FsError> {
+        let session =
+            SharedMounts::new(&base.models_dir(), runtime.clone(), settings.fetch.passthrough, mounting.fuse_threads)?;
+        Ok(Self {
             base,
             cache,
             settings,
             mount_slots: Semaphore::new(mounting.concurrency),
             mounting,
             runtime,
+            session: Arc::new(session),
             models: ModelTable::default(),
             prepare_lock: std::sync::Mutex::new(()),
-        }
+        })
     }
 
     /// Starts mounting every recorded model snapshot again (after a restart) and returns
@@ -301,9 +307,10 @@ impl RemoteSnapshotter {
             .map_err(|source| SnapshotError::Model { name: name.to_owned(), source: Box::new(source) })
     }
 
-    /// Mounts an opened model at the `fs` directory of snapshot `id`.
-    fn mount_at(&self, name: &str, id: u64, model: Model) -> Result<Mounted, SnapshotError> {
-        fs::mount(Arc::new(model), &self.base.fs_dir(id), self.runtime.clone())
+    /// Serves an opened model at the `fs` directory of snapshot `id`.
+    fn mount_at(&self, name: &str, id: u64, model: Model) -> Result<Attached, SnapshotError> {
+        self.session
+            .attach(Arc::new(model), &self.base.fs_dir(id))
             .map_err(|e| SnapshotError::Remote { name: name.to_owned(), detail: e.to_string() })
     }
 
