@@ -21,6 +21,8 @@ pub struct RegistrySettings {
     /// Where credentials come from; `None`: Docker's configuration of this process's
     /// environment. A CSI volume's pull secret sets it for that volume's model alone.
     pub credentials: Option<crate::registry::credentials::CredentialStore>,
+    /// HTTP clients shared by the registries reached with these settings (and clones).
+    pub clients: crate::registry::ClientPool,
 }
 
 impl Default for RegistrySettings {
@@ -31,6 +33,7 @@ impl Default for RegistrySettings {
             retries: 3,
             backoff: Duration::from_millis(100),
             credentials: None,
+            clients: crate::registry::ClientPool::default(),
         }
     }
 }
