@@ -1,10 +1,10 @@
 //! Benchmark: many models on one node. `serve` with containerd (1.6, Debian's) pulling N
 //! small generated models through their companions, so that each becomes a mounted
-//! model snapshot: the daemon's memory (`VmRSS`, `VmHWM`) and threads with no model and
-//! with N, and what each model adds; then the daemon is killed (SIGKILL, as a crash or
-//! an upgrade that does not wait would) and started again: the time until its socket
-//! answers a snapshots `List`, and until every model is mounted again (`Stat` of each
-//! answers).
+//! model snapshot: the daemon's memory (`VmRSS`, `VmHWM`) and threads with no model,
+//! with N/2 and with N, what the N models add and what each of the last N/2 adds; then
+//! the daemon is killed (SIGKILL, as a crash or an upgrade that does not wait would) and
+//! started again: the time until its socket answers a snapshots `List`, and until every
+//! model is mounted again (`Stat` of each answers).
 //!
 //! Run with `cargo bench --bench many_models` (as root); `BENCH_MODELS` sets N (default
 //! 100). Writes `target/bench/many_models.md`.
@@ -183,9 +183,17 @@ fn main() {
     std::thread::sleep(SETTLE);
     let empty = footprint(serve.pid());
 
+    // Half the models first: what the second half adds is the cost of a further model,
+    // without what the first one brings along (the session, the allocator's arenas).
+    let half = companions.len() / 2;
     let t = Instant::now();
-    pull_all(&containerd, &companions);
-    let pulled = t.elapsed();
+    pull_all(&containerd, &companions[..half]);
+    let mut pulled = t.elapsed();
+    std::thread::sleep(SETTLE);
+    let halfway = footprint(serve.pid());
+    let t = Instant::now();
+    pull_all(&containerd, &companions[half..]);
+    pulled += t.elapsed();
     let names = rt.block_on(snapshot_names(&serve.socket, "kind==committed"));
     assert_eq!(names.len() as u64, n, "one committed model snapshot per companion: {names:?}");
     assert_eq!(fuse_mounts_under(&root.join("snapshots")) as u64, n, "one mount per model");
@@ -212,9 +220,12 @@ fn main() {
     drop(serve);
 
     let added_rss = full.rss_kib.saturating_sub(empty.rss_kib);
+    let further = n - half as u64;
+    let per_further = full.rss_kib.saturating_sub(halfway.rss_kib) as f64 / 1024.0 / further as f64;
     let added_threads = full.threads.saturating_sub(empty.threads);
     // DESIGN.md §5: each further mounted model adds ≤ 1 MiB and no thread of its own;
     // issue 11: 100 models add ≤ 100 MiB, restart answers in < 1 s.
+    // The issue's target is for 100 models; fewer get the same share per model.
     let rss_target = n * 1024;
     let yes = |ok: bool| if ok { "yes" } else { "**no**" };
     let mut report = String::new();
@@ -225,8 +236,9 @@ fn main() {
     ));
     report.push_str("| measure | value | target | met |\n| --- | --- | --- | --- |\n");
     report.push_str(&format!(
-        "| RSS (`VmRSS`), no model / {n} models mounted | {:.1} / {:.1} MiB | | |\n",
+        "| RSS (`VmRSS`), no model / {half} / {n} models mounted | {:.1} / {:.1} / {:.1} MiB | | |\n",
         mib(empty.rss_kib),
+        mib(halfway.rss_kib),
         mib(full.rss_kib)
     ));
     report.push_str(&format!(
@@ -237,8 +249,13 @@ fn main() {
         yes(added_rss <= rss_target)
     ));
     report.push_str(&format!(
-        "| anonymous memory, no model / {n} models | {:.1} / {:.1} MiB | | |\n",
+        "| RSS added by each of the last {further} models ({half} → {n} mounted) | {per_further:.2} MiB | ≤ 1 MiB | {} |\n",
+        yes(per_further <= 1.0)
+    ));
+    report.push_str(&format!(
+        "| anonymous memory, no model / {half} / {n} models | {:.1} / {:.1} / {:.1} MiB | | |\n",
         mib(empty.anon_kib),
+        mib(halfway.anon_kib),
         mib(full.anon_kib)
     ));
     report.push_str(&format!(
