@@ -100,10 +100,9 @@ impl Filesystem for SharedFs {
                 None => reply.error(Errno::ENOENT),
             };
         }
-        let model = name
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-            .and_then(|slot| self.table.models.read().expect("models lock").get(&slot).cloned().filter(|_| slot != 0));
+        // Only a slot's own name: "07" is not slot 7. Slot 0 is never given out.
+        let slot = name.to_str().and_then(|n| n.parse::<u32>().ok().filter(|s| s.to_string() == n));
+        let model = slot.and_then(|slot| self.table.models.read().expect("models lock").get(&slot).cloned());
         match model {
             Some(fs) => reply.entry(&NO_TTL, &fs.root_attr(), Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -275,10 +274,10 @@ impl SharedMounts {
             *session = Some(self.mount_session()?);
         }
         let Session { table, .. } = session.as_ref().expect("mounted above");
-        let slot = table.next.fetch_add(1, Ordering::Relaxed);
-        if slot == u32::MAX {
-            return Err(err(&self.path)(std::io::Error::other("no model slot left in this session")));
-        }
+        let slot = table
+            .next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_add(1))
+            .map_err(|_| err(&self.path)(std::io::Error::other("no model slot left in this session")))?;
         let fs = ModelFs::within(
             model,
             self.runtime.clone(),
