@@ -34,6 +34,7 @@ bench: setup
 	$(CARGO) bench --locked --bench cri_pull
 	$(CARGO) bench --locked --bench podman_pull
 	$(CARGO) bench --locked --bench csi_publish
+	$(CARGO) bench --locked --bench many_models
 
 # Reads under thousands of injected registry faults, every byte checked (not part of
 # `make test`); SOAK_SECS (default 120) bounds it. Report: target/soak/report.md.

@@ -26,6 +26,8 @@ pub struct RegistrySettings {
     /// Where credentials come from; `None`: Docker's configuration of this process's
     /// environment. A CSI volume's pull secret sets it for that volume's model alone.
     pub credentials: Option<crate::registry::credentials::CredentialStore>,
+    /// HTTP clients shared by the registries reached with these settings (and clones).
+    pub clients: crate::registry::ClientPool,
 }
 
 impl Default for RegistrySettings {
@@ -36,6 +38,7 @@ impl Default for RegistrySettings {
             retries: 3,
             backoff: Duration::from_millis(100),
             credentials: None,
+            clients: crate::registry::ClientPool::default(),
         }
     }
 }
@@ -243,6 +246,11 @@ pub struct ModelMountSettings {
     /// Most delay between two retries: a registry back after an outage is noticed
     /// within five minutes.
     pub retry_max: Duration,
+    /// Threads taking the kernel's requests for every model snapshot together: they are
+    /// served in one FUSE session, whatever their number. Reads are handed to the async
+    /// runtime, so a thread only dispatches; two keep one slow request (an `open` that
+    /// sets up passthrough) from holding up every model's lookups.
+    pub fuse_threads: usize,
 }
 
 /// How the containers/storage additional layer store answers lookups.
@@ -278,6 +286,7 @@ impl Default for ModelMountSettings {
             restore_wait: Duration::from_secs(10),
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
+            fuse_threads: 2,
         }
     }
 }

@@ -861,3 +861,95 @@ async fn a_stop_unmounts_the_models_although_a_client_keeps_its_connection() {
         "the model was left mounted with nobody serving it"
     );
 }
+
+/// The mounts under `root`, as (mount point, device, filesystem type) from
+/// `/proc/self/mountinfo`.
+fn mounts_under(root: &std::path::Path) -> Vec<(String, String, String)> {
+    let root = root.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fs_type = line.split(" - ").nth(1)?.split(' ').next()?;
+            Some((fields.get(4)?.to_string(), fields.get(2)?.to_string(), fs_type.to_owned()))
+        })
+        .filter(|(at, _, _)| at.starts_with(&root))
+        .collect()
+}
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .count()
+}
+
+/// Every model snapshot is served by one FUSE session, each bound at its snapshot's
+/// directory: the session's threads do not grow with the models, the session goes with
+/// the last model, and after a crash (SIGKILL) the dead session and binds are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_snapshots_share_one_fuse_session_that_a_crash_does_not_leave_dead() {
+    if !prerequisites(true) {
+        return;
+    }
+    const MODELS: usize = 3;
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let mut models = Vec::new();
+    for i in 0..MODELS {
+        let dir = tmp.path().join(format!("model-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("weights.bin"), pseudo_random(300 << 10, i as u64 + 40)).unwrap();
+        std::fs::write(dir.join("config.json"), format!("{{\"model\":{i}}}")).unwrap();
+        let layer = converted_dir(&registry, &dir, &format!("shared{i}")).await;
+        models.push((dir, layer));
+    }
+    let root = tmp.path().join("root");
+    let socket = root.join("snapshotter.sock");
+    let config = write_config(&tmp.path().join("config"), "[models]\nfuse_threads = 2\n");
+    let mut serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let session_dir = root.join("models").display().to_string();
+    let mut c = snapshots_client(&socket).await;
+    assert!(mounts_under(&root).is_empty(), "no model, no session");
+    let threads_before = threads_named(serve.pid(), "fuser");
+    for (_, layer) in &models {
+        let prepared = c.prepare(model_request(&format!("extract {}", layer.digest), "", layer.prepare_labels())).await;
+        assert_eq!(code(prepared), Code::AlreadyExists);
+    }
+    let mounted = mounts_under(&root);
+    let sessions: Vec<_> = mounted.iter().filter(|(at, _, _)| *at == session_dir).collect();
+    assert_eq!(sessions.len(), 1, "one session: {mounted:?}");
+    let (_, device, fs_type) = sessions[0].clone();
+    assert!(fs_type.starts_with("fuse"), "{fs_type}");
+    assert_eq!(mounted.len(), MODELS + 1, "the session and a bind per model: {mounted:?}");
+    assert!(mounted.iter().all(|(_, d, _)| *d == device), "every model is the session's: {mounted:?}");
+    assert_eq!(threads_named(serve.pid(), "fuser") - threads_before, 3, "the session's two and its runner");
+    for (i, (dir, layer)) in models.iter().enumerate() {
+        assert_serves(&mut c, tmp.path(), &format!("view-{i}"), &layer.digest, dir).await;
+    }
+
+    // A crash leaves the session and the binds dead; a restart serves every model again.
+    serve.kill();
+    let serve = SnapshotterProcess::start_with(&root, &socket, &config);
+    let mut c = snapshots_client(&socket).await;
+    for (i, (dir, layer)) in models.iter().enumerate() {
+        stat_when_available(&mut c, &layer.digest, std::time::Duration::from_secs(60)).await;
+        assert_serves(&mut c, tmp.path(), &format!("again-{i}"), &layer.digest, dir).await;
+    }
+    let mounted = mounts_under(&root);
+    assert_eq!(mounted.len(), MODELS + 1, "no dead mount left behind: {mounted:?}");
+    let device = &mounted.iter().find(|(at, _, _)| *at == session_dir).expect("a new session").1;
+    assert!(mounted.iter().all(|(_, d, _)| d == device), "every model is the new session's: {mounted:?}");
+
+    // The session goes with the last model.
+    for (i, (_, layer)) in models.iter().enumerate() {
+        remove(&mut c, &format!("view-{i}")).await.unwrap();
+        remove(&mut c, &format!("again-{i}")).await.unwrap();
+        remove(&mut c, &layer.digest).await.unwrap();
+    }
+    assert!(mounts_under(&root).is_empty(), "nothing left mounted: {:?}", mounts_under(&root));
+    drop(serve);
+}

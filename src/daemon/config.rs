@@ -10,6 +10,9 @@ use crate::config::{
     FetchSettings, LayerStoreSettings, ModelMountSettings, PrefetchPolicy, RegistrySettings, Settings,
 };
 
+/// Most threads `models.fuse_threads` may ask for.
+const MAX_FUSE_THREADS: usize = 64;
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -156,6 +159,8 @@ pub struct ModelsConfig {
     pub retry_initial_secs: u64,
     /// Most seconds between two retries.
     pub retry_max_secs: u64,
+    /// Threads taking the kernel's requests for every model snapshot (one FUSE session).
+    pub fuse_threads: usize,
 }
 
 impl Default for ModelsConfig {
@@ -166,6 +171,7 @@ impl Default for ModelsConfig {
             restore_wait_secs: m.restore_wait.as_secs(),
             retry_initial_secs: m.retry_initial.as_secs(),
             retry_max_secs: m.retry_max.as_secs(),
+            fuse_threads: m.fuse_threads,
         }
     }
 }
@@ -251,6 +257,9 @@ impl DaemonConfig {
         if self.models.mount_concurrency == 0 {
             return Err(invalid("models.mount_concurrency", "must be at least 1"));
         }
+        if !(1..=MAX_FUSE_THREADS).contains(&self.models.fuse_threads) {
+            return Err(invalid("models.fuse_threads", &format!("must be between 1 and {MAX_FUSE_THREADS}")));
+        }
         if self.models.retry_initial_secs == 0 {
             return Err(invalid("models.retry_initial_secs", "must be at least 1 second"));
         }
@@ -327,6 +336,7 @@ impl DaemonConfig {
             restore_wait: Duration::from_secs(self.models.restore_wait_secs),
             retry_initial: Duration::from_secs(self.models.retry_initial_secs),
             retry_max: Duration::from_secs(self.models.retry_max_secs),
+            fuse_threads: self.models.fuse_threads,
         }
     }
 

@@ -52,6 +52,9 @@ pub enum DaemonError {
     /// The layer store could not be mounted.
     #[error("layer store: {0}")]
     Mount(#[from] crate::fs::FsError),
+    /// The session serving model snapshots could not be set up.
+    #[error("model snapshots: {0}")]
+    Models(crate::fs::FsError),
     /// The CSI plugin's state could not be opened.
     #[error("CSI: {0}")]
     Csi(#[from] crate::csi::CsiError),
@@ -175,8 +178,12 @@ pub async fn serve(
     };
     let snapshotter = match base {
         Some(base) => {
-            let snapshotter =
-                Arc::new(RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), runtime.clone()));
+            let at = runtime.clone();
+            let snapshotter = tokio::task::block_in_place(|| {
+                RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), at)
+            })
+            .map_err(DaemonError::Models)?;
+            let snapshotter = Arc::new(snapshotter);
             let listener = bind(&config.address)?;
             tokio::task::block_in_place(|| snapshotter.restore())?;
             let router = tonic::transport::Server::builder().add_service(Grpc::new(snapshotter.clone()).into_server());

@@ -8,6 +8,7 @@
 //! gets `EIO` (errors become errno here and nowhere else). [`store`] serves
 //! containers/storage's additional layer store, with models inside it.
 
+pub mod shared;
 pub mod store;
 
 use std::collections::HashMap;
@@ -576,6 +577,18 @@ fn spawn(
     options: Vec<MountOption>,
     acl: SessionACL,
 ) -> Result<Mounted, FsError> {
+    spawn_with_threads(fs, mountpoint, options, acl, 1)
+}
+
+/// [`spawn`], with `threads` threads taking the kernel's requests (each with its own
+/// descriptor when there are several).
+fn spawn_with_threads(
+    fs: impl Filesystem + 'static,
+    mountpoint: &Path,
+    options: Vec<MountOption>,
+    acl: SessionACL,
+    threads: usize,
+) -> Result<Mounted, FsError> {
     let err = |source| FsError::Mount { path: mountpoint.display().to_string(), source };
     // A daemon killed earlier leaves a dead FUSE mount ("transport endpoint is not connected").
     if is_mountpoint(mountpoint) && is_dead(mountpoint) {
@@ -585,6 +598,8 @@ fn spawn(
     let mut config = Config::default();
     config.mount_options = options;
     config.acl = acl;
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = threads > 1;
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(err)?;
     let mounted = Mounted { session: Some(session), mountpoint: mountpoint.to_owned(), model: None };
     if let Err(e) = widen_read_ahead(mountpoint, MAX_READAHEAD) {

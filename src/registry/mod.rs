@@ -14,11 +14,13 @@
 pub mod credentials;
 mod reference;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -72,7 +74,7 @@ enum Attempt {
 /// Credentials and a client that uses them. The client caches what it derived from
 /// them (tokens, basic-auth headers), so new credentials get a new client.
 struct Session {
-    client: Client,
+    client: Arc<PooledClient>,
     credentials: Credentials,
     /// Counts renewals, so that many requests refused at once renew only once.
     generation: u64,
@@ -88,7 +90,7 @@ pub struct Registry {
     /// for no credentials: with anonymous access to a registry that issues no token,
     /// `oci-client` probes `/v2/` before every request, which doubles the requests and
     /// the registry's CPU per byte. A 401 turns `bare_reads` off for good.
-    bare: Client,
+    bare: Arc<PooledClient>,
     bare_reads: AtomicBool,
     reference: Reference,
     settings: RegistrySettings,
@@ -133,6 +135,69 @@ fn read_credentials(store: &CredentialStore, registry: &str) -> Credentials {
     }
 }
 
+/// `oci-client` clients shared by every [`Registry`] made from clones of one
+/// [`RegistrySettings`] that reach the same registry, with the same timeouts and the
+/// same credentials. Building a client reads and parses every CA certificate of the
+/// system (twice, in `oci-client` 0.18): milliseconds of CPU and a few hundred KiB each,
+/// which a daemon serving a hundred models paid for every model, again at every start.
+/// A shared client shares its token cache, whose tokens are per repository; clients of
+/// other credentials (a pod's pull secret) are never shared with them. Entries are
+/// weak: a client, and the credentials it holds, goes with its last user.
+#[derive(Clone, Default)]
+pub struct ClientPool(Arc<Mutex<HashMap<String, Vec<Weak<PooledClient>>>>>);
+
+impl std::fmt::Debug for ClientPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPool").finish_non_exhaustive()
+    }
+}
+
+/// A pooled client and what it was made for.
+struct PooledClient {
+    auth: RegistryAuth,
+    /// Never authenticates (see [`Registry::bare`]).
+    bare: bool,
+    timeouts: (Duration, Duration),
+    client: Client,
+}
+
+impl std::ops::Deref for PooledClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl ClientPool {
+    /// A client for `registry` with `settings`' timeouts, for `auth` (or one that never
+    /// authenticates, if `bare`): one in use already, unless `fresh`.
+    fn client(
+        &self,
+        registry: &str,
+        settings: &RegistrySettings,
+        auth: &RegistryAuth,
+        bare: bool,
+        fresh: bool,
+    ) -> Arc<PooledClient> {
+        let timeouts = (settings.connect_timeout, settings.request_timeout);
+        let fits = |c: &PooledClient| c.bare == bare && c.timeouts == timeouts && c.auth == *auth;
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let clients = pool.entry(registry.to_owned()).or_default();
+        clients.retain(|c| c.strong_count() > 0);
+        if !fresh {
+            if let Some(found) = clients.iter().filter_map(Weak::upgrade).find(|c| fits(c)) {
+                return found;
+            }
+        }
+        let made =
+            Arc::new(PooledClient { auth: auth.clone(), bare, timeouts, client: new_client(registry, settings) });
+        clients.retain(|c| c.upgrade().is_some_and(|c| !fits(&c)));
+        clients.push(Arc::downgrade(&made));
+        made
+    }
+}
+
 /// An `oci-client` client for `registry` with our timeouts.
 fn new_client(registry: &str, settings: &RegistrySettings) -> Client {
     let protocol = if is_loopback(registry) {
@@ -163,12 +228,14 @@ impl Registry {
         let registry = reference.resolve_registry().to_owned();
         let credentials = read_credentials(&store, &registry);
         let bare_reads = AtomicBool::new(matches!(credentials.auth, RegistryAuth::Anonymous));
-        let session = Session { client: new_client(&registry, &settings), credentials, generation: 0 };
+        let pool = &settings.clients;
+        let client = pool.client(&registry, &settings, &credentials.auth, false, false);
+        let session = Session { client, credentials, generation: 0 };
         Self {
             session: RwLock::new(Arc::new(session)),
             renewing: tokio::sync::Mutex::new(()),
             credentials: store,
-            bare: new_client(&registry, &settings),
+            bare: pool.client(&registry, &settings, &RegistryAuth::Anonymous, true, false),
             bare_reads,
             reference,
             settings,
@@ -192,11 +259,16 @@ impl Registry {
         let credentials = tokio::task::spawn_blocking(move || read_credentials(&store, &registry))
             .await
             .unwrap_or_else(|_| Credentials::anonymous());
-        let session = Session {
-            client: new_client(self.reference.resolve_registry(), &self.settings),
-            credentials,
-            generation: refused.generation + 1,
-        };
+        // A fresh client, whatever the credentials: the refused one's cached tokens are
+        // what may have been refused.
+        let client = self.settings.clients.client(
+            self.reference.resolve_registry(),
+            &self.settings,
+            &credentials.auth,
+            false,
+            true,
+        );
+        let session = Session { client, credentials, generation: refused.generation + 1 };
         *self.session.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(session);
     }
 
@@ -695,5 +767,47 @@ mod tests {
         for host in ["registry.example.com", "10.0.0.1:5000", "localhost.example.com", "[::2]:80"] {
             assert!(!is_loopback(host), "{host}");
         }
+    }
+
+    #[test]
+    fn clients_are_shared_only_by_the_same_registry_settings_and_credentials() {
+        let settings = RegistrySettings::default();
+        let pool = &settings.clients;
+        let alice = RegistryAuth::Basic("alice".into(), "one".into());
+        let host = "127.0.0.1:5000";
+        let first = pool.client(host, &settings, &alice, false, false);
+        assert!(Arc::ptr_eq(&first, &pool.client(host, &settings, &alice, false, false)), "shared");
+        let shared_with_a_clone = settings.clone().clients.client(host, &settings, &alice, false, false);
+        assert!(Arc::ptr_eq(&first, &shared_with_a_clone), "clones of the settings share the pool");
+        let others = [
+            pool.client(host, &settings, &RegistryAuth::Basic("alice".into(), "two".into()), false, false),
+            pool.client(host, &settings, &RegistryAuth::Bearer("one".into()), false, false),
+            pool.client(host, &settings, &RegistryAuth::Anonymous, false, false),
+            pool.client(host, &settings, &alice, true, false),
+            pool.client("127.0.0.1:5001", &settings, &alice, false, false),
+            pool.client(
+                host,
+                &RegistrySettings { request_timeout: Duration::from_secs(1), ..settings.clone() },
+                &alice,
+                false,
+                false,
+            ),
+        ];
+        for other in &others {
+            assert!(!Arc::ptr_eq(&first, other), "other credentials, registry or timeouts: another client");
+        }
+        let unrelated = RegistrySettings::default();
+        let elsewhere = unrelated.clients.client(host, &unrelated, &alice, false, false);
+        assert!(!Arc::ptr_eq(&elsewhere, &first), "settings made apart share nothing");
+
+        // A fresh client (after a refusal) replaces the shared one for later users.
+        let fresh = pool.client(host, &settings, &alice, false, true);
+        assert!(!Arc::ptr_eq(&first, &fresh));
+        assert!(Arc::ptr_eq(&fresh, &pool.client(host, &settings, &alice, false, false)));
+
+        // The pool does not keep a client, or the credentials in it, alive.
+        let weak = Arc::downgrade(&fresh);
+        drop((first, shared_with_a_clone, fresh));
+        assert!(weak.upgrade().is_none(), "a client goes with its last user");
     }
 }

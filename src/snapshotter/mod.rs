@@ -125,6 +125,12 @@ impl Snapshotter {
         self.snapshot_dir(id).join("fs")
     }
 
+    /// Where the FUSE session serving every model snapshot is mounted (each model's `fs`
+    /// directory is a bind of a directory inside it).
+    pub fn models_dir(&self) -> PathBuf {
+        self.root.join("models")
+    }
+
     fn snapshot_dir(&self, id: u64) -> PathBuf {
         self.root.join("snapshots").join(id.to_string())
     }

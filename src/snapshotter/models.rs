@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::task::AbortHandle;
 
 use super::SnapshotError;
-use crate::fs::Mounted;
+use crate::fs::shared::Attached;
 
 /// One model snapshot's state.
 #[derive(Debug)]
@@ -22,7 +22,7 @@ pub enum State {
     /// Being mounted (after a restart, before its first attempt ends); callers wait.
     Mounting,
     /// Served.
-    Mounted(Mounted),
+    Mounted(Attached),
     /// The last attempt failed with `cause`; the next one starts at `retry_at`.
     Retrying { cause: String, retry_at: Instant },
     /// Cannot be mounted by this process, whatever is retried (its record is unreadable).

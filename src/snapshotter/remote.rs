@@ -38,7 +38,8 @@ use super::{Mount, SnapshotError, Snapshotter};
 use crate::cache::ChunkCache;
 use crate::companion;
 use crate::config::{ModelMountSettings, Settings};
-use crate::fs::{self, Mounted};
+use crate::fs::shared::{Attached, SharedMounts};
+use crate::fs::{self, FsError};
 use crate::metadata::{Kind, SnapshotRecord, Usage};
 use crate::model::Model;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
@@ -71,6 +72,8 @@ pub struct RemoteSnapshotter {
     settings: Settings,
     mounting: ModelMountSettings,
     runtime: Handle,
+    /// The one FUSE session every model is served through.
+    session: Arc<SharedMounts>,
     models: ModelTable,
     /// Background mounts (restores and retries) running at once.
     mount_slots: Semaphore,
@@ -81,24 +84,27 @@ pub struct RemoteSnapshotter {
 
 impl RemoteSnapshotter {
     /// Wraps `base`; models are cached in `cache`, read on `runtime`, and kept mounted
-    /// as `mounting` says.
+    /// as `mounting` says. A dead model session a crashed process left is detached.
     pub fn new(
         base: Snapshotter,
         cache: Arc<ChunkCache>,
         settings: Settings,
         mounting: ModelMountSettings,
         runtime: Handle,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, FsError> {
+        let session =
+            SharedMounts::new(&base.models_dir(), runtime.clone(), settings.fetch.passthrough, mounting.fuse_threads)?;
+        Ok(Self {
             base,
             cache,
             settings,
             mount_slots: Semaphore::new(mounting.concurrency),
             mounting,
             runtime,
+            session: Arc::new(session),
             models: ModelTable::default(),
             prepare_lock: std::sync::Mutex::new(()),
-        }
+        })
     }
 
     /// Starts mounting every recorded model snapshot again (after a restart) and returns
@@ -305,15 +311,17 @@ impl RemoteSnapshotter {
             .map_err(|source| SnapshotError::Model { name: name.to_owned(), source: Box::new(source) })
     }
 
-    /// Mounts an opened model at the `fs` directory of snapshot `id`, and starts its
-    /// background prefetch (its companion's policy, else the node's), which the mount
-    /// stops when it goes.
-    fn mount_at(&self, name: &str, id: u64, model: Model) -> Result<Mounted, SnapshotError> {
+    /// Serves an opened model at the `fs` directory of snapshot `id`, and starts its
+    /// background prefetch (its companion's policy, else the node's), which detaching it
+    /// stops.
+    fn mount_at(&self, name: &str, id: u64, model: Model) -> Result<Attached, SnapshotError> {
         let model = Arc::new(model);
-        let mounted = fs::mount(model.clone(), &self.base.fs_dir(id), self.runtime.clone())
+        let attached = self
+            .session
+            .attach(model.clone(), &self.base.fs_dir(id))
             .map_err(|e| SnapshotError::Remote { name: name.to_owned(), detail: e.to_string() })?;
         model.start_prefetch(model.prefetch, &self.runtime);
-        Ok(mounted)
+        Ok(attached)
     }
 
     /// The verified lazy index in the layer `at`, and the digest of its JSON.

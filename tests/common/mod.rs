@@ -568,6 +568,20 @@ impl SnapshotterProcess {
         std::fs::read_to_string(Self::log_path(&self.root)).unwrap_or_default()
     }
 
+    /// The process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("serve running").id()
+    }
+
+    /// Kills the process with SIGKILL, leaving its mounts behind as a crash (or an
+    /// upgrade that does not wait) would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the process with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
