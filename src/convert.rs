@@ -38,9 +38,10 @@ pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Platforms the companion is published for.
 pub const PLATFORMS: &[&str] = &["amd64", "arm64"];
-/// Frames of a blob queued for each of its two hashes: a bound on the memory a fast
-/// registry can fill while the hashes catch up (a frame is at most a few hundred KiB).
-const HASH_QUEUE_FRAMES: usize = 32;
+/// Frames of a blob queued for each of its two hashes: enough to keep both busy, and a
+/// bound on the memory a fast registry can fill while they catch up (a frame is at most
+/// a few hundred KiB).
+const HASH_QUEUE_FRAMES: usize = 8;
 
 /// Why a conversion failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +126,7 @@ async fn chunk_digests(
             Err(blob_err("an empty blob with another digest".into()))
         };
     }
-    let mut stream = registry.stream_blob(digest, 0).await?;
+    let mut stream = registry.stream_whole_blob(digest, size).await?;
     let (whole_tx, mut whole_rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_FRAMES);
     let (pieces_tx, mut pieces_rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_FRAMES);
     let whole = tokio::task::spawn_blocking(move || {

@@ -9,7 +9,8 @@
 //!
 //! And the two index formats: a companion of version 1 (sha256 chunk digests, written by
 //! earlier releases) is still served and checked with sha256, and an index of either
-//! version refuses bytes its chunk digests do not match.
+//! version refuses bytes its chunk digests do not match. `convert` publishes no index
+//! for a blob whose bytes are not its digest's.
 
 mod common;
 
@@ -316,4 +317,30 @@ async fn a_version_2_index_serves_no_byte_its_chunk_digests_do_not_match() {
     let head = read_weight(&target, tmp.path(), "cache-wrong", Some(4 << 20));
     assert_honest(head.map(|h| [h, honest[4 << 20..].to_vec()].concat()), &honest, "the chunk before");
     assert_eio(read_weight(&target, tmp.path(), "cache-wrong", None), "the whole weight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_publishes_no_index_for_bytes_that_are_not_the_blob() {
+    if !prerequisites(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, SHARD);
+    let source = format!("{}/models/tampered:v1", registry.addr());
+    push_dir(&src, &source, "raw");
+    // The registry's storage is tampered with: one byte of the weight, in its middle.
+    let weight = Digest::of(&std::fs::read(src.join(WEIGHT)).unwrap());
+    let stored = registry.blob_file(&weight.to_string());
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[SHARD / 2] ^= 1;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(!ok, "convert published an index for tampered bytes");
+    assert!(stderr.contains(&weight.to_string()) && stderr.contains("content hashes to"), "{stderr}");
+    let companion = modelpack_snapshotter::registry::parse_reference(&format!("{source}-lazy")).unwrap();
+    let registry_client = modelpack_snapshotter::registry::Registry::new(companion, Default::default());
+    assert!(registry_client.fetch_manifest().await.is_err(), "no companion was pushed");
 }
