@@ -38,10 +38,6 @@ pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Platforms the companion is published for.
 pub const PLATFORMS: &[&str] = &["amd64", "arm64"];
-/// Frames of a blob queued for each of its two hashes: enough to keep both busy, and a
-/// bound on the memory a fast registry can fill while they catch up (a frame is at most
-/// a few hundred KiB).
-const HASH_QUEUE_FRAMES: usize = 8;
 
 /// Why a conversion failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,9 +103,9 @@ pub fn default_target(source: &str) -> Result<String, ConvertError> {
 /// Reads a blob once, as it streams, into two hashes of the same bytes: the sha256 of
 /// the whole, which must match `digest` and `size` (whatever vouched for the blob before,
 /// no index is published for bytes that do not hash to the manifest's digest), and the
-/// [`INDEX_ALGORITHM`] digest of every `chunk_size` piece. Each hash has a blocking
-/// thread of its own fed the same frames, so neither waits for the other nor holds up
-/// the download; at most [`HASH_QUEUE_FRAMES`] frames wait for either.
+/// [`INDEX_ALGORITHM`] digest of every `chunk_size` piece. Both are fed each frame as it
+/// arrives: hashing them on two threads measured no faster on two cores, with twice the
+/// context switches (docs/benchmarks.md).
 async fn chunk_digests(
     registry: &Registry,
     digest: &Digest,
@@ -127,69 +123,43 @@ async fn chunk_digests(
         };
     }
     let mut stream = registry.stream_whole_blob(digest, size).await?;
-    let (whole_tx, mut whole_rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_FRAMES);
-    let (pieces_tx, mut pieces_rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_FRAMES);
-    let whole = tokio::task::spawn_blocking(move || {
-        let mut whole = Hasher::default();
-        while let Some(bytes) = whole_rx.blocking_recv() {
-            whole.update(&bytes);
+    let mut whole = Hasher::default();
+    let (mut piece, mut in_piece) = (INDEX_ALGORITHM.hasher(), 0u64);
+    let (mut total, step) = (0u64, (size / 4).max(1));
+    let mut out = Vec::with_capacity(usize::try_from(size.div_ceil(chunk_size)).unwrap_or(0));
+    while let Some(bytes) = stream.next().await {
+        let bytes = bytes.map_err(|e| blob_err(format!("download: {e}")))?;
+        total += bytes.len() as u64;
+        if total > size {
+            return Err(blob_err(format!("more than the {size} bytes the manifest says")));
         }
-        whole.finish()
-    });
-    let capacity = usize::try_from(size.div_ceil(chunk_size)).unwrap_or(0);
-    let pieces = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::with_capacity(capacity);
-        let (mut piece, mut in_piece) = (INDEX_ALGORITHM.hasher(), 0u64);
-        while let Some(mut bytes) = pieces_rx.blocking_recv() {
-            while !bytes.is_empty() {
-                let take = ((chunk_size - in_piece) as usize).min(bytes.len());
-                piece.update(&bytes[..take]);
-                in_piece += take as u64;
-                bytes = bytes.slice(take..);
-                if in_piece == chunk_size {
-                    out.push(std::mem::replace(&mut piece, INDEX_ALGORITHM.hasher()).finish().to_string());
-                    in_piece = 0;
-                }
+        if total / step > (total - bytes.len() as u64) / step && total < size {
+            eprintln!("{label}: {}%", total * 100 / size);
+        }
+        whole.update(&bytes);
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let take = ((chunk_size - in_piece) as usize).min(rest.len());
+            piece.update(&rest[..take]);
+            in_piece += take as u64;
+            rest = &rest[take..];
+            if in_piece == chunk_size {
+                out.push(std::mem::replace(&mut piece, INDEX_ALGORITHM.hasher()).finish().to_string());
+                in_piece = 0;
             }
         }
-        if in_piece > 0 {
-            out.push(piece.finish().to_string());
-        }
-        out
-    });
-    let streamed = async {
-        let mut total = 0u64;
-        let step = (size / 4).max(1);
-        while let Some(bytes) = stream.next().await {
-            let bytes = bytes.map_err(|e| blob_err(format!("download: {e}")))?;
-            total += bytes.len() as u64;
-            if total > size {
-                return Err(blob_err(format!("more than the {size} bytes the manifest says")));
-            }
-            if total / step > (total - bytes.len() as u64) / step && total < size {
-                eprintln!("{label}: {}%", total * 100 / size);
-            }
-            // A closed queue means its hasher died; joining it below says how.
-            if whole_tx.send(bytes.clone()).await.is_err() || pieces_tx.send(bytes).await.is_err() {
-                break;
-            }
-        }
-        Ok(total)
     }
-    .await;
-    // Closing the queues ends both hashers, on success and on failure alike.
-    drop((whole_tx, pieces_tx));
-    let joined = |e: tokio::task::JoinError| blob_err(format!("hashing: {e}"));
-    let (whole, pieces) = (whole.await.map_err(joined), pieces.await.map_err(joined));
-    let total = streamed?;
-    let (actual, pieces) = (whole?, pieces?);
+    if in_piece > 0 {
+        out.push(piece.finish().to_string());
+    }
     if total != size {
         return Err(blob_err(format!("got {total} of {size} bytes")));
     }
+    let actual = whole.finish();
     if actual != *digest {
         return Err(blob_err(format!("content hashes to {actual}")));
     }
-    Ok(pieces)
+    Ok(out)
 }
 
 /// A tar with the index at [`INDEX_PATH`], byte-for-byte deterministic.
