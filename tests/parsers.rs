@@ -20,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use modelpack_snapshotter::companion::index_from_tar;
 use modelpack_snapshotter::config::PrefetchPolicy;
-use modelpack_snapshotter::modelpack::index::{IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH};
+use modelpack_snapshotter::modelpack::index::{
+    ChunkAlgorithm, IndexBlob, IndexFile, IndexSource, LazyIndex, INDEX_PATH, INDEX_VERSION, READABLE_VERSIONS,
+};
 use modelpack_snapshotter::modelpack::manifest::{self, FileMetadata, MAX_BLOB_SIZE};
 use modelpack_snapshotter::modelpack::path::{self, ModelPath, MAX_COMPONENT_LEN, MAX_PATH_LEN};
 use modelpack_snapshotter::modelpack::referrers::{Referrer, ReferrersList, MAX_REFERRERS};
@@ -198,8 +200,9 @@ fn valid_config() -> Vec<u8> {
     .unwrap()
 }
 
-/// A consistent lazy index of a two-layer model.
-fn valid_index() -> LazyIndex {
+/// A consistent lazy index of a two-layer model, of `version`.
+fn valid_index(version: u32) -> LazyIndex {
+    let algorithm = ChunkAlgorithm::for_version(version).unwrap();
     let data = vec![7u8; 10_000];
     let config = r#"{"modelfs":{"type":"layers","diffIds":[]}}"#.to_owned();
     let manifest = json!({
@@ -217,7 +220,7 @@ fn valid_index() -> LazyIndex {
     })
     .to_string();
     LazyIndex {
-        version: 1,
+        version,
         source: IndexSource {
             reference: format!("127.0.0.1:5000/m@{}", Digest::of(manifest.as_bytes())),
             manifest_digest: Digest::of(manifest.as_bytes()).to_string(),
@@ -229,9 +232,13 @@ fn valid_index() -> LazyIndex {
             IndexBlob {
                 digest: Digest::of(&data).to_string(),
                 size: data.len() as u64,
-                chunks: data.chunks(4096).map(|c| Digest::of(c).to_string()).collect(),
+                chunks: data.chunks(4096).map(|c| algorithm.digest(c).to_string()).collect(),
             },
-            IndexBlob { digest: Digest::of(b"doc").to_string(), size: 3, chunks: vec![Digest::of(b"doc").to_string()] },
+            IndexBlob {
+                digest: Digest::of(b"doc").to_string(),
+                size: 3,
+                chunks: vec![algorithm.digest(b"doc").to_string()],
+            },
         ],
         files: vec![
             IndexFile {
@@ -323,7 +330,7 @@ fn valid_tar() -> Vec<u8> {
 
 /// A companion layer: a tar holding the lazy index JSON.
 fn valid_index_tar() -> Vec<u8> {
-    let json = valid_index().to_json();
+    let json = valid_index(INDEX_VERSION).to_json();
     let mut t = RawTar::default();
     t.record(b'5', b".modelpack/", b"", b"");
     t.record(b'0', INDEX_PATH.as_bytes(), b"", &json);
@@ -567,16 +574,21 @@ fn timestamps_parse_or_fail_without_panicking() {
 
 #[test]
 fn lazy_indexes_parse_or_fail_without_panicking() {
-    let index = valid_index();
-    let json = index.to_json();
-    let parsed = LazyIndex::parse(&json).unwrap();
-    assert_eq!(parsed.index, index, "a valid index reads back");
-    check(bytes_around(vec![json]), |bytes| {
+    let mut seeds = Vec::new();
+    for version in READABLE_VERSIONS {
+        let index = valid_index(version);
+        let json = index.to_json();
+        let parsed = LazyIndex::parse(&json).unwrap();
+        assert_eq!(parsed.index, index, "a valid index of version {version} reads back");
+        seeds.push(json);
+    }
+    check(bytes_around(seeds), |bytes| {
         if let Ok(v) = LazyIndex::parse(&bytes) {
             prop_assert_eq!(Digest::of(v.index.manifest.as_bytes()), v.manifest_digest);
             prop_assert_eq!(v.chunks.len(), v.artifact.layers.len());
             for (layer, chunks) in v.artifact.layers.iter().zip(&v.chunks) {
-                prop_assert_eq!(chunks.digests.len() as u64, layer.size.div_ceil(chunks.chunk_size));
+                prop_assert_eq!(chunks.len() as u64, layer.size.div_ceil(chunks.chunk_size));
+                prop_assert_eq!(Some(chunks.algorithm), ChunkAlgorithm::for_version(v.index.version));
             }
         }
         Ok(())
@@ -626,7 +638,7 @@ fn referrers_lists_parse_or_fail_without_panicking() {
 #[test]
 fn companion_layers_parse_or_fail_without_panicking() {
     let seed = valid_index_tar();
-    assert_eq!(index_from_tar(&seed).unwrap(), valid_index().to_json());
+    assert_eq!(index_from_tar(&seed).unwrap(), valid_index(INDEX_VERSION).to_json());
     let fixed = mutated(seed.clone()).prop_map(|mut b| {
         fix_checksums(&mut b);
         b

@@ -6,6 +6,11 @@
 //! through `mount` (one cache directory) or through `serve` (one daemon), the honest
 //! model reads honest bytes, and once the forged index is caught (its whole blob does
 //! not hash to its digest) its own reads fail with EIO.
+//!
+//! And the two index formats: a companion of version 1 (sha256 chunk digests, written by
+//! earlier releases) is still served and checked with sha256, and an index of either
+//! version refuses bytes its chunk digests do not match. `convert` publishes no index
+//! for a blob whose bytes are not its digest's.
 
 mod common;
 
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::liar::WeightForgery;
 use common::*;
 use modelpack_snapshotter::companion::index_from_tar;
-use modelpack_snapshotter::modelpack::index::LazyIndex;
+use modelpack_snapshotter::modelpack::index::{ChunkAlgorithm, LazyIndex};
 use modelpack_snapshotter::modelpack::Digest;
 
 /// The shard the attacker forges: several 4 MiB chunks, so no single chunk is the blob.
@@ -24,8 +29,9 @@ const SHARD: usize = 9 << 20;
 
 /// An honest model with its companion, and the attacker's forged companion.
 struct Scene {
-    _registry: TestRegistry,
-    _forgery: WeightForgery,
+    registry: TestRegistry,
+    /// The liar, which also answers honestly for every other blob of the model.
+    forgery: WeightForgery,
     /// The honest model's files.
     src: PathBuf,
     /// The honest artifact.
@@ -57,9 +63,9 @@ impl Scene {
         tokio::task::block_in_place(|| publish_companion(&forged_companion, &index.to_json()));
         let forged_index = Digest::of(&index.to_json());
         Self {
-            _registry: registry,
+            registry,
             forged_weight: forgery.forged.clone(),
-            _forgery: forgery,
+            forgery,
             src,
             source,
             honest_companion,
@@ -217,4 +223,124 @@ async fn read_honest_view(c: &mut SnapshotsClient, scene: &Scene, view: &str, tm
     let dir = tmp.join(view);
     let _m = view_model(c, &companion_layer(&scene.honest_companion).await, view, &dir).await;
     assert_eq!(std::fs::read(dir.join(WEIGHT)).unwrap(), scene.honest_weight(), "the honest model ({view})");
+}
+
+/// Mounts `reference` with the cache `cache` under `tmp` and reads the weight file: whole
+/// (`None`), or its first `Some(n)` bytes.
+fn read_weight(reference: &str, tmp: &Path, cache: &str, first: Option<usize>) -> std::io::Result<Vec<u8>> {
+    let mountpoint = tmp.join("mnt");
+    let mut m = MountProcess::start(reference, &mountpoint, &tmp.join(cache), &[]).unwrap();
+    let read = match first {
+        None => std::fs::read(mountpoint.join(WEIGHT)),
+        Some(n) => std::fs::File::open(mountpoint.join(WEIGHT)).and_then(|mut f| {
+            let mut head = vec![0u8; n];
+            std::io::Read::read_exact(&mut f, &mut head).map(|()| head)
+        }),
+    };
+    m.stop();
+    read
+}
+
+/// Expects a read to fail with EIO, without printing megabytes when it did not.
+fn assert_eio(read: std::io::Result<Vec<u8>>, what: &str) {
+    match read {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
+        Ok(data) => panic!("{what}: {} bytes were served", data.len()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_companion_is_still_served_and_checked_with_sha256() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = Scene::build(tmp.path()).await;
+    let honest = scene.honest_weight();
+    let current = honest_index(&scene.honest_companion).await;
+    assert_eq!(current.version, 2, "convert writes version 2");
+    assert!(current.blobs.iter().flat_map(|b| &b.chunks).all(|c| c.starts_with("blake3:")));
+
+    // The index an earlier release wrote for the same model: sha256 chunk digests.
+    let blobs: std::collections::HashMap<String, Vec<u8>> =
+        read_tree(&scene.src).into_values().map(|data| (Digest::of(&data).to_string(), data)).collect();
+    let mut v1 = current.clone();
+    v1.version = 1;
+    for blob in &mut v1.blobs {
+        blob.chunks = blobs[&blob.digest].chunks(v1.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+    }
+    let v1_companion = format!("{}/models/honest:v1-lazy-v1", scene.registry.addr());
+    tokio::task::block_in_place(|| publish_companion(&v1_companion, &v1.to_json()));
+    assert_honest(read_weight(&v1_companion, tmp.path(), "cache-v1", None), &honest, "a version 1 companion");
+
+    // Its digests are checked: the same index with its source on the liar serves no byte
+    // of the liar's weight, and the other files (answered honestly) as usual.
+    v1.source.reference = format!("{}/evil/model@{}", scene.forgery.liar.addr(), v1.source.manifest_digest);
+    let lied_to = format!("{}/models/honest:v1-lazy-v1-liar", scene.registry.addr());
+    tokio::task::block_in_place(|| publish_companion(&lied_to, &v1.to_json()));
+    assert_eio(read_weight(&lied_to, tmp.path(), "cache-v1-liar", None), "a version 1 index, lied to");
+    let mountpoint = tmp.path().join("mnt");
+    let mut m = MountProcess::start(&lied_to, &mountpoint, &tmp.path().join("cache-v1-liar"), &[]).unwrap();
+    let tokenizer = std::fs::read(mountpoint.join("tokenizer.json"));
+    m.stop();
+    assert_honest(tokenizer, &std::fs::read(scene.src.join("tokenizer.json")).unwrap(), "an honest file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_index_serves_no_byte_its_chunk_digests_do_not_match() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = Scene::build(tmp.path()).await;
+    let honest = scene.honest_weight();
+    let index = honest_index(&scene.honest_companion).await;
+    assert_eq!(index.version, 2);
+
+    // The honest index, its source on the liar: every forged chunk is refused.
+    let mut lied_to = index.clone();
+    lied_to.source.reference = format!("{}/evil/model@{}", scene.forgery.liar.addr(), index.source.manifest_digest);
+    let target = format!("{}/models/honest:v2-liar", scene.registry.addr());
+    tokio::task::block_in_place(|| publish_companion(&target, &lied_to.to_json()));
+    assert_eio(read_weight(&target, tmp.path(), "cache-liar", None), "the whole weight");
+    assert_eio(read_weight(&target, tmp.path(), "cache-liar", Some(4096)), "its first page");
+
+    // One wrong chunk digest (piece 5, in the second 4 MiB chunk) on an honest registry:
+    // the chunk before it is served, the one it is in is not.
+    let mut wrong = index.clone();
+    let weight = wrong.blobs.iter_mut().find(|b| b.digest == scene.forgery.digest).unwrap();
+    assert!(weight.chunks.len() > 5);
+    weight.chunks[5] = ChunkAlgorithm::Blake3.digest(b"other bytes").to_string();
+    assert_eq!(wrong.chunk_size, 1 << 20);
+    let target = format!("{}/models/honest:v2-wrong-chunk", scene.registry.addr());
+    tokio::task::block_in_place(|| publish_companion(&target, &wrong.to_json()));
+    let head = read_weight(&target, tmp.path(), "cache-wrong", Some(4 << 20));
+    assert_honest(head.map(|h| [h, honest[4 << 20..].to_vec()].concat()), &honest, "the chunk before");
+    assert_eio(read_weight(&target, tmp.path(), "cache-wrong", None), "the whole weight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_publishes_no_index_for_bytes_that_are_not_the_blob() {
+    if !prerequisites(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, SHARD);
+    let source = format!("{}/models/tampered:v1", registry.addr());
+    push_dir(&src, &source, "raw");
+    // The registry's storage is tampered with: one byte of the weight, in its middle.
+    let weight = Digest::of(&std::fs::read(src.join(WEIGHT)).unwrap());
+    let stored = registry.blob_file(&weight.to_string());
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[SHARD / 2] ^= 1;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(!ok, "convert published an index for tampered bytes");
+    assert!(stderr.contains(&weight.to_string()) && stderr.contains("content hashes to"), "{stderr}");
+    let companion = modelpack_snapshotter::registry::parse_reference(&format!("{source}-lazy")).unwrap();
+    let registry_client = modelpack_snapshotter::registry::Registry::new(companion, Default::default());
+    assert!(registry_client.fetch_manifest().await.is_err(), "no companion was pushed");
 }

@@ -860,20 +860,11 @@ impl BlobStore {
         }
     }
 
-    /// Checks `data`, read at `offset`, against the blob's known piece digests; says
-    /// what is wrong, or None when it passes (or no digests are known).
+    /// Checks `data`, read at `offset`, against the blob's known piece digests, with the
+    /// hash the index's version names (sha256 or BLAKE3); says what is wrong, or None
+    /// when it passes (or no digests are known).
     fn check_pieces(&self, blob: &BlobInfo, offset: u64, data: &[u8]) -> Option<String> {
-        let known = self.digests.get(&blob.digest)?;
-        let first = offset / known.chunk_size;
-        for (i, piece) in data.chunks(known.chunk_size as usize).enumerate() {
-            let n = first as usize + i;
-            match known.digests.get(n) {
-                Some(want) if *want == Digest::of(piece) => {}
-                Some(_) => return Some(format!("piece {n} does not match its digest from the lazy index")),
-                None => return Some(format!("piece {n} is beyond the lazy index")),
-            }
-        }
-        None
+        self.digests.get(&blob.digest)?.check(offset, data).err()
     }
 
     /// When every chunk of a blob is cached and it is not verified yet, finishes its
@@ -1044,6 +1035,7 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
+    use crate::modelpack::index::INDEX_ALGORITHM;
 
     /// Serves blobs from memory; can lie, and counts requests.
     #[derive(Default)]
@@ -1096,17 +1088,18 @@ mod tests {
         (BlobStore::new(source.clone(), cache, settings, index), source, dir)
     }
 
-    /// The digests a lazy index would list for `blobs` (digest, content), in pieces of
-    /// `piece` bytes; the index is named by its digests.
+    /// The digests a lazy index of the current version would list for `blobs` (digest,
+    /// content), in pieces of `piece` bytes; the index is named by what it describes.
     fn index_of(blobs: impl Iterator<Item = (Digest, Vec<u8>)>, piece: usize) -> IndexDigests {
+        let mut described = piece.to_string().into_bytes();
         let chunks: HashMap<Digest, ChunkDigests> = blobs
             .map(|(digest, b)| {
-                (digest, ChunkDigests { chunk_size: piece as u64, digests: b.chunks(piece).map(Digest::of).collect() })
+                described.extend_from_slice(digest.hex().as_bytes());
+                described.extend_from_slice(&b);
+                (digest, ChunkDigests::of(INDEX_ALGORITHM, piece as u64, &b))
             })
             .collect();
-        let mut names: Vec<String> = chunks.values().flat_map(|c| c.digests.iter().map(Digest::to_string)).collect();
-        names.sort();
-        IndexDigests { index: Digest::of(names.concat().as_bytes()), chunks }
+        IndexDigests { index: Digest::of(&described), chunks }
     }
 
     fn info(data: &[u8]) -> BlobInfo {

@@ -475,6 +475,37 @@ impl Registry {
         session.client.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await
     }
 
+    /// Streams the whole of `blob`, `size` bytes, for a caller that hashes every byte
+    /// itself (`convert`). It is asked for as a range, which the client library passes
+    /// through as it arrives instead of hashing it a second time on the way (it checks
+    /// only whole-blob answers, which a registry that ignores the range still gets).
+    /// The caller verifies the digest and the size.
+    pub async fn stream_whole_blob(
+        &self,
+        blob: &Digest,
+        size: u64,
+    ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>, RegistryError> {
+        if size == 0 {
+            // `bytes=0-` is unsatisfiable for an empty blob.
+            return self.stream_blob(blob, 0).await;
+        }
+        let what = format!("blob {blob}");
+        let digest = blob.to_string();
+        let (what, digest) = (what.as_str(), digest.as_str());
+        self.with_retries(what, |session| async move {
+            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
+            let response = session
+                .client
+                .pull_blob_stream_partial(&self.reference, digest, 0, Some(size))
+                .await
+                .map_err(|e| self.classify(&session, what, e))?;
+            match response {
+                BlobResponse::Partial(s) | BlobResponse::Full(s) => Ok(s.stream),
+            }
+        })
+        .await
+    }
+
     /// Streams a whole blob from `offset` to its end (for compressed layers, which are
     /// read once from start to end). The caller verifies the digest.
     pub async fn stream_blob(

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::modelpack::index::INDEX_VERSION;
+use crate::modelpack::index::READABLE_VERSIONS;
 use crate::modelpack::labels::{self as keys, Pinned, PREFIX as MODELPACK_PREFIX};
 
 /// containerd's label naming the chain ID a remote snapshotter should commit.
@@ -65,11 +65,13 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     }
     let get = |key: &'static str| labels.get(key).ok_or(LabelError::Missing(key));
     let version = get(keys::VERSION)?;
-    if version != &INDEX_VERSION.to_string() {
+    // The index itself is authoritative (it is parsed and checked when mounted); the
+    // label only lets a newer format be refused before anything is fetched.
+    if !READABLE_VERSIONS.iter().any(|v| v.to_string() == *version) {
         return Err(LabelError::Invalid {
             key: keys::VERSION,
             value: version.clone(),
-            reason: format!("this build reads version {INDEX_VERSION}"),
+            reason: format!("this build reads versions {READABLE_VERSIONS:?}"),
         });
     }
     let chain_id = get(SNAPSHOT_REF)?;
@@ -124,9 +126,14 @@ mod tests {
         let mut l = good();
         l.insert(keys::SOURCE.into(), "127.0.0.1:5000/models/m:v1".into());
         assert!(matches!(model_labels(&l), Err(LabelError::Invalid { key: keys::SOURCE, .. })));
+        for version in ["3", "0", "02", " 2", ""] {
+            let mut l = good();
+            l.insert(keys::VERSION.into(), version.into());
+            assert!(matches!(model_labels(&l), Err(LabelError::Invalid { key: keys::VERSION, .. })), "{version:?}");
+        }
         let mut l = good();
         l.insert(keys::VERSION.into(), "2".into());
-        assert!(matches!(model_labels(&l), Err(LabelError::Invalid { key: keys::VERSION, .. })));
+        assert!(model_labels(&l).unwrap().is_some(), "both formats are read");
     }
 
     #[test]

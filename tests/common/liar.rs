@@ -73,10 +73,11 @@ impl WeightForgery {
     }
 
     /// Makes `index` vouch for the forged bytes: the weight blob's chunk digests those of
-    /// the forged bytes.
+    /// the forged bytes, with the hash of the index's version.
     pub fn vouch(&self, index: &mut LazyIndex) {
+        let (algorithm, chunk_size) = (index.chunk_algorithm().expect("a readable index version"), index.chunk_size);
         let blob = index.blobs.iter_mut().find(|b| b.digest == self.digest).expect("weight blob in the index");
-        blob.chunks = self.forged.chunks(index.chunk_size as usize).map(|c| Digest::of(c).to_string()).collect();
+        blob.chunks = self.forged.chunks(chunk_size as usize).map(|c| algorithm.digest(c).to_string()).collect();
     }
 
     /// Makes `index` vouch for the forged bytes and name `repository` on the liar as its

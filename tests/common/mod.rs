@@ -154,7 +154,8 @@ impl TestRegistry {
     }
 
     /// The file holding a blob's bytes in the registry's filesystem storage
-    /// (`sha256:<hex>` given); the benchmarks read it to put it in page cache.
+    /// (`sha256:<hex>` given); the benchmarks read it to put it in page cache, and a
+    /// trust test tampers with it (the registry serves what is there without checking).
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.dir
