@@ -347,6 +347,9 @@ async fn mount(
     let started = Instant::now();
     let model = Arc::new(Model::open(reference, settings, cache).await?);
     let mounted = fs::mount(model.clone(), mountpoint, tokio::runtime::Handle::current())?;
+    // Caught before `ready:` is printed: whoever stops us once it reads that line must
+    // get the closing report, not a process killed mid-write.
+    let shutdown = Shutdown::catch()?;
     println!(
         "ready: {} mounted at {} ({} files, {} bytes) in {} ms{}",
         reference,
@@ -365,7 +368,7 @@ async fn mount(
             }
         });
     }
-    wait_for_shutdown(mountpoint).await?;
+    wait_for_shutdown(shutdown, mountpoint).await?;
     mounted.unmount();
     // Chunks already fetched are worth keeping: let their cache writes finish.
     if tokio::time::timeout(SETTLE_TIMEOUT, model.store.settle()).await.is_err() {
@@ -402,10 +405,23 @@ async fn shutdown_signal() {
 }
 
 /// Returns on SIGINT or SIGTERM, or when someone else unmounted us.
-async fn wait_for_shutdown(mountpoint: &Path) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+/// SIGTERM and SIGINT, caught from now on.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn catch() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
+    }
+}
+
+async fn wait_for_shutdown(Shutdown { mut term, mut int }: Shutdown, mountpoint: &Path) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

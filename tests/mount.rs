@@ -585,6 +585,36 @@ fn a_companion_reference_mounts_its_model_with_every_chunk_verified() {
     assert_same_tree(&src, &m.mountpoint);
 }
 
+#[test]
+fn a_reference_by_digest_opens_again_from_the_cache_without_asking_the_registry() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let proxy = FaultProxy::start(registry.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_model_dir(&src, 3 << 20);
+    let source = format!("{}/models/pinned:v1", proxy.addr());
+    let (ok, stdout, stderr) = run_bin(&["push", src.to_str().unwrap(), &source]);
+    assert!(ok, "{stderr}");
+    let digest = stdout.lines().last().expect("push prints the manifest digest").trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "{stdout}");
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "{stderr}");
+    let pinned = format!("{}/models/pinned@{digest}", proxy.addr());
+    let first = mount(&pinned, tmp.path(), &[]);
+    assert_same_tree(&src, &first.mountpoint);
+    drop(first);
+    // The manifest, the companion found for it and every chunk are cached: a second
+    // mount of the same digest asks the registry nothing (each request would fail).
+    proxy.set_fault(Fault::Status500, u32::MAX);
+    let second = mount(&pinned, tmp.path(), &["--retries", "0"]);
+    assert_same_tree(&src, &second.mountpoint);
+    let requests: u64 = proxy.fault_counts().iter().map(|(_, n)| n).sum();
+    assert_eq!(requests, 0, "the second mount sent {requests} requests to the registry");
+}
+
 /// Whether the running kernel has FUSE passthrough (Linux 6.9 and later).
 fn kernel_has_passthrough() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
