@@ -41,6 +41,8 @@ const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// and replies of 128 KiB ones, and overshoot a random read by at most 1 MiB.
 const MAX_READAHEAD: u32 = 1 << 20;
 const BLOCK_SIZE: u32 = 4096;
+/// Largest safetensors header read for its tensor spans (a read-ahead hint).
+const MAX_HINT_HEADER: u64 = 16 << 20;
 
 /// Why mounting failed.
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +283,11 @@ async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -
 async fn tensor_spans(model: &Model, source: &FileSource) -> Option<TensorSpans> {
     let prefix = read_file(model, source, 0, 8).await.ok()?;
     let len = safetensors::header_len(prefix[..].try_into().ok()?, source.size).ok()?;
+    // A hint is not worth fetching more than this for (real headers are a few MiB at
+    // most, while the format allows 100 MB).
+    if len > MAX_HINT_HEADER {
+        return None;
+    }
     let header = read_file(model, source, 8, len).await.ok()?;
     match TensorSpans::parse(&header, source.size) {
         Ok(spans) => Some(spans),
