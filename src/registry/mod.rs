@@ -476,10 +476,10 @@ impl Registry {
     }
 
     /// Streams the whole of `blob`, `size` bytes, for a caller that hashes every byte
-    /// itself (`convert`). It is asked for as a range, which the client library passes
-    /// through as it arrives instead of hashing it a second time on the way (it checks
-    /// only whole-blob answers, which a registry that ignores the range still gets).
-    /// The caller verifies the digest and the size.
+    /// itself (`convert`, the unpacking of a compressed layer). It is asked for as a
+    /// range, which the client library passes through as it arrives instead of hashing
+    /// it a second time on the way (it checks only whole-blob answers, which a registry
+    /// that ignores the range still gets). The caller verifies the digest and the size.
     pub async fn stream_whole_blob(
         &self,
         blob: &Digest,
