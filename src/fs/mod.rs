@@ -129,8 +129,11 @@ pub struct ModelFs {
     modes: Mutex<HashMap<u64, InodeMode>>,
     /// Per safetensors file: its tensor spans, read from its header after the first read
     /// at its start (`None` while being read, or when it could not be).
-    tensors: Arc<Mutex<HashMap<u64, Option<Arc<TensorSpans>>>>>,
+    tensors: Arc<Mutex<TensorMap>>,
 }
+
+/// See [`ModelFs::tensors`].
+type TensorMap = HashMap<u64, Option<Arc<TensorSpans>>>;
 
 /// See [`ModelFs::modes`].
 #[derive(Debug, Default)]
@@ -278,6 +281,12 @@ async fn read_file(model: &Model, source: &FileSource, offset: u64, size: u64) -
     }
 }
 
+/// Reads the tensor spans of file `ino` (see [`tensor_spans`]) into `tensors`.
+async fn load_tensor_spans(model: Arc<Model>, source: FileSource, ino: u64, tensors: Arc<Mutex<TensorMap>>) {
+    let spans = tensor_spans(&model, &source).await.map(Arc::new);
+    tensors.lock().expect("tensors lock").insert(ino, spans);
+}
+
 /// The tensor spans of a safetensors file, from its header (read through the cache,
 /// which holds it once the reader has read it); None when the header is not one.
 async fn tensor_spans(model: &Model, source: &FileSource) -> Option<TensorSpans> {
@@ -419,10 +428,7 @@ impl Filesystem for ModelFs {
             if let Some(data) = model.store.read_in_memory(blob, source.offset + offset, len) {
                 reply.data(&data);
                 if load_spans {
-                    self.runtime.spawn(async move {
-                        let spans = tensor_spans(&model, &source).await.map(Arc::new);
-                        tensors.lock().expect("tensors lock").insert(ino, spans);
-                    });
+                    self.runtime.spawn(load_tensor_spans(model, source, ino, tensors));
                 }
                 return;
             }
@@ -436,8 +442,7 @@ impl Filesystem for ModelFs {
                 }
             }
             if load_spans {
-                let spans = tensor_spans(&model, &source).await.map(Arc::new);
-                tensors.lock().expect("tensors lock").insert(ino, spans);
+                load_tensor_spans(model, source, ino, tensors).await;
             }
         });
     }
