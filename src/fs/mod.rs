@@ -389,10 +389,8 @@ impl Filesystem for ModelFs {
         reply: ReplyData,
     ) {
         let ino = self.local(ino);
-        let Some(NodeKind::File(source)) = self.model.tree.get(ino).map(|n| &n.kind) else {
-            return reply.error(Errno::EBADF);
-        };
-        let source = *source;
+        let Some(node) = self.model.tree.get(ino) else { return reply.error(Errno::EBADF) };
+        let NodeKind::File(source) = node.kind else { return reply.error(Errno::EBADF) };
         let open = self.open_files.lock().expect("open files lock").get(&fh.0).cloned();
         let model = self.model.clone();
         let end = offset + u64::from(size);
@@ -400,17 +398,20 @@ impl Filesystem for ModelFs {
         // in any order.
         let streak = open.map_or(0, |open| open.record(offset, u64::from(size)));
         let ahead = read_ahead_window(streak, model.store.chunk_size(), self.readahead_bytes);
-        let (stop, load_spans) = {
+        // Tensor spans matter only to a read that starts read-ahead, or that may load them.
+        let load_spans = offset == 0 && node.name.ends_with(".safetensors");
+        let (stop, load_spans) = if ahead > 0 || load_spans {
             let mut tensors = self.tensors.lock().expect("tensors lock");
             let known = tensors.get(&ino).and_then(|spans| spans.clone());
             let grace = model.store.chunk_size();
             let stop = if ahead > 0 { read_ahead_stop(known.as_deref(), end, streak, grace) } else { None };
-            let is_safetensors = self.model.tree.get(ino).is_some_and(|node| node.name.ends_with(".safetensors"));
-            let load = offset == 0 && is_safetensors && !tensors.contains_key(&ino);
+            let load = load_spans && !tensors.contains_key(&ino);
             if load {
                 tensors.insert(ino, None);
             }
             (stop, load)
+        } else {
+            (None, false)
         };
         let tensors = self.tensors.clone();
         if let LayerData::Remote(blob) = &model.layers[source.layer] {
