@@ -203,7 +203,9 @@ impl Model {
                 (bytes, digest, false)
             }
             Err(e @ (RegistryError::Exhausted { .. } | RegistryError::Invalid { .. })) => {
-                match cache.get_meta(&manifest_key(reference))? {
+                // A reference by digest takes only the manifest that digest names.
+                let cached = cache.get_meta(&manifest_key(reference))?;
+                match cached.filter(|bytes| pinned.is_none_or(|digest| Digest::of(bytes) == digest)) {
                     Some(bytes) => {
                         tracing::warn!(reference, error = %e, "registry unreachable; using the cached manifest");
                         let digest = Digest::of(&bytes);

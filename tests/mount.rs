@@ -607,12 +607,38 @@ fn a_reference_by_digest_opens_again_from_the_cache_without_asking_the_registry(
     assert_same_tree(&src, &first.mountpoint);
     drop(first);
     // The manifest, the companion found for it and every chunk are cached: a second
-    // mount of the same digest asks the registry nothing (each request would fail).
-    proxy.set_fault(Fault::Status500, u32::MAX);
-    let second = mount(&pinned, tmp.path(), &["--retries", "0"]);
+    // mount of the same digest asks the registry nothing.
+    let before = proxy.request_count();
+    let second = mount(&pinned, tmp.path(), &[]);
     assert_same_tree(&src, &second.mountpoint);
-    let requests: u64 = proxy.fault_counts().iter().map(|(_, n)| n).sum();
+    let requests = proxy.request_count() - before;
     assert_eq!(requests, 0, "the second mount sent {requests} requests to the registry");
+    drop(second);
+
+    // A cached manifest that is not the one the digest names (another model's, as a
+    // tampered cache would hold) is never used: the mount asks the registry again, and
+    // without a registry it fails rather than serve the other model.
+    let record_of = |reference: &str| {
+        tmp.path()
+            .join("cache/meta")
+            .join(modelpack_snapshotter::modelpack::Digest::of(format!("manifest-for:{reference}").as_bytes()).hex())
+    };
+    let other_src = tmp.path().join("other");
+    write_model_dir(&other_src, 1 << 20);
+    let other = format!("{}/models/other:v1", proxy.addr());
+    push_dir(&other_src, &other, "raw");
+    drop(mount(&other, tmp.path(), &[]));
+    let forge = || std::fs::copy(record_of(&other), record_of(&pinned)).unwrap();
+    forge();
+    let before = proxy.request_count();
+    let third = mount(&pinned, tmp.path(), &[]);
+    assert!(proxy.request_count() > before, "the registry was not asked for the manifest");
+    assert_same_tree(&src, &third.mountpoint);
+    drop(third);
+    forge();
+    drop(registry);
+    let offline = MountProcess::start(&pinned, &tmp.path().join("mnt"), &tmp.path().join("cache"), &["--retries", "0"]);
+    assert!(offline.is_err(), "another model's manifest was served for a digest reference");
 }
 
 /// Whether the running kernel has FUSE passthrough (Linux 6.9 and later).

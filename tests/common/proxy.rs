@@ -64,6 +64,8 @@ struct State {
     blob_bytes: AtomicU64,
     require_token: AtomicBool,
     unauthorized: AtomicU64,
+    /// Every request forwarded to the registry, of any kind.
+    requests: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -163,6 +165,11 @@ impl FaultProxy {
     #[allow(dead_code)] // not every test binary uses it
     pub fn unauthorized_count(&self) -> u64 {
         self.state.unauthorized.load(Ordering::SeqCst)
+    }
+
+    /// Requests of any kind (manifests, referrers, blobs) forwarded to the registry.
+    pub fn request_count(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
     }
 
     /// Zeroes the counters.
@@ -288,6 +295,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
         rewritten.push_str("\r\n");
     }
     rewritten.push_str("Connection: close\r\n\r\n");
+    state.requests.fetch_add(1, Ordering::SeqCst);
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
     upstream.write_all(rewritten.as_bytes())?;
     upstream.write_all(&buf[head_end..])?;
