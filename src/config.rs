@@ -46,9 +46,11 @@ impl Default for RegistrySettings {
 /// How blobs are split, cached and fetched ahead.
 #[derive(Debug, Clone)]
 pub struct FetchSettings {
-    /// Size of one cached chunk and of one ranged request. 4 MiB: a loopback registry
-    /// costs ~4 ms per request, so smaller ranges waste most of the link on overhead,
-    /// while larger ones make a random small read fetch more than it needs.
+    /// Size of one cached chunk: the least a read that misses fetches, and the unit the
+    /// cache stores, checks and keeps in memory. 1 MiB, the lazy index's piece size: a
+    /// loader reading one tensor (or `mmap` reading around a fault) fetches at most a
+    /// chunk more on each side of it, where 4 MiB chunks fetched 28 MiB for a 16 MiB
+    /// tensor (`make bench`). Streams still fetch `stream_request_chunks` per request.
     pub chunk_size: u64,
     /// Chunks fetched ahead of a reader that reads sequentially: two requests' worth,
     /// so that one is always in flight while the reader consumes the other.
@@ -60,9 +62,9 @@ pub struct FetchSettings {
     pub stream_request_chunks: u64,
     /// Most chunks fetched but not yet written to the cache. Readers get a chunk as soon
     /// as it is fetched and checked, and the cache write follows; when the disk falls
-    /// this far behind, new fetches wait, so memory stays bounded. Six (one request of
-    /// four in flight while the last is written) read as fast as sixteen did, at a peak
-    /// RSS of ~90 MiB instead of ~160 MiB for an 8 GiB cold read.
+    /// this far behind, new fetches wait, so memory stays bounded. 24 MiB (one request
+    /// in flight while part of the last is written) read as fast as 64 MiB did, at a
+    /// peak RSS of ~90 MiB instead of ~160 MiB for an 8 GiB cold read.
     pub pending_store_chunks: u64,
     /// Parallel ranged requests of the background prefetch.
     pub prefetch_concurrency: usize,
@@ -91,13 +93,34 @@ pub struct FetchSettings {
     pub require_lazy_index: bool,
 }
 
+impl FetchSettings {
+    /// Keeps the chunk size of a cache directory made with another one (by an earlier
+    /// release, whose default was 4 MiB) when this chunk size is the default, instead of
+    /// refusing the directory: the windows counted in chunks are scaled so that they
+    /// keep their size in bytes. A chunk size set to something else is kept, and a
+    /// directory bound to another one is refused when opened.
+    pub fn fit_cache(&mut self, recorded: Option<u64>) {
+        let Some(recorded) = recorded.filter(|&r| r >= 4096 && r != self.chunk_size) else { return };
+        if self.chunk_size != Self::default().chunk_size {
+            return;
+        }
+        let bytes = |chunks: u64| chunks.saturating_mul(self.chunk_size);
+        let chunks = |bytes: u64| bytes.div_ceil(recorded).max(1);
+        self.readahead_chunks = if self.readahead_chunks == 0 { 0 } else { chunks(bytes(self.readahead_chunks)) };
+        self.stream_request_chunks = chunks(bytes(self.stream_request_chunks));
+        self.pending_store_chunks = chunks(bytes(self.pending_store_chunks));
+        tracing::info!(chunk_size = recorded, "the cache directory keeps the chunk size it was made with");
+        self.chunk_size = recorded;
+    }
+}
+
 impl Default for FetchSettings {
     fn default() -> Self {
         Self {
-            chunk_size: 4 << 20,
-            readahead_chunks: 8,
-            stream_request_chunks: 4,
-            pending_store_chunks: 6,
+            chunk_size: 1 << 20,
+            readahead_chunks: 32,
+            stream_request_chunks: 16,
+            pending_store_chunks: 24,
             prefetch_concurrency: 4,
             prefetch: PrefetchPolicy::None,
             passthrough: true,
@@ -294,6 +317,31 @@ impl Default for ModelMountSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_made_with_another_chunk_size_keeps_it_and_the_windows_keep_their_bytes() {
+        let default = FetchSettings::default();
+        let mut fitted = FetchSettings::default();
+        fitted.fit_cache(Some(4 << 20));
+        assert_eq!(fitted.chunk_size, 4 << 20);
+        let bytes = |s: &FetchSettings, chunks: u64| chunks * s.chunk_size;
+        assert_eq!(bytes(&fitted, fitted.readahead_chunks), bytes(&default, default.readahead_chunks));
+        assert_eq!(bytes(&fitted, fitted.stream_request_chunks), bytes(&default, default.stream_request_chunks));
+        assert_eq!(bytes(&fitted, fitted.pending_store_chunks), bytes(&default, default.pending_store_chunks));
+        // Read-ahead off stays off; a chunk size someone chose stays; so does an unbound
+        // cache's, or one bound to the same size.
+        let mut off = FetchSettings { readahead_chunks: 0, ..FetchSettings::default() };
+        off.fit_cache(Some(4 << 20));
+        assert_eq!((off.chunk_size, off.readahead_chunks), (4 << 20, 0));
+        let mut chosen = FetchSettings { chunk_size: 2 << 20, ..FetchSettings::default() };
+        chosen.fit_cache(Some(4 << 20));
+        assert_eq!(chosen.chunk_size, 2 << 20);
+        for recorded in [None, Some(default.chunk_size), Some(10)] {
+            let mut same = FetchSettings::default();
+            same.fit_cache(recorded);
+            assert_eq!((same.chunk_size, same.readahead_chunks), (default.chunk_size, default.readahead_chunks));
+        }
+    }
 
     #[test]
     fn prefetch_policies_parse_strictly_and_read_back() {

@@ -205,11 +205,14 @@ impl CacheArgs {
             .join("modelpack-snapshotter")
     }
 
-    fn open(&self) -> Result<Arc<ChunkCache>> {
+    /// The cache, and the fetch settings fitted to it (see [`FetchSettings::fit_cache`]).
+    fn open(&self) -> Result<(FetchSettings, Arc<ChunkCache>)> {
         let dir = self.dir();
         let cache =
             ChunkCache::open(&dir, self.cache_budget).with_context(|| format!("opening cache {}", dir.display()))?;
-        Ok(Arc::new(cache))
+        let mut fetch = self.fetch()?;
+        fetch.fit_cache(cache.recorded_chunk_size()?);
+        Ok((fetch, Arc::new(cache)))
     }
 }
 
@@ -268,8 +271,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { reference, cache } => {
-            let settings = Settings { registry: registry_settings, fetch: cache.fetch()?, selection: Selection::all() };
-            let model = runtime.block_on(Model::open(&reference, &settings, cache.open()?))?;
+            let (fetch, cache) = cache.open()?;
+            let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
+            let model = runtime.block_on(Model::open(&reference, &settings, cache))?;
             print_inspect(&model);
             Ok(())
         }
@@ -305,8 +309,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Mount { reference, mountpoint, cache, prefetch } => {
-            let settings = Settings { registry: registry_settings, fetch: cache.fetch()?, selection: Selection::all() };
-            runtime.block_on(mount(&reference, &mountpoint, &settings, cache.open()?, prefetch))
+            let (fetch, cache) = cache.open()?;
+            let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
+            runtime.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch))
         }
     }
 }

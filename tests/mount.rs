@@ -192,6 +192,35 @@ fn small_read_fetches_only_its_chunk() {
     assert!(requests >= 1 && bytes <= 2 << 20, "a 4 KiB read fetched {bytes} bytes in {requests} requests");
 }
 
+/// A cache directory an earlier release made with 4 MiB chunks keeps them: a mount with
+/// the default chunk size reads through it, and only a chunk size named on the command
+/// line that is not the directory's is refused, with an error that says so.
+#[test]
+fn a_cache_made_with_another_chunk_size_keeps_it_unless_told_otherwise() {
+    if !prerequisites(true) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pseudo_random(12 << 20, 9);
+    push_one_file(&registry, tmp.path(), "older", &data);
+    let cache_dir = tmp.path().join("cache");
+    modelpack_snapshotter::cache::ChunkCache::open(&cache_dir, None).unwrap().bind_chunk_size(4 << 20).unwrap();
+    let reference = format!("{}/models/older:v1", registry.addr());
+
+    let mut m = mount(&reference, tmp.path(), &[]);
+    assert_eq!(std::fs::read(m.mountpoint.join("model.safetensors")).unwrap(), data);
+    m.stop();
+    let cache = modelpack_snapshotter::cache::ChunkCache::open(&cache_dir, None).unwrap();
+    assert_eq!(cache.recorded_chunk_size().unwrap(), Some(4 << 20));
+    drop(cache);
+
+    let err = MountProcess::start(&reference, &tmp.path().join("mnt"), &cache_dir, &["--chunk-size", "2097152"])
+        .err()
+        .expect("a chunk size that is not the directory's is refused");
+    assert!(err.contains("4194304") && err.contains("2097152"), "{err}");
+}
+
 #[test]
 fn a_registry_that_wants_a_token_from_anonymous_clients_is_served() {
     if !prerequisites(true) {

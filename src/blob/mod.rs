@@ -86,6 +86,25 @@ pub trait RangeSource: Send + Sync + 'static {
     /// Exactly `len` bytes of `blob` from `offset`.
     fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64)
         -> BoxFuture<'a, Result<Bytes, RegistryError>>;
+
+    /// The same bytes in pieces of `piece` bytes (the last may be shorter), each in
+    /// memory of its own, so that keeping one piece keeps no other.
+    fn read_range_pieces<'a>(
+        &'a self,
+        blob: &'a Digest,
+        offset: u64,
+        len: u64,
+        piece: u64,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>> {
+        async move {
+            let data = self.read_range(blob, offset, len).await?;
+            Ok((0..len)
+                .step_by(piece.max(1) as usize)
+                .map(|at| data.slice(at as usize..(at + piece).min(len) as usize))
+                .collect())
+        }
+        .boxed()
+    }
 }
 
 impl RangeSource for Registry {
@@ -96,6 +115,16 @@ impl RangeSource for Registry {
         len: u64,
     ) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
         Registry::read_range(self, blob, offset, len).boxed()
+    }
+
+    fn read_range_pieces<'a>(
+        &'a self,
+        blob: &'a Digest,
+        offset: u64,
+        len: u64,
+        piece: u64,
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>> {
+        Registry::read_range_pieces(self, blob, offset, len, piece).boxed()
     }
 }
 
@@ -773,13 +802,24 @@ impl BlobStore {
     }
 
     /// On the hasher: feeds every waiting run that continues its blob's hash, until none
-    /// does.
+    /// does. A blob whose hash stops short of its first waiting run (the runs between
+    /// were left out, having arrived too far ahead) is caught up from the cache, so that
+    /// one run left out costs reading back that run, not the rest of the blob.
     fn drain_hashing(&self) {
         loop {
             if let Some((blob, first, run)) = self.next_hash_run() {
                 let chunks: Vec<(Option<u64>, &[u8])> =
                     run.stored.iter().copied().zip(run.chunks.iter().map(|c| &c[..])).collect();
                 self.cache.feed_hash_run(blob, first, &chunks);
+                continue;
+            }
+            let ahead: Vec<(Digest, u64)> = {
+                let waiting = self.hash_waiting.lock().expect("hash waiting lock");
+                waiting.iter().filter_map(|(blob, runs)| Some((*blob, *runs.keys().next()?))).collect()
+            };
+            let caught_up =
+                ahead.into_iter().filter(|&(blob, first)| self.cache.hash_catch_up(blob, first) == Some(first));
+            if caught_up.count() > 0 {
                 continue;
             }
             self.hash_draining.store(false, Ordering::SeqCst);
@@ -828,26 +868,28 @@ impl BlobStore {
         let whole = self.chunk_count(blob) == 1;
         let mut attempts_left = 2;
         loop {
-            let data = self.source.read_range(&blob.digest, offset, len).await.map_err(|source| BlobError::Fetch {
-                blob: blob.digest,
-                index: first,
-                source,
-            })?;
-            self.stats.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            // One buffer per chunk: a chunk kept in memory for its reader (or its hash)
+            // keeps no other chunk of the request.
+            let chunks = self
+                .source
+                .read_range_pieces(&blob.digest, offset, len, cs)
+                .await
+                .map_err(|source| BlobError::Fetch { blob: blob.digest, index: first, source })?;
+            self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
             self.stats.fetched_chunks.fetch_add(count, Ordering::Relaxed);
-            let chunks: Vec<Bytes> = (0..count)
-                .map(|i| {
-                    let start = (i * cs) as usize;
-                    data.slice(start..start + self.chunk_len(blob, first + i) as usize)
+            let shape =
+                (chunks.len() as u64 != count).then(|| (first, format!("{} pieces for {count} chunks", chunks.len())));
+            let problem = shape.or_else(|| {
+                chunks.iter().enumerate().find_map(|(i, chunk)| {
+                    let index = first + i as u64;
+                    if chunk.len() as u64 != self.chunk_len(blob, index) {
+                        Some((index, format!("{} bytes for a chunk of {}", chunk.len(), self.chunk_len(blob, index))))
+                    } else if whole && Digest::of(chunk) != blob.digest {
+                        Some((index, "content does not match the blob digest".to_owned()))
+                    } else {
+                        self.check_pieces(blob, index * cs, chunk).map(|d| (index, d))
+                    }
                 })
-                .collect();
-            let problem = chunks.iter().enumerate().find_map(|(i, chunk)| {
-                let index = first + i as u64;
-                if whole && Digest::of(chunk) != blob.digest {
-                    Some((index, "content does not match the blob digest".to_owned()))
-                } else {
-                    self.check_pieces(blob, index * cs, chunk).map(|d| (index, d))
-                }
             });
             let Some((index, detail)) = problem else { return Ok(chunks) };
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);

@@ -125,7 +125,7 @@ pub enum CacheError {
     Locked { path: PathBuf },
     /// The cache holds chunks of another size: their indices mean other byte ranges.
     #[error(
-        "cache directory {path} holds {cached}-byte chunks, not {requested}-byte ones; use another cache directory"
+        "cache directory {path} holds {cached}-byte chunks, not {requested}-byte ones; use another cache directory, or leave the chunk size at its default to keep this one's"
     )]
     ChunkSizeMismatch { path: PathBuf, cached: u64, requested: u64 },
     /// Chunks hold at least one byte: a zero length marks an absent chunk.
@@ -334,11 +334,17 @@ impl ChunkCache {
         Ok(cache)
     }
 
+    /// The chunk size the cache directory was bound to, by this or an earlier process;
+    /// None while it is not bound to one.
+    pub fn recorded_chunk_size(&self) -> Result<Option<u64>, CacheError> {
+        Ok(self.get_meta(CHUNK_SIZE_META)?.and_then(|raw| std::str::from_utf8(&raw).ok()?.trim().parse().ok()))
+    }
+
     /// Binds the cache to one chunk size: the first call records it, later calls (in this
     /// or a later process) with another size fail, since a chunk index only names a byte
     /// range together with the size. Chunks can be stored and read once it is bound.
     pub fn bind_chunk_size(&self, chunk_size: u64) -> Result<(), CacheError> {
-        const NAME: &str = "chunk-size";
+        const NAME: &str = CHUNK_SIZE_META;
         match self.get_meta(NAME)? {
             Some(raw) => {
                 let cached = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
@@ -695,7 +701,7 @@ impl ChunkCache {
             next += 1;
         }
         if catch_up {
-            next = self.hash_present(blob, next, &mut hasher);
+            next = self.hash_present(blob, next, u64::MAX, &mut hasher);
         }
         let mut inner = self.lock();
         if matches!(inner.hashing.get(&blob), Some(HashSlot::Busy { stale: false })) {
@@ -705,11 +711,41 @@ impl ChunkCache {
         }
     }
 
-    /// Feeds `hasher` the chunks of `blob` present from `next` on, read back from the
-    /// cache, until one is missing; returns the index after the last one fed.
-    fn hash_present(&self, blob: Digest, mut next: u64, hasher: &mut Hasher) -> u64 {
+    /// Feeds the blob's whole-blob hash the chunks present from where it stands up to
+    /// (not including) chunk `until`, read back from the cache, stopping at the first
+    /// missing one; returns where the hash stands then, or None while it is being fed or
+    /// verified elsewhere. For runs that were left out of arrival-order hashing (they
+    /// arrived too far ahead), so that the runs after them can still be fed from memory.
+    pub fn hash_catch_up(&self, blob: Digest, until: u64) -> Option<u64> {
+        let (mut next, mut hasher) = {
+            let mut inner = self.lock();
+            let next = match inner.hashing.get(&blob) {
+                _ if inner.verified.contains(&blob) => return None,
+                None => 0,
+                Some(HashSlot::Idle { next, .. }) => *next,
+                Some(_) => return None,
+            };
+            if next >= until {
+                return Some(next);
+            }
+            take_hash_slot(&mut inner, &ChunkKey { blob, index: next })?
+        };
+        next = self.hash_present(blob, next, until, &mut hasher);
+        let mut inner = self.lock();
+        if matches!(inner.hashing.get(&blob), Some(HashSlot::Busy { stale: false })) {
+            inner.hashing.insert(blob, HashSlot::Idle { next, hasher });
+            Some(next)
+        } else {
+            inner.hashing.remove(&blob);
+            None
+        }
+    }
+
+    /// Feeds `hasher` the chunks of `blob` present from `next` on (before `until`), read
+    /// back from the cache, until one is missing; returns the index after the last one fed.
+    fn hash_present(&self, blob: Digest, mut next: u64, until: u64, hasher: &mut Hasher) -> u64 {
         let mut buf = Vec::new();
-        loop {
+        while next < until {
             let key = ChunkKey { blob, index: next };
             let Some(size) = self.lock().lru.peek(&key).map(|e| e.size as usize) else { return next };
             buf.resize(size, 0);
@@ -719,6 +755,7 @@ impl ChunkCache {
             }
             next += 1;
         }
+        next
     }
 
     /// Hashes the whole blob (`size` bytes), continuing the hash fed in arrival order and
@@ -1290,6 +1327,9 @@ fn take_hash_slot(inner: &mut Inner, key: &ChunkKey) -> Option<(u64, Hasher)> {
     inner.hashing.insert(key.blob, HashSlot::Busy { stale: false });
     Some(taken)
 }
+
+/// The metadata record of the chunk size a cache directory is bound to.
+const CHUNK_SIZE_META: &str = "chunk-size";
 
 /// The metadata record that remembers a condemned lazy index.
 fn condemned_key(index: &Digest) -> String {

@@ -739,6 +739,39 @@ fn chunks_fed_in_order_are_not_read_back_to_verify_their_blob() {
 }
 
 #[test]
+fn a_hash_stopped_short_of_a_run_catches_up_from_the_cache_only_to_that_run() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, None);
+    let data: Vec<u8> = (0..6 * CHUNK).map(|i| (i % 241) as u8).collect();
+    let digest = Digest::of(&data);
+    let chunk = |i: u64| &data[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize];
+    let put = |i: u64| (cache.put(&ChunkKey { blob: digest, index: i }, chunk(i), &V).unwrap(), chunk(i));
+    // Chunks 0..2 are fed in order; 2..4 are stored but were never fed (left out); 4..6
+    // wait in memory. Chunk 5 is not stored yet when the hash catches up.
+    let first = [put(0), put(1)];
+    cache.feed_hash_run(digest, 0, &first);
+    put(2);
+    put(3);
+    let reads = cache.stats().hits;
+    assert_eq!(cache.hash_catch_up(digest, 4), Some(4), "read back up to the waiting run");
+    assert_eq!(cache.stats().hits, reads + 2, "chunks 2 and 3 read back, no more");
+    assert_eq!(cache.hash_catch_up(digest, 4), Some(4), "nothing more to do");
+    let late = [put(4), put(5)];
+    cache.feed_hash_run(digest, 4, &late);
+    assert_eq!(cache.hash_next(&digest), Some(6));
+    let reads = cache.stats().hits;
+    assert_eq!(cache.verify_blob(&digest, data.len() as u64).unwrap(), Verdict::Verified);
+    assert_eq!(cache.stats().hits, reads, "nothing left to read back");
+
+    // A gap of chunks not stored yet: the hash waits where it is.
+    let other: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 13) as u8).collect();
+    let other_digest = Digest::of(&other);
+    cache.put(&ChunkKey { blob: other_digest, index: 2 }, &other[2 * CHUNK as usize..], &V).unwrap();
+    assert_eq!(cache.hash_catch_up(other_digest, 2), Some(0));
+    assert_eq!(cache.hash_next(&other_digest), Some(0));
+}
+
+#[test]
 fn page_aligned_chunks_go_around_the_page_cache_and_read_back_the_same() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);

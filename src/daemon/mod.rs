@@ -131,11 +131,12 @@ pub async fn serve(
         private_dir(&config.root)?;
         None
     };
-    let settings = config.settings();
+    let mut settings = config.settings();
     let cache_dir = config.cache_dir();
     let cache = Arc::new(
         ChunkCache::open(&cache_dir, settings.fetch.cache_budget).map_err(|source| DaemonError::Cache { source })?,
     );
+    settings.fetch.fit_cache(cache.recorded_chunk_size().map_err(|source| DaemonError::Cache { source })?);
     // Models come and go with their snapshots, layers and volumes: an unpacked layer goes
     // with its last model.
     cache.drop_unused_unpacked();

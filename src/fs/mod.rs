@@ -76,11 +76,18 @@ impl OpenFile {
     }
 }
 
-/// How far ahead of a reader to fetch: nothing until it has read a whole chunk in a row
-/// (a header, a small tensor or a random read fetches only what it needs), then the full
-/// window, so that a stream keeps several ranged requests in flight.
-fn read_ahead_window(streak: u64, chunk_size: u64, max: u64) -> u64 {
-    if streak < chunk_size {
+/// Bytes a reader reads in a row before it is a stream: read-ahead starts there, and a
+/// reader that jumped to a tensor is read ahead past its end only once it has read this
+/// far past it. 4 MiB: four of the kernel's 1 MiB requests, more than `mmap` reads
+/// around one fault, so a header, a small tensor or a random read fetches only the
+/// chunks it touches, whatever the chunk size.
+const STREAM_AFTER: u64 = 4 << 20;
+
+/// How far ahead of a reader to fetch: nothing until it has read [`STREAM_AFTER`] bytes
+/// in a row (a header, a small tensor or a random read fetches only what it needs), then
+/// the full window, so that a stream keeps several ranged requests in flight.
+fn read_ahead_window(streak: u64, max: u64) -> u64 {
+    if streak < STREAM_AFTER {
         0
     } else {
         max
@@ -397,14 +404,13 @@ impl Filesystem for ModelFs {
         // Recorded here, in the order the kernel sent the reads: the tasks below may run
         // in any order.
         let streak = open.map_or(0, |open| open.record(offset, u64::from(size)));
-        let ahead = read_ahead_window(streak, model.store.chunk_size(), self.readahead_bytes);
+        let ahead = read_ahead_window(streak, self.readahead_bytes);
         // Tensor spans matter only to a read that starts read-ahead, or that may load them.
         let load_spans = offset == 0 && node.name.ends_with(".safetensors");
         let (stop, load_spans) = if ahead > 0 || load_spans {
             let mut tensors = self.tensors.lock().expect("tensors lock");
             let known = tensors.get(&ino).and_then(|spans| spans.clone());
-            let grace = model.store.chunk_size();
-            let stop = if ahead > 0 { read_ahead_stop(known.as_deref(), end, streak, grace) } else { None };
+            let stop = if ahead > 0 { read_ahead_stop(known.as_deref(), end, streak, STREAM_AFTER) } else { None };
             let load = load_spans && !tensors.contains_key(&ino);
             if load {
                 tensors.insert(ino, None);
@@ -724,19 +730,18 @@ mod tests {
     }
 
     #[test]
-    fn read_ahead_starts_after_a_chunk_in_a_row() {
+    fn read_ahead_starts_after_four_mib_in_a_row() {
         let open = OpenFile::default();
-        let chunk = 4 << 20;
-        let max = 16 << 20;
+        let max = 32 << 20;
         // A header read at the start, then a jump: no read-ahead.
-        assert_eq!(read_ahead_window(open.record(0, 4096), chunk, max), 0);
-        assert_eq!(read_ahead_window(open.record(1 << 30, 1 << 20), chunk, max), 0);
-        // A sequential stream: full read-ahead once a chunk was read in a row.
+        assert_eq!(read_ahead_window(open.record(0, 1 << 20), max), 0);
+        assert_eq!(read_ahead_window(open.record(1 << 30, 1 << 20), max), 0);
+        // A sequential stream: full read-ahead once 4 MiB were read in a row.
         let mut offset = 1 << 30;
         let mut windows = Vec::new();
         for _ in 0..8 {
             offset += 1 << 20;
-            windows.push(read_ahead_window(open.record(offset, 1 << 20), chunk, max));
+            windows.push(read_ahead_window(open.record(offset, 1 << 20), max));
         }
         assert_eq!(windows, [0, 0, max, max, max, max, max, max]);
     }
