@@ -93,6 +93,9 @@ pub struct FetchSettings {
     pub require_lazy_index: bool,
 }
 
+/// Largest chunk size [`FetchSettings::fit_cache`] takes from a cache directory.
+const MAX_ADOPTED_CHUNK_SIZE: u64 = 64 << 20;
+
 impl FetchSettings {
     /// Keeps the chunk size of a cache directory made with another one (by an earlier
     /// release, whose default was 4 MiB) when this chunk size is the default, instead of
@@ -100,7 +103,9 @@ impl FetchSettings {
     /// keep their size in bytes. A chunk size set to something else is kept, and a
     /// directory bound to another one is refused when opened.
     pub fn fit_cache(&mut self, recorded: Option<u64>) {
-        let Some(recorded) = recorded.filter(|&r| r >= 4096 && r != self.chunk_size) else { return };
+        // A record out of any sane range is left for binding to refuse, naming the directory.
+        let sane = 4096..=MAX_ADOPTED_CHUNK_SIZE;
+        let Some(recorded) = recorded.filter(|r| sane.contains(r) && *r != self.chunk_size) else { return };
         if self.chunk_size != Self::default().chunk_size {
             return;
         }
@@ -336,7 +341,7 @@ mod tests {
         let mut chosen = FetchSettings { chunk_size: 2 << 20, ..FetchSettings::default() };
         chosen.fit_cache(Some(4 << 20));
         assert_eq!(chosen.chunk_size, 2 << 20);
-        for recorded in [None, Some(default.chunk_size), Some(10)] {
+        for recorded in [None, Some(default.chunk_size), Some(10), Some(1 << 40)] {
             let mut same = FetchSettings::default();
             same.fit_cache(recorded);
             assert_eq!((same.chunk_size, same.readahead_chunks), (default.chunk_size, default.readahead_chunks));

@@ -38,11 +38,8 @@ impl Scene {
         let registry = TestRegistry::start();
         let proxy = FaultProxy::start(registry.port);
         let src = tmp.join("src");
-        write_model_dir(&src, 9 << 20);
         let plain = format!("{}/models/m:v1", proxy.addr());
-        push_dir(&src, &plain, "raw");
-        let (ok, _, stderr) = run_bin(&["convert", &plain]);
-        assert!(ok, "{stderr}");
+        push_converted(&src, 9 << 20, &plain, &[]);
         let socket = tmp.join("plugin/csi.sock");
         let config = write_config(&tmp.join("etc"), config);
         let root = tmp.join("root");

@@ -40,11 +40,8 @@ impl Scene {
         let registry = TestRegistry::start();
         let proxy = FaultProxy::start(registry.port);
         let src = tmp.join("src");
-        write_model_dir(&src, 9 << 20);
         let source = format!("{}/models/m:v1", proxy.addr());
-        push_dir(&src, &source, "raw");
-        let (ok, _, stderr) = run_bin(&["convert", &source]);
-        assert!(ok, "{stderr}");
+        push_converted(&src, 9 << 20, &source, &[]);
         let companion = format!("{source}-lazy");
         let layer = companion_layer(&companion).await;
         let (root, store) = (tmp.join("root"), tmp.join("root/store"));

@@ -543,11 +543,8 @@ fn mount_prefetches_as_the_companion_says_unless_told_otherwise() {
     let proxy = FaultProxy::start(registry.port);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_model_dir(&src, 6 << 20);
     let source = format!("{}/models/policy:v1", proxy.addr());
-    push_dir(&src, &source, "raw");
-    let (ok, _, stderr) = run_bin(&["convert", &source, "--prefetch", "all"]);
-    assert!(ok, "{stderr}");
+    push_converted(&src, 6 << 20, &source, &["--prefetch", "all"]);
     let companion = format!("{source}-lazy");
     let sizes: Vec<u64> = read_tree(&src).values().map(|v| v.len() as u64).collect();
 
@@ -598,11 +595,8 @@ fn a_companion_reference_mounts_its_model_with_every_chunk_verified() {
     let proxy = FaultProxy::start(registry.port);
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_model_dir(&src, 3 << 20);
     let source = format!("{}/models/companion:v1", proxy.addr());
-    push_dir(&src, &source, "raw");
-    let (ok, _, stderr) = run_bin(&["convert", &source]);
-    assert!(ok, "{stderr}");
+    push_converted(&src, 3 << 20, &source, &[]);
     let m = mount(&format!("{source}-lazy"), tmp.path(), &["--chunk-size", "1048576", "--retries", "1"]);
 
     // A registry that corrupts bytes of a multi-chunk blob gets EIO, never wrong bytes.

@@ -47,11 +47,8 @@ fn serves_a_companion_to(flavor: Flavor) {
     let registry = TestRegistry::start();
     let proxy = FaultProxy::start(registry.port);
     let src = tmp.path().join("src");
-    write_model_dir(&src, 24 << 20);
     let source = format!("{}/models/m:v1", proxy.addr());
-    push_dir(&src, &source, "raw");
-    let (ok, _, stderr) = run_bin(&["convert", &source]);
-    assert!(ok, "{stderr}");
+    push_converted(&src, 24 << 20, &source, &[]);
     let companion = format!("{source}-lazy");
     let busybox = format!("{}/library/busybox:1", proxy.addr());
     push_busybox_image(&busybox);

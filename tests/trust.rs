@@ -47,11 +47,8 @@ impl Scene {
     async fn build(tmp: &Path) -> Self {
         let registry = TestRegistry::start();
         let src = tmp.join("src");
-        write_model_dir(&src, SHARD);
         let source = format!("{}/models/honest:v1", registry.addr());
-        push_dir(&src, &source, "raw");
-        let (ok, _, stderr) = run_bin(&["convert", &source]);
-        assert!(ok, "{stderr}");
+        push_converted(&src, SHARD, &source, &[]);
         let honest_companion = format!("{source}-lazy");
 
         // The liar answers every other blob of the model honestly; the honest index gets

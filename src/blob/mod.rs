@@ -83,40 +83,19 @@ pub struct IndexDigests {
 /// Where chunks come from when the cache misses. The registry implements it; unit
 /// tests use fakes.
 pub trait RangeSource: Send + Sync + 'static {
-    /// Exactly `len` bytes of `blob` from `offset`.
-    fn read_range<'a>(&'a self, blob: &'a Digest, offset: u64, len: u64)
-        -> BoxFuture<'a, Result<Bytes, RegistryError>>;
-
-    /// The same bytes in pieces of `piece` bytes (the last may be shorter), each in
-    /// memory of its own, so that keeping one piece keeps no other.
+    /// Exactly `len` bytes of `blob` from `offset`, in pieces of `piece` bytes (the last
+    /// may be shorter), each in memory of its own, so that keeping one piece keeps no
+    /// other.
     fn read_range_pieces<'a>(
         &'a self,
         blob: &'a Digest,
         offset: u64,
         len: u64,
         piece: u64,
-    ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>> {
-        async move {
-            let data = self.read_range(blob, offset, len).await?;
-            Ok((0..len)
-                .step_by(piece.max(1) as usize)
-                .map(|at| data.slice(at as usize..(at + piece).min(len) as usize))
-                .collect())
-        }
-        .boxed()
-    }
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>>;
 }
 
 impl RangeSource for Registry {
-    fn read_range<'a>(
-        &'a self,
-        blob: &'a Digest,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
-        Registry::read_range(self, blob, offset, len).boxed()
-    }
-
     fn read_range_pieces<'a>(
         &'a self,
         blob: &'a Digest,
@@ -1088,12 +1067,13 @@ mod tests {
     }
 
     impl RangeSource for FakeSource {
-        fn read_range<'a>(
+        fn read_range_pieces<'a>(
             &'a self,
             blob: &'a Digest,
             offset: u64,
             len: u64,
-        ) -> BoxFuture<'a, Result<Bytes, RegistryError>> {
+            piece: u64,
+        ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>> {
             async move {
                 self.requests.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1102,7 +1082,7 @@ mod tests {
                 if self.lie.load(Ordering::SeqCst) {
                     data[0] ^= 0xff;
                 }
-                Ok(Bytes::from(data))
+                Ok(data.chunks(piece as usize).map(Bytes::copy_from_slice).collect())
             }
             .boxed()
         }

@@ -703,12 +703,7 @@ impl ChunkCache {
         if catch_up {
             next = self.hash_present(blob, next, u64::MAX, &mut hasher);
         }
-        let mut inner = self.lock();
-        if matches!(inner.hashing.get(&blob), Some(HashSlot::Busy { stale: false })) {
-            inner.hashing.insert(blob, HashSlot::Idle { next, hasher });
-        } else {
-            inner.hashing.remove(&blob);
-        }
+        self.put_hash_slot(blob, next, hasher);
     }
 
     /// Feeds the blob's whole-blob hash the chunks present from where it stands up to
@@ -717,27 +712,27 @@ impl ChunkCache {
     /// verified elsewhere. For runs that were left out of arrival-order hashing (they
     /// arrived too far ahead), so that the runs after them can still be fed from memory.
     pub fn hash_catch_up(&self, blob: Digest, until: u64) -> Option<u64> {
-        let (mut next, mut hasher) = {
-            let mut inner = self.lock();
-            let next = match inner.hashing.get(&blob) {
-                _ if inner.verified.contains(&blob) => return None,
-                None => 0,
-                Some(HashSlot::Idle { next, .. }) => *next,
-                Some(_) => return None,
-            };
-            if next >= until {
-                return Some(next);
-            }
-            take_hash_slot(&mut inner, &ChunkKey { blob, index: next })?
-        };
-        next = self.hash_present(blob, next, until, &mut hasher);
+        let next = self.hash_next(&blob)?;
+        if next >= until {
+            return Some(next);
+        }
+        // Taken only if it still stands at `next`.
+        let (next, mut hasher) = take_hash_slot(&mut self.lock(), &ChunkKey { blob, index: next })?;
+        let next = self.hash_present(blob, next, until, &mut hasher);
+        self.put_hash_slot(blob, next, hasher).then_some(next)
+    }
+
+    /// Gives back the hash slot of `blob` taken with `take_hash_slot`, standing at `next`;
+    /// false (and the hash dropped) when a chunk of the blob was removed meanwhile, for
+    /// verification to hash it again from the start.
+    fn put_hash_slot(&self, blob: Digest, next: u64, hasher: Hasher) -> bool {
         let mut inner = self.lock();
         if matches!(inner.hashing.get(&blob), Some(HashSlot::Busy { stale: false })) {
             inner.hashing.insert(blob, HashSlot::Idle { next, hasher });
-            Some(next)
+            true
         } else {
             inner.hashing.remove(&blob);
-            None
+            false
         }
     }
 

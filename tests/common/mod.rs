@@ -401,6 +401,15 @@ pub fn push_dir(dir: &Path, reference: &str, format: &str) {
     assert!(stdout.trim().starts_with("sha256:"), "push printed {stdout:?}");
 }
 
+/// The model tree of [`write_model_dir`] written to `dir`, pushed as `reference` (raw
+/// layers) and converted (`convert REFERENCE ARGS`), its companion at `<reference>-lazy`.
+pub fn push_converted(dir: &Path, shard_size: usize, reference: &str, args: &[&str]) {
+    write_model_dir(dir, shard_size);
+    push_dir(dir, reference, "raw");
+    let (ok, _, stderr) = run_bin(&[&["convert", reference], args].concat());
+    assert!(ok, "convert {reference}: {stderr}");
+}
+
 /// One layer of a hand-built artifact.
 pub struct LayerSpec {
     pub media_type: String,
