@@ -28,6 +28,9 @@ pub struct RegistrySettings {
     pub credentials: Option<crate::registry::credentials::CredentialStore>,
     /// HTTP clients shared by the registries reached with these settings (and clones).
     pub clients: crate::registry::ClientPool,
+    /// Where each registry's hosts (mirrors, CAs, headers) are configured: containerd's
+    /// hosts directory, `/etc/containerd/certs.d` when it exists.
+    pub hosts: crate::registry::hosts::HostsDir,
 }
 
 impl Default for RegistrySettings {
@@ -39,6 +42,7 @@ impl Default for RegistrySettings {
             backoff: Duration::from_millis(100),
             credentials: None,
             clients: crate::registry::ClientPool::default(),
+            hosts: crate::registry::hosts::HostsDir::system(),
         }
     }
 }

@@ -122,7 +122,7 @@ async fn chunk_digests(
             Err(blob_err("an empty blob with another digest".into()))
         };
     }
-    let mut stream = registry.stream_whole_blob(digest, size).await?;
+    let mut stream = registry.stream_blob(digest, 0).await?;
     let mut whole = Hasher::default();
     let (mut piece, mut in_piece) = (INDEX_ALGORITHM.hasher(), 0u64);
     let (mut total, step) = (0u64, (size / 4).max(1));

@@ -14,6 +14,7 @@ use modelpack_snapshotter::model::{Model, Prefetched};
 use modelpack_snapshotter::modelpack::select::Selection;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::push::{self, PackFormat};
+use modelpack_snapshotter::registry::hosts::HostsDir;
 use modelpack_snapshotter::{convert, fs};
 
 /// How long `mount` waits at exit for cache writes of chunks it already fetched.
@@ -43,6 +44,11 @@ struct RegistryArgs {
     /// Retries of a failed registry request before giving up.
     #[arg(long, default_value_t = 3, global = true)]
     retries: u32,
+    /// containerd's hosts directory (`<dir>/<registry>/hosts.toml`: mirrors, CAs, client
+    /// certificates, headers, plain HTTP) [default: /etc/containerd/certs.d when it
+    /// exists; "" for none].
+    #[arg(long, global = true)]
+    hosts_dir: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -51,6 +57,7 @@ impl RegistryArgs {
             request_timeout: Duration::from_secs(self.request_timeout),
             connect_timeout: Duration::from_secs(self.connect_timeout),
             retries: self.retries,
+            hosts: self.hosts_dir.as_deref().map_or_else(HostsDir::system, HostsDir::from_setting),
             ..RegistrySettings::default()
         }
     }

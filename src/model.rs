@@ -607,7 +607,7 @@ async fn unpack_layer(
     let mut packed_file =
         File::create(&packed.path).map_err(|e| err(format!("creating {}: {e}", packed.path.display())))?;
     // Hashed here, once: the whole-blob stream is not hashed again on the way.
-    let mut stream = registry.stream_whole_blob(&blob.digest, blob.size).await?;
+    let mut stream = registry.stream_blob(&blob.digest, 0).await?;
     let mut hasher = Hasher::default();
     let mut received = 0u64;
     while let Some(piece) = stream.next().await {

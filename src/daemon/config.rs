@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::registry::hosts::HostsDir;
+
 use crate::config::{
     FetchSettings, LayerStoreSettings, ModelMountSettings, PrefetchPolicy, RegistrySettings, Settings,
 };
@@ -145,6 +147,9 @@ pub struct RegistryConfig {
     pub connect_timeout_secs: u64,
     /// Retries of a failed request.
     pub retries: u32,
+    /// containerd's hosts directory (`<dir>/<registry>/hosts.toml`), containerd's
+    /// `config_path`; "" for none. Default: `/etc/containerd/certs.d` when it exists.
+    pub config_path: Option<PathBuf>,
 }
 
 /// `[models]`
@@ -218,6 +223,7 @@ impl Default for RegistryConfig {
             request_timeout_secs: r.request_timeout.as_secs(),
             connect_timeout_secs: r.connect_timeout.as_secs(),
             retries: r.retries,
+            config_path: None,
         }
     }
 }
@@ -347,6 +353,7 @@ impl DaemonConfig {
                 request_timeout: Duration::from_secs(self.registry.request_timeout_secs),
                 connect_timeout: Duration::from_secs(self.registry.connect_timeout_secs),
                 retries: self.registry.retries,
+                hosts: self.registry.config_path.as_deref().map_or_else(HostsDir::system, HostsDir::from_setting),
                 ..RegistrySettings::default()
             },
             fetch: FetchSettings {

@@ -1,36 +1,41 @@
-//! The only module that speaks HTTP: an OCI distribution client (on `oci-client`) for
-//! one repository, with credentials, plain HTTP for loopback registries, and retries.
+//! The only module that speaks HTTP: an OCI distribution client for one repository,
+//! reached through the hosts the node configures for its registry ([`hosts`]:
+//! containerd's `hosts.toml`, so mirrors and P2P proxies are tried first), with
+//! credentials and retries.
 //!
 //! Reads say how many bytes they expect and get exactly that many or an error: a short,
 //! long or failed body is retried with exponential backoff up to the configured budget.
-//! Verification against digests is the caller's job ([`crate::blob`]), except for
-//! manifests and small blobs fetched whole, which are checked here.
+//! Every attempt tries the hosts able to answer in order; a host that failed is tried
+//! after the others for a while. Verification against digests is the caller's job
+//! ([`crate::blob`]), except for manifests and small blobs fetched whole, which are
+//! checked here, so a mirror is trusted with nothing.
 //!
-//! Credentials ([`credentials`]) are read when a client is made and read again when the
-//! registry refuses a request (401 or 403): the request is then tried once more with
-//! what the source holds now, so a long-lived mount outlives credentials that expire.
-//! No error message carries a secret: text a registry sent back is redacted first.
+//! Credentials ([`credentials`]) are looked up under the registry's name for the
+//! registry itself and under its own name for a mirror, read when a client is made and
+//! read again when a host refuses a request (401 or 403): the request is then tried
+//! once more with what the source holds now, so a long-lived mount outlives credentials
+//! that expire. No error message carries a secret: text a registry sent back is
+//! redacted first.
 
 pub mod credentials;
+pub mod hosts;
 mod reference;
+mod transport;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
-use tokio::io::AsyncReadExt;
+use http::Method;
+use oci_client::Reference;
 
 use self::credentials::{CredentialStore, Credentials};
+pub use self::transport::ClientPool;
+use self::transport::{challenge_of, small_body, status_attempt, with_auth, Access, Auth, Host};
 use crate::config::RegistrySettings;
 use crate::modelpack::media;
 use crate::modelpack::referrers::{self, ReferrersList};
@@ -61,6 +66,13 @@ pub enum RegistryError {
     /// Reading a local file to push failed.
     #[error("reading {path}: {source}")]
     LocalIo { path: String, source: std::io::Error },
+    /// The node's configuration of a registry host cannot be used (a hosts.toml, a CA
+    /// or client certificate file).
+    #[error("registry host configuration for {host}: {detail}")]
+    Config { host: String, detail: String },
+    /// No configured host of the registry may be asked for this.
+    #[error("no host of {registry} is configured to {what} (capabilities in hosts.toml)")]
+    NoHost { registry: String, what: &'static str },
 }
 
 /// One attempt's failure, sorted by whether trying again can help.
@@ -71,11 +83,39 @@ enum Attempt {
     Fatal(RegistryError),
 }
 
-/// Credentials and a client that uses them. The client caches what it derived from
-/// them (tokens, basic-auth headers), so new credentials get a new client.
+/// What a request needs of a host (hosts.toml `capabilities`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// A manifest by tag.
+    Resolve,
+    /// A blob, or a manifest by digest.
+    Pull,
+    Push,
+}
+
+impl Need {
+    fn allowed_by(self, host: &Host) -> bool {
+        let caps = host.config.capabilities;
+        match self {
+            Self::Resolve => caps.resolve,
+            Self::Pull => caps.pull,
+            Self::Push => caps.push,
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Resolve => "resolve tags",
+            Self::Pull => "pull",
+            Self::Push => "push",
+        }
+    }
+}
+
+/// Credentials for every host, and what was derived from them (tokens), renewed
+/// together when a host refuses them.
 struct Session {
-    client: Arc<PooledClient>,
-    credentials: Credentials,
+    auths: Vec<Auth>,
     /// Counts renewals, so that many requests refused at once renew only once.
     generation: u64,
 }
@@ -86,12 +126,9 @@ pub struct Registry {
     /// Held while credentials are read again.
     renewing: tokio::sync::Mutex<()>,
     credentials: CredentialStore,
-    /// A client that never authenticates, for blob reads while the registry has asked
-    /// for no credentials: with anonymous access to a registry that issues no token,
-    /// `oci-client` probes `/v2/` before every request, which doubles the requests and
-    /// the registry's CPU per byte. A 401 turns `bare_reads` off for good.
-    bare: Arc<PooledClient>,
-    bare_reads: AtomicBool,
+    /// The hosts of the registry in the order they are tried, or why the node's
+    /// configuration of them cannot be used (every request fails with it).
+    hosts: Result<Vec<Host>, RegistryError>,
     reference: Reference,
     settings: RegistrySettings,
 }
@@ -110,7 +147,7 @@ pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
 }
 
 /// Whether a registry host (with optional port) is on loopback, where containerd and we
-/// speak plain HTTP.
+/// speak plain HTTP unless the hosts directory says otherwise.
 pub fn is_loopback(registry: &str) -> bool {
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
@@ -120,99 +157,23 @@ pub fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Credentials for `registry` from `store`; anonymous, with a warning, when the source
+/// Credentials for `name` from `store`; anonymous, with a warning, when the source
 /// fails (the error names the source, never a secret).
-fn read_credentials(store: &CredentialStore, registry: &str) -> Credentials {
-    match store.get(registry) {
+fn read_credentials(store: &CredentialStore, name: &str) -> Credentials {
+    match store.get(name) {
         Ok(credentials) => {
-            tracing::debug!(registry, source = %credentials.source, "registry credentials");
+            tracing::debug!(registry = name, source = %credentials.source, "registry credentials");
             credentials
         }
         Err(e) => {
-            tracing::warn!(registry, error = %e, "cannot read registry credentials; trying anonymously");
+            tracing::warn!(registry = name, error = %e, "cannot read registry credentials; trying anonymously");
             Credentials::anonymous()
         }
     }
 }
 
-/// `oci-client` clients shared by every [`Registry`] made from clones of one
-/// [`RegistrySettings`] that reach the same registry, with the same timeouts and the
-/// same credentials. Building a client reads and parses every CA certificate of the
-/// system (twice, in `oci-client` 0.18): milliseconds of CPU and a few hundred KiB each,
-/// which a daemon serving a hundred models paid for every model, again at every start.
-/// A shared client shares its token cache, whose tokens are per repository; clients of
-/// other credentials (a pod's pull secret) are never shared with them. Entries are
-/// weak: a client, and the credentials it holds, goes with its last user.
-#[derive(Clone, Default)]
-pub struct ClientPool(Arc<Mutex<HashMap<String, Vec<Weak<PooledClient>>>>>);
-
-impl std::fmt::Debug for ClientPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientPool").finish_non_exhaustive()
-    }
-}
-
-/// A pooled client and what it was made for.
-struct PooledClient {
-    auth: RegistryAuth,
-    /// Never authenticates (see [`Registry::bare`]).
-    bare: bool,
-    timeouts: (Duration, Duration),
-    client: Client,
-}
-
-impl std::ops::Deref for PooledClient {
-    type Target = Client;
-
-    fn deref(&self) -> &Client {
-        &self.client
-    }
-}
-
-impl ClientPool {
-    /// A client for `registry` with `settings`' timeouts, for `auth` (or one that never
-    /// authenticates, if `bare`): one in use already, unless `fresh`.
-    fn client(
-        &self,
-        registry: &str,
-        settings: &RegistrySettings,
-        auth: &RegistryAuth,
-        bare: bool,
-        fresh: bool,
-    ) -> Arc<PooledClient> {
-        let timeouts = (settings.connect_timeout, settings.request_timeout);
-        let fits = |c: &PooledClient| c.bare == bare && c.timeouts == timeouts && c.auth == *auth;
-        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let clients = pool.entry(registry.to_owned()).or_default();
-        clients.retain(|c| c.strong_count() > 0);
-        if !fresh {
-            if let Some(found) = clients.iter().filter_map(Weak::upgrade).find(|c| fits(c)) {
-                return found;
-            }
-        }
-        let made =
-            Arc::new(PooledClient { auth: auth.clone(), bare, timeouts, client: new_client(registry, settings) });
-        clients.retain(|c| c.upgrade().is_some_and(|c| !fits(&c)));
-        clients.push(Arc::downgrade(&made));
-        made
-    }
-}
-
-/// An `oci-client` client for `registry` with our timeouts.
-fn new_client(registry: &str, settings: &RegistrySettings) -> Client {
-    let protocol = if is_loopback(registry) {
-        ClientProtocol::HttpsExcept(vec![registry.to_owned()])
-    } else {
-        ClientProtocol::Https
-    };
-    Client::new(ClientConfig {
-        protocol,
-        connect_timeout: Some(settings.connect_timeout),
-        read_timeout: Some(settings.request_timeout),
-        use_monolithic_push: true,
-        ..Default::default()
-    })
-}
+/// A streamed blob body.
+pub type BlobStream = futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>;
 
 impl Registry {
     /// A client for `reference`'s repository, with credentials from `settings`' store,
@@ -226,17 +187,24 @@ impl Registry {
     /// A client for `reference`'s repository, with credentials from `store`.
     pub fn with_credentials(reference: Reference, settings: RegistrySettings, store: CredentialStore) -> Self {
         let registry = reference.resolve_registry().to_owned();
-        let credentials = read_credentials(&store, &registry);
-        let bare_reads = AtomicBool::new(matches!(credentials.auth, RegistryAuth::Anonymous));
-        let pool = &settings.clients;
-        let client = pool.client(&registry, &settings, &credentials.auth, false, false);
-        let session = Session { client, credentials, generation: 0 };
+        let timeouts = (settings.connect_timeout, settings.request_timeout);
+        let hosts = settings
+            .hosts
+            .hosts(reference.registry())
+            .map(|configs| configs.into_iter().map(|c| Host::new(c, &settings.clients, timeouts)).collect::<Vec<_>>())
+            .map_err(|e| RegistryError::Config { host: reference.registry().to_owned(), detail: e.to_string() });
+        if let Ok(hosts) = &hosts {
+            if hosts.len() > 1 {
+                let order: Vec<String> = hosts.iter().map(|h| h.config.base()).collect();
+                tracing::debug!(registry, hosts = ?order, "registry hosts from the hosts directory");
+            }
+        }
+        let auths = credentials_for(&store, &registry, hosts.as_deref().unwrap_or_default());
         Self {
-            session: RwLock::new(Arc::new(session)),
+            session: RwLock::new(Arc::new(Session { auths, generation: 0 })),
             renewing: tokio::sync::Mutex::new(()),
             credentials: store,
-            bare: pool.client(&registry, &settings, &RegistryAuth::Anonymous, true, false),
-            bare_reads,
+            hosts,
             reference,
             settings,
         }
@@ -247,7 +215,7 @@ impl Registry {
     }
 
     /// Reads the credentials again after `refused` was refused, unless another request
-    /// already did since; later requests use them.
+    /// already did since; later requests use them (and ask for fresh tokens).
     async fn renew(&self, refused: &Session) {
         let _renewing = self.renewing.lock().await;
         if self.session().generation != refused.generation {
@@ -256,20 +224,24 @@ impl Registry {
         let registry = self.reference.resolve_registry().to_owned();
         tracing::debug!(registry, "registry refused the credentials; reading them again");
         let store = self.credentials.clone();
-        let credentials = tokio::task::spawn_blocking(move || read_credentials(&store, &registry))
-            .await
-            .unwrap_or_else(|_| Credentials::anonymous());
-        // A fresh client, whatever the credentials: the refused one's cached tokens are
-        // what may have been refused.
-        let client = self.settings.clients.client(
-            self.reference.resolve_registry(),
-            &self.settings,
-            &credentials.auth,
-            false,
-            true,
-        );
-        let session = Session { client, credentials, generation: refused.generation + 1 };
+        let names: Vec<(String, bool)> =
+            self.host_list().iter().map(|h| (h.config.authority.clone(), h.config.mirror)).collect();
+        let auths = tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|(authority, mirror)| {
+                    Auth::new(read_credentials(&store, if *mirror { authority } else { &registry }))
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        let session = Session { auths, generation: refused.generation + 1 };
         *self.session.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(session);
+    }
+
+    fn host_list(&self) -> &[Host] {
+        self.hosts.as_deref().unwrap_or_default()
     }
 
     /// The reference this client was made for.
@@ -287,30 +259,100 @@ impl Registry {
         self.reference.whole()
     }
 
-    /// Runs `op` with the retry budget, sorting its errors. A refusal is tried once
-    /// more, straight away and outside the budget, with credentials read again.
-    async fn with_retries<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, RegistryError>
+    fn invalid(&self, what: &str, detail: String) -> RegistryError {
+        RegistryError::Invalid { what: what.to_owned(), reference: self.name(), detail }
+    }
+
+    /// The hosts to try for `need`, in order: those that failed lately go last.
+    fn candidates(&self, need: Need) -> Result<Vec<usize>, RegistryError> {
+        let hosts = match &self.hosts {
+            Ok(hosts) => hosts,
+            Err(RegistryError::Config { host, detail }) => {
+                return Err(RegistryError::Config { host: host.clone(), detail: detail.clone() })
+            }
+            Err(e) => return Err(self.invalid("hosts", e.to_string())),
+        };
+        let able: Vec<usize> = (0..hosts.len()).filter(|&i| need.allowed_by(&hosts[i])).collect();
+        if able.is_empty() {
+            return Err(RegistryError::NoHost { registry: self.reference.registry().to_owned(), what: need.verb() });
+        }
+        let (up, down): (Vec<usize>, Vec<usize>) = able.into_iter().partition(|&i| !hosts[i].is_down());
+        Ok(up.into_iter().chain(down).collect())
+    }
+
+    /// Runs `op` on the hosts able to answer `need`, in order, with the retry budget:
+    /// an attempt goes through the hosts until one succeeds; then what the last one
+    /// said decides whether to try again, except that any host's "not found" outweighs
+    /// hosts that could not be reached or failed in a way another try could mend. A refusal is tried once more, straight away
+    /// and outside the budget, with credentials read again. Each host's try is bounded
+    /// by `limit`.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        what: &str,
+        need: Need,
+        limit: Option<Duration>,
+        mut op: F,
+    ) -> Result<T, RegistryError>
     where
-        F: FnMut(Arc<Session>) -> Fut,
+        F: FnMut(Arc<Session>, usize) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
         let attempts = self.settings.retries + 1;
         let mut delay = self.settings.backoff;
-        let mut last;
+        let mut last = String::new();
         let mut renewed = false;
         let mut attempt = 1;
         loop {
             let session = self.session();
-            match tokio::time::timeout(self.settings.request_timeout, op(session.clone())).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(Attempt::Denied(_))) if !renewed => {
+            let candidates = self.candidates(need)?;
+            let mut outcome = None;
+            let mut not_found = None;
+            for (n, &i) in candidates.iter().enumerate() {
+                let host = &self.host_list()[i];
+                let result = match limit {
+                    Some(limit) => tokio::time::timeout(limit, op(session.clone(), i))
+                        .await
+                        .unwrap_or_else(|_| Err(Attempt::Retry(format!("timed out after {limit:?}")))),
+                    None => op(session.clone(), i).await,
+                };
+                match result {
+                    Ok(v) => {
+                        host.mark(true);
+                        return Ok(v);
+                    }
+                    Err(e) => {
+                        if let Attempt::Retry(msg) = &e {
+                            host.mark(false);
+                            last = msg.clone();
+                        }
+                        if n + 1 < candidates.len() {
+                            let why = match &e {
+                                Attempt::Retry(msg) => msg.clone(),
+                                Attempt::Denied(e) | Attempt::Fatal(e) => e.to_string(),
+                            };
+                            tracing::debug!(what, host = %host.config.base(), error = %why, "registry host failed; trying the next");
+                        }
+                        match e {
+                            Attempt::Fatal(e @ RegistryError::NotFound { .. }) => not_found = Some(e),
+                            e => outcome = Some(e),
+                        }
+                    }
+                }
+            }
+            // A host that answered "not found" outweighs hosts that could not answer (a
+            // mirror's 404 while the origin is down); it is final only if no other did.
+            let outcome = match (outcome, not_found) {
+                (Some(Attempt::Retry(_)) | None, Some(e)) => Some(Attempt::Fatal(e)),
+                (outcome, _) => outcome,
+            };
+            match outcome {
+                Some(Attempt::Denied(_)) if !renewed => {
                     renewed = true;
                     self.renew(&session).await;
                     continue;
                 }
-                Ok(Err(Attempt::Denied(e) | Attempt::Fatal(e))) => return Err(e),
-                Ok(Err(Attempt::Retry(msg))) => last = msg,
-                Err(_) => last = format!("timed out after {:?}", self.settings.request_timeout),
+                Some(Attempt::Denied(e) | Attempt::Fatal(e)) => return Err(e),
+                Some(Attempt::Retry(_)) | None => {}
             }
             if attempt == attempts {
                 break;
@@ -323,78 +365,89 @@ impl Registry {
         Err(RegistryError::Exhausted { what: what.to_owned(), reference: self.name(), attempts, last })
     }
 
-    /// Sorts an `oci-client` error; what the registry said is redacted of the secret
-    /// `session` sent, in case the registry echoed it.
-    fn classify(&self, session: &Session, what: &str, e: OciDistributionError) -> Attempt {
-        use OciDistributionError as O;
-        let text = |e: &OciDistributionError| session.credentials.redact(e.to_string());
-        match e {
-            O::ImageManifestNotFoundError(_) => {
-                Attempt::Fatal(RegistryError::NotFound { what: what.to_owned(), reference: self.name() })
-            }
-            O::ServerError { code: 404, .. } => {
-                Attempt::Fatal(RegistryError::NotFound { what: what.to_owned(), reference: self.name() })
-            }
-            O::RegistryError { ref envelope, .. }
-                if envelope.errors.iter().any(|err| format!("{:?}", err.code).contains("Unknown")) =>
-            {
-                Attempt::Fatal(RegistryError::NotFound { what: what.to_owned(), reference: self.name() })
-            }
-            O::UnauthorizedError { .. } | O::AuthenticationFailure(_) | O::ServerError { code: 401 | 403, .. } => {
-                Attempt::Denied(RegistryError::Unauthorized { reference: self.name(), detail: text(&e) })
-            }
-            O::RegistryError { ref envelope, .. }
-                if envelope
-                    .errors
-                    .iter()
-                    .any(|err| matches!(err.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
-            {
-                Attempt::Denied(RegistryError::Unauthorized { reference: self.name(), detail: text(&e) })
-            }
-            O::DigestError(_) => Attempt::Retry(text(&e)),
-            O::ServerError { code, .. } if code < 500 && code != 408 && code != 429 => {
-                Attempt::Fatal(RegistryError::Invalid {
-                    what: what.to_owned(),
-                    reference: self.name(),
-                    detail: text(&e),
-                })
-            }
-            other => Attempt::Retry(text(&other)),
+    /// Sends what `build` makes to host `i`, answering one authentication challenge
+    /// (the request is built again, so its body must be one that can be). Any answer
+    /// but a refusal is returned, success or not.
+    async fn send(
+        &self,
+        session: &Session,
+        i: usize,
+        access: Access,
+        build: impl Fn(&Host) -> Result<reqwest::RequestBuilder, Attempt>,
+    ) -> Result<reqwest::Response, Attempt> {
+        let host = &self.host_list()[i];
+        let auth = &session.auths[i];
+        let response = with_auth(build(host)?, auth.cached(access))
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(auth.text(&transport_error(&e))))?;
+        let Some(challenge) = challenge_of(&response) else { return Ok(response) };
+        drop(response);
+        let header = auth.authorize(host, challenge.as_ref(), self.reference.repository(), access).await?;
+        with_auth(build(host)?, Some(header)).send().await.map_err(|e| Attempt::Retry(auth.text(&transport_error(&e))))
+    }
+
+    /// `response` if it is a success, else the sorted failure.
+    async fn success(
+        &self,
+        session: &Session,
+        i: usize,
+        what: &str,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Response, Attempt> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
         }
+        let said = small_body(response).await.unwrap_or_default();
+        let said = session.auths[i].text(&String::from_utf8_lossy(&said));
+        Err(status_attempt(status, what, &self.name(), &said))
+    }
+
+    /// `repository/<kind>/<name>` on host `i`.
+    fn url(&self, i: usize, kind: &str, name: &str) -> String {
+        let path = format!("{}/{kind}/{name}", self.reference.repository());
+        self.host_list()[i].url(self.reference.registry(), &path)
     }
 
     /// The manifest bytes the reference names, and their digest. A digest reference is
     /// verified against the bytes.
     pub async fn fetch_manifest(&self) -> Result<(Bytes, Digest), RegistryError> {
-        let accept = [media::OCI_MANIFEST, media::OCI_INDEX, media::DOCKER_MANIFEST];
+        let accept = [media::OCI_MANIFEST, media::OCI_INDEX, media::DOCKER_MANIFEST].join(", ");
         let what = "manifest";
-        self.with_retries(what, |session| async move {
-            let (body, digest) = session
-                .client
-                .pull_manifest_raw(&self.reference, &session.credentials.auth, &accept)
-                .await
-                .map_err(|e| self.classify(&session, what, e))?;
+        let (name, need) = match self.reference.digest() {
+            Some(digest) => (digest.to_owned(), Need::Pull),
+            None => (self.reference.tag().unwrap_or("latest").to_owned(), Need::Resolve),
+        };
+        let (accept, name) = (accept.as_str(), name.as_str());
+        self.with_retries(what, need, Some(self.settings.request_timeout), |session, i| async move {
+            let url = self.url(i, "manifests", name);
+            let response = self
+                .send(&session, i, Access::Pull, |h| {
+                    Ok(h.request(Method::GET, &url)?.header(http::header::ACCEPT, accept))
+                })
+                .await?;
+            let response = self.success(&session, i, what, response).await?;
+            let header =
+                response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let body = read_limited(response, MAX_SMALL_BLOB).await.map_err(|e| match e {
+                Limited::TooLarge => {
+                    Attempt::Fatal(self.invalid(what, format!("manifest larger than {MAX_SMALL_BLOB} bytes")))
+                }
+                Limited::Body(e) => Attempt::Retry(format!("body: {e}")),
+            })?;
             let actual = Digest::of(&body);
             if let Some(pinned) = self.reference.digest() {
                 if pinned != actual.to_string() {
                     return Err(Attempt::Retry(format!("manifest digest {actual} does not match {pinned}")));
                 }
             }
-            if digest != actual.to_string() {
-                tracing::debug!(header = %digest, %actual, "registry reported another manifest digest");
-            }
-            if body.len() as u64 > MAX_SMALL_BLOB {
-                return Err(Attempt::Fatal(
-                    self.invalid(what, format!("manifest of {} bytes is too large", body.len())),
-                ));
+            if header.as_deref().is_some_and(|h| h != actual.to_string()) {
+                tracing::debug!(header = ?header, %actual, "registry reported another manifest digest");
             }
             Ok((body, actual))
         })
         .await
-    }
-
-    fn invalid(&self, what: &str, detail: String) -> RegistryError {
-        RegistryError::Invalid { what: what.to_owned(), reference: self.name(), detail }
     }
 
     /// A whole small blob (a config), verified against its digest.
@@ -430,18 +483,21 @@ impl Registry {
         let piece = piece.clamp(1, len.max(1));
         let what = format!("bytes {offset}+{len} of blob {blob}");
         let digest = blob.to_string();
-        let (what, digest) = (what.as_str(), digest.as_str());
-        self.with_retries(what, |session| async move {
-            let response =
-                self.pull_partial(&session, digest, offset, len).await.map_err(|e| self.classify(&session, what, e))?;
+        let range = format!("bytes={offset}-{}", offset + len.max(1) - 1);
+        let (what, digest, range) = (what.as_str(), digest.as_str(), range.as_str());
+        self.with_retries(what, Need::Pull, Some(self.settings.request_timeout), |session, i| async move {
+            let url = self.url(i, "blobs", digest);
+            let response = self
+                .send(&session, i, Access::Pull, |h| {
+                    Ok(h.request(Method::GET, &url)?.header(http::header::RANGE, range))
+                })
+                .await?;
+            let mut response = self.success(&session, i, what, response).await?;
             // A registry that ignores Range sends the whole blob: skip to our window.
-            let (mut stream, mut skip, whole) = match response {
-                BlobResponse::Partial(s) => (s.stream, 0u64, false),
-                BlobResponse::Full(s) => (s.stream, offset, true),
-            };
+            let whole = response.status() != http::StatusCode::PARTIAL_CONTENT;
+            let mut skip = if whole { offset } else { 0 };
             let mut out = PiecedBody::new(len, piece);
-            while let Some(received) = stream.next().await {
-                let mut received = received.map_err(|e| Attempt::Retry(format!("body: {e}")))?;
+            while let Some(mut received) = response.chunk().await.map_err(|e| Attempt::Retry(format!("body: {e}")))? {
                 if skip > 0 {
                     let n = skip.min(received.len() as u64);
                     skip -= n;
@@ -465,102 +521,38 @@ impl Registry {
         .await
     }
 
-    /// One ranged GET, unauthenticated while the registry allows it (see `bare`).
-    async fn pull_partial(
-        &self,
-        session: &Session,
-        digest: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<BlobResponse, OciDistributionError> {
-        if self.bare_reads.load(Ordering::Relaxed) {
-            match self.bare.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await {
-                Err(
-                    OciDistributionError::UnauthorizedError { .. }
-                    | OciDistributionError::AuthenticationFailure(_)
-                    | OciDistributionError::ServerError { code: 401, .. },
-                ) => {
-                    tracing::debug!(registry = self.reference.resolve_registry(), "registry wants a token for blobs");
-                    self.bare_reads.store(false, Ordering::Relaxed);
-                }
-                other => return other,
-            }
-        }
-        session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-        session.client.pull_blob_stream_partial(&self.reference, digest, offset, Some(len)).await
-    }
-
-    /// Streams the whole of `blob`, `size` bytes, for a caller that hashes every byte
-    /// itself (`convert`, the unpacking of a compressed layer). It is asked for as a
-    /// range, which the client library passes through as it arrives instead of hashing
-    /// it a second time on the way (it checks only whole-blob answers, which a registry
-    /// that ignores the range still gets). The caller verifies the digest and the size.
-    pub async fn stream_whole_blob(
-        &self,
-        blob: &Digest,
-        size: u64,
-    ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>, RegistryError> {
-        if size == 0 {
-            // `bytes=0-` is unsatisfiable for an empty blob.
-            return self.stream_blob(blob, 0).await;
-        }
+    /// Streams a blob from `offset` to its end, for a caller that hashes every byte
+    /// itself (`convert`, the unpacking of a compressed layer) and verifies the digest
+    /// and the size. Only the answer's
+    /// start is bounded by the request timeout; the body flows as long as it keeps coming.
+    pub async fn stream_blob(&self, blob: &Digest, offset: u64) -> Result<BlobStream, RegistryError> {
         let what = format!("blob {blob}");
         let digest = blob.to_string();
         let (what, digest) = (what.as_str(), digest.as_str());
-        self.with_retries(what, |session| async move {
-            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-            let response = session
-                .client
-                .pull_blob_stream_partial(&self.reference, digest, 0, Some(size))
-                .await
-                .map_err(|e| self.classify(&session, what, e))?;
-            match response {
-                BlobResponse::Partial(s) | BlobResponse::Full(s) => Ok(s.stream),
+        self.with_retries(what, Need::Pull, Some(self.settings.request_timeout), |session, i| async move {
+            let url = self.url(i, "blobs", digest);
+            let range = format!("bytes={offset}-");
+            let response = self
+                .send(&session, i, Access::Pull, |h| {
+                    // No Range from 0: `bytes=0-` is unsatisfiable for an empty blob.
+                    let request = h.request(Method::GET, &url)?;
+                    Ok(if offset == 0 { request } else { request.header(http::header::RANGE, range.as_str()) })
+                })
+                .await?;
+            let response = self.success(&session, i, what, response).await?;
+            let whole = response.status() != http::StatusCode::PARTIAL_CONTENT;
+            let stream = response.bytes_stream().map_err(std::io::Error::other);
+            if !whole || offset == 0 {
+                return Ok(stream.boxed());
             }
-        })
-        .await
-    }
-
-    /// Streams a whole blob from `offset` to its end (for compressed layers, which are
-    /// read once from start to end). The caller verifies the digest.
-    pub async fn stream_blob(
-        &self,
-        blob: &Digest,
-        offset: u64,
-    ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>, RegistryError> {
-        let what = format!("blob {blob}");
-        let digest = blob.to_string();
-        let (what, digest) = (what.as_str(), digest.as_str());
-        self.with_retries(what, |session| async move {
-            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-            if offset == 0 {
-                // No Range header: `bytes=0-` is unsatisfiable for an empty blob.
-                let stream = session
-                    .client
-                    .pull_blob_stream(&self.reference, digest)
-                    .await
-                    .map_err(|e| self.classify(&session, what, e))?;
-                return Ok(stream.stream);
-            }
-            let response = session
-                .client
-                .pull_blob_stream_partial(&self.reference, digest, offset, None)
-                .await
-                .map_err(|e| self.classify(&session, what, e))?;
-            match response {
-                BlobResponse::Partial(s) => Ok(s.stream),
-                BlobResponse::Full(s) if offset == 0 => Ok(s.stream),
-                BlobResponse::Full(s) => {
-                    let mut skip = offset;
-                    Ok(s.stream
-                        .map_ok(move |mut piece| {
-                            let n = skip.min(piece.len() as u64);
-                            skip -= n;
-                            piece.split_off(n as usize)
-                        })
-                        .boxed())
-                }
-            }
+            let mut skip = offset;
+            Ok(stream
+                .map_ok(move |mut piece| {
+                    let n = skip.min(piece.len() as u64);
+                    skip -= n;
+                    piece.split_off(n as usize)
+                })
+                .boxed())
         })
         .await
     }
@@ -570,34 +562,59 @@ impl Registry {
         let what = format!("blob {blob}");
         let digest = blob.to_string();
         let (what, digest) = (what.as_str(), digest.as_str());
-        self.with_retries(what, |session| async move {
-            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-            session.client.blob_exists(&self.reference, digest).await.map_err(|e| self.classify(&session, what, e))
+        self.with_retries(what, Need::Push, Some(self.settings.request_timeout), |session, i| async move {
+            let url = self.url(i, "blobs", digest);
+            let response = self.send(&session, i, Access::Push, |h| h.request(Method::HEAD, &url)).await?;
+            if response.status() == http::StatusCode::NOT_FOUND {
+                return Ok(false);
+            }
+            self.success(&session, i, what, response).await.map(|_| true)
         })
         .await
+    }
+
+    /// Starts an upload on host `i`: the URL to `PUT` the blob to.
+    async fn start_upload(&self, session: &Session, i: usize, what: &str, digest: &str) -> Result<String, Attempt> {
+        let url = self.url(i, "blobs", "uploads/");
+        let response = self.send(session, i, Access::Push, |h| h.request(Method::POST, &url)).await?;
+        let response = self.success(session, i, what, response).await?;
+        let location = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| Attempt::Fatal(self.invalid(what, "upload started without a Location".to_owned())))?;
+        let base = reqwest::Url::parse(&url).map_err(|e| Attempt::Fatal(self.invalid(what, e.to_string())))?;
+        let mut put = base
+            .join(location)
+            .map_err(|_| Attempt::Fatal(self.invalid(what, format!("bad upload Location {location:?}"))))?;
+        put.query_pairs_mut().append_pair("digest", digest);
+        Ok(put.to_string())
     }
 
     /// Uploads an in-memory blob (configs, manifests' neighbours).
     pub async fn push_bytes(&self, data: Bytes, digest: &Digest) -> Result<(), RegistryError> {
         let what = format!("upload of blob {digest}");
-        let what = what.as_str();
-        self.with_retries(what, |session| {
+        let digest = digest.to_string();
+        let (what, digest) = (what.as_str(), digest.as_str());
+        self.with_retries(what, Need::Push, Some(self.settings.request_timeout), |session, i| {
             let data = data.clone();
             async move {
-                session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-                session
-                    .client
-                    .push_blob(&self.reference, data, &digest.to_string())
-                    .await
-                    .map(drop)
-                    .map_err(|e| self.classify(&session, what, e))
+                let put = self.start_upload(&session, i, what, digest).await?;
+                let response = self
+                    .send(&session, i, Access::Push, |h| {
+                        Ok(h.request(Method::PUT, &put)?
+                            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                            .body(data.clone()))
+                    })
+                    .await?;
+                self.success(&session, i, what, response).await.map(drop)
             }
         })
         .await
     }
 
     /// Uploads a file as a blob in one streamed request, calling `progress` with the
-    /// bytes sent so far.
+    /// bytes sent so far. No request timeout: an upload takes as long as the file needs.
     pub async fn push_file(
         &self,
         path: &Path,
@@ -606,46 +623,34 @@ impl Registry {
         progress: impl Fn(u64) + Send + Sync + Clone + 'static,
     ) -> Result<(), RegistryError> {
         let what = format!("upload of {}", path.display());
+        let digest = digest.to_string();
         let local_err = |source| RegistryError::LocalIo { path: path.display().to_string(), source };
-        let attempts = self.settings.retries + 1;
-        let mut last = String::new();
-        let mut renewed = false;
-        let mut attempt = 0;
-        while attempt < attempts {
-            let session = self.session();
-            session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-            let file = tokio::fs::File::open(path).await.map_err(local_err)?;
+        // Opened once here, so that a missing file is a local error, not a retry.
+        drop(std::fs::File::open(path).map_err(local_err)?);
+        let (what, digest) = (what.as_str(), digest.as_str());
+        self.with_retries(what, Need::Push, None, |session, i| {
             let progress = progress.clone();
-            let stream = futures_util::stream::try_unfold((file, 0u64), move |(mut file, sent)| {
-                let progress = progress.clone();
-                async move {
-                    let mut buf = vec![0u8; 1 << 20];
-                    let n = file.read(&mut buf).await.map_err(OciDistributionError::IoError)?;
-                    if n == 0 {
-                        return Ok(None);
-                    }
-                    buf.truncate(n);
-                    let sent = sent + n as u64;
-                    progress(sent);
-                    Ok(Some((Bytes::from(buf), (file, sent))))
-                }
-            });
-            // No request timeout: an upload takes as long as the file needs.
-            match session.client.push_blob_stream(&self.reference, stream, &digest.to_string(), Some(size)).await {
-                Ok(_) => return Ok(()),
-                Err(e) => match self.classify(&session, &what, e) {
-                    Attempt::Denied(_) if !renewed => {
-                        renewed = true;
-                        self.renew(&session).await;
-                        continue;
-                    }
-                    Attempt::Denied(e) | Attempt::Fatal(e) => return Err(e),
-                    Attempt::Retry(msg) => last = msg,
-                },
+            async move {
+                let put = self.start_upload(&session, i, what, digest).await?;
+                let file = tokio::fs::File::open(path).await.map_err(|e| Attempt::Fatal(local_err(e)))?;
+                let body = file_stream(file, progress);
+                // Built once: a stream cannot be sent twice, and the upload's start
+                // already answered any challenge, so its token is cached.
+                let body = Mutex::new(Some(reqwest::Body::wrap_stream(body)));
+                let response = self
+                    .send(&session, i, Access::Push, |h| {
+                        let body = body.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        let body = body.ok_or_else(|| Attempt::Retry("upload refused after it started".to_owned()))?;
+                        Ok(h.request(Method::PUT, &put)?
+                            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                            .header(http::header::CONTENT_LENGTH, size)
+                            .body(body))
+                    })
+                    .await?;
+                self.success(&session, i, what, response).await.map(drop)
             }
-            attempt += 1;
-        }
-        Err(RegistryError::Exhausted { what, reference: self.name(), attempts, last })
+        })
+        .await
     }
 
     /// The referrers of `subject` (a manifest of this repository): the registry's
@@ -654,28 +659,29 @@ impl Registry {
     /// the list is bounded in bytes and entries, and names candidates only.
     pub async fn referrers(&self, subject: &Digest) -> Result<ReferrersList, RegistryError> {
         let what = format!("referrers of {subject}");
-        let what = what.as_str();
-        let image = self.reference.clone_with_digest(subject.to_string());
-        let index = self
-            .with_retries(what, |session| {
-                let image = image.clone();
-                async move {
-                    session
-                        .client
-                        .store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth)
-                        .await;
-                    session.client.pull_referrers(&image, None).await.map_err(|e| self.classify(&session, what, e))
-                }
+        let name = subject.to_string();
+        let (what, name) = (what.as_str(), name.as_str());
+        let body = self
+            .with_retries(what, Need::Pull, Some(self.settings.request_timeout), |session, i| async move {
+                let url = self.url(i, "referrers", name);
+                let response = self
+                    .send(&session, i, Access::Pull, |h| {
+                        Ok(h.request(Method::GET, &url)?.header(http::header::ACCEPT, media::OCI_INDEX))
+                    })
+                    .await?;
+                let response = self.success(&session, i, what, response).await?;
+                read_limited(response, MAX_SMALL_BLOB).await.map_err(|e| match e {
+                    Limited::TooLarge => Attempt::Fatal(self.invalid(what, "answer larger than 4 MiB".to_owned())),
+                    Limited::Body(e) => Attempt::Retry(format!("body: {e}")),
+                })
             })
             .await;
-        let index = match index {
-            Ok(index) => index,
-            Err(RegistryError::NotFound { .. }) => return Ok(ReferrersList::empty()),
+        let body = match body {
+            Ok(body) => body,
+            Err(RegistryError::NotFound { .. }) => return self.referrers_tag(subject).await,
             Err(e) => return Err(e),
         };
-        // `oci-client` parsed the answer; our own parser bounds and checks it.
-        let bytes = serde_json::to_vec(&index).map_err(|e| self.invalid(what, e.to_string()))?;
-        ReferrersList::parse(&bytes).map_err(|e| self.invalid(what, e.to_string()))
+        ReferrersList::parse(&body).map_err(|e| self.invalid(what, e.to_string()))
     }
 
     /// The image index under the referrers tag of `subject`, byte for byte as this
@@ -711,20 +717,92 @@ impl Registry {
         let content_type: http::HeaderValue = media_type
             .parse()
             .map_err(|_| self.invalid(what, format!("media type {media_type:?} is not a header value")))?;
-        self.with_retries(what, |session| {
+        let name = match self.reference.digest() {
+            Some(digest) => digest.to_owned(),
+            None => self.reference.tag().unwrap_or("latest").to_owned(),
+        };
+        let name = name.as_str();
+        self.with_retries(what, Need::Push, Some(self.settings.request_timeout), |session, i| {
             let (body, content_type) = (body.clone(), content_type.clone());
             async move {
-                session.client.store_auth_if_needed(self.reference.resolve_registry(), &session.credentials.auth).await;
-                session
-                    .client
-                    .push_manifest_raw(&self.reference, body, content_type)
-                    .await
-                    .map_err(|e| self.classify(&session, what, e))
+                let url = self.url(i, "manifests", name);
+                let response = self
+                    .send(&session, i, Access::Push, |h| {
+                        Ok(h.request(Method::PUT, &url)?
+                            .header(http::header::CONTENT_TYPE, content_type.clone())
+                            .body(body.clone()))
+                    })
+                    .await?;
+                self.success(&session, i, what, response).await.map(drop)
             }
         })
         .await?;
         Ok(Digest::of(&body))
     }
+}
+
+/// Credentials for each of `hosts`: the registry's own for the registry, a mirror's
+/// own for a mirror (a registry's credentials never go to a host the hosts directory
+/// names as another).
+fn credentials_for(store: &CredentialStore, registry: &str, hosts: &[Host]) -> Vec<Auth> {
+    hosts
+        .iter()
+        .map(|h| Auth::new(read_credentials(store, if h.config.mirror { &h.config.authority } else { registry })))
+        .collect()
+}
+
+/// What a transport error says, with the URL's query left out.
+fn transport_error(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+enum Limited {
+    TooLarge,
+    Body(reqwest::Error),
+}
+
+/// A whole body of at most `max` bytes.
+async fn read_limited(mut response: reqwest::Response, max: u64) -> Result<Bytes, Limited> {
+    if response.content_length().is_some_and(|l| l > max) {
+        return Err(Limited::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Limited::Body)? {
+        if (body.len() + chunk.len()) as u64 > max {
+            return Err(Limited::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// A file read in 1 MiB pieces, reporting the bytes read so far.
+fn file_stream(
+    file: tokio::fs::File,
+    progress: impl Fn(u64) + Send + Sync + Clone + 'static,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::try_unfold((file, 0u64), move |(mut file, sent)| {
+        let progress = progress.clone();
+        async move {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.truncate(n);
+            let sent = sent + n as u64;
+            progress(sent);
+            Ok(Some((Bytes::from(buf), (file, sent))))
+        }
+    })
 }
 
 /// Alignment of a ranged body in memory: a page, so that the cache can write its chunks
@@ -903,8 +981,8 @@ mod tests {
         assert_eq!(short.freeze().iter().map(Bytes::len).collect::<Vec<_>>(), [100_000, 100_000, 50_000]);
     }
 
-    #[tokio::test]
-    async fn no_error_or_debug_output_shows_the_secret() {
+    #[test]
+    fn no_error_or_debug_output_shows_the_secret() {
         const SECRET: &str = "s3cret-Value-42";
         let dir = tempfile::tempdir().unwrap();
         // alice:s3cret-Value-42
@@ -914,28 +992,21 @@ mod tests {
         let reference = parse_reference("127.0.0.1:5000/models/m:v1").unwrap();
         let registry = Registry::with_credentials(reference, RegistrySettings::default(), store);
         let session = registry.session();
-        assert!(matches!(&session.credentials.auth, RegistryAuth::Basic(_, p) if p == SECRET));
+        let auth = &session.auths[0];
+        assert!(matches!(&auth.credentials.auth, oci_client::secrets::RegistryAuth::Basic(_, p) if p == SECRET));
 
         // Registries and token servers that echo the secret back.
-        let echoed = || format!("bad credentials alice:{SECRET}");
-        let url = format!("http://alice:{SECRET}@127.0.0.1:5000/v2/");
-        let errors = [
-            OciDistributionError::AuthenticationFailure(echoed()),
-            OciDistributionError::UnauthorizedError { url: url.clone() },
-            OciDistributionError::ServerError { code: 401, url: url.clone(), message: echoed() },
-            OciDistributionError::ServerError { code: 400, url: url.clone(), message: echoed() },
-            OciDistributionError::ServerError { code: 503, url, message: echoed() },
-            OciDistributionError::GenericError(Some(echoed())),
-        ];
-        for e in errors {
-            let shown = match registry.classify(&session, "manifest", e) {
+        let echoed = auth.text(&format!("bad credentials alice:{SECRET}"));
+        for status in [400u16, 401, 403, 404, 500, 503] {
+            let status = http::StatusCode::from_u16(status).unwrap();
+            let shown = match status_attempt(status, "manifest", &registry.name(), &echoed) {
                 Attempt::Retry(msg) => msg,
                 Attempt::Denied(e) | Attempt::Fatal(e) => format!("{e} {e:?}"),
             };
             assert!(!shown.contains(SECRET), "{shown}");
-            assert!(shown.contains("<redacted>"), "{shown}");
         }
-        let shown = format!("{registry:?} {:?} {:?}", session.credentials, registry.credentials);
+        assert!(echoed.contains("<redacted>"), "{echoed}");
+        let shown = format!("{registry:?} {:?} {:?}", auth.credentials, registry.credentials);
         assert!(!shown.contains(SECRET), "{shown}");
     }
 
@@ -950,44 +1021,23 @@ mod tests {
     }
 
     #[test]
-    fn clients_are_shared_only_by_the_same_registry_settings_and_credentials() {
+    fn clients_are_shared_by_hosts_of_the_same_tls_configuration_and_timeouts() {
+        use self::hosts::HostConfig;
         let settings = RegistrySettings::default();
+        let timeouts = (settings.connect_timeout, settings.request_timeout);
         let pool = &settings.clients;
-        let alice = RegistryAuth::Basic("alice".into(), "one".into());
-        let host = "127.0.0.1:5000";
-        let first = pool.client(host, &settings, &alice, false, false);
-        assert!(Arc::ptr_eq(&first, &pool.client(host, &settings, &alice, false, false)), "shared");
-        let shared_with_a_clone = settings.clone().clients.client(host, &settings, &alice, false, false);
-        assert!(Arc::ptr_eq(&first, &shared_with_a_clone), "clones of the settings share the pool");
-        let others = [
-            pool.client(host, &settings, &RegistryAuth::Basic("alice".into(), "two".into()), false, false),
-            pool.client(host, &settings, &RegistryAuth::Bearer("one".into()), false, false),
-            pool.client(host, &settings, &RegistryAuth::Anonymous, false, false),
-            pool.client(host, &settings, &alice, true, false),
-            pool.client("127.0.0.1:5001", &settings, &alice, false, false),
-            pool.client(
-                host,
-                &RegistrySettings { request_timeout: Duration::from_secs(1), ..settings.clone() },
-                &alice,
-                false,
-                false,
-            ),
-        ];
-        for other in &others {
-            assert!(!Arc::ptr_eq(&first, other), "other credentials, registry or timeouts: another client");
-        }
-        let unrelated = RegistrySettings::default();
-        let elsewhere = unrelated.clients.client(host, &unrelated, &alice, false, false);
-        assert!(!Arc::ptr_eq(&elsewhere, &first), "settings made apart share nothing");
-
-        // A fresh client (after a refusal) replaces the shared one for later users.
-        let fresh = pool.client(host, &settings, &alice, false, true);
-        assert!(!Arc::ptr_eq(&first, &fresh));
-        assert!(Arc::ptr_eq(&fresh, &pool.client(host, &settings, &alice, false, false)));
-
-        // The pool does not keep a client, or the credentials in it, alive.
-        let weak = Arc::downgrade(&fresh);
-        drop((first, shared_with_a_clone, fresh));
-        assert!(weak.upgrade().is_none(), "a client goes with its last user");
+        let plain = HostConfig::default_for("127.0.0.1:5000");
+        let other_port = HostConfig::default_for("127.0.0.1:5001");
+        let key = |c: &HostConfig, t| format!("{}|{t:?}", c.tls_key());
+        assert_eq!(key(&plain, timeouts), key(&other_port, timeouts), "a client is not bound to a host");
+        let verify_off = HostConfig { skip_verify: true, ..plain.clone() };
+        assert_ne!(key(&plain, timeouts), key(&verify_off, timeouts));
+        assert_ne!(key(&plain, timeouts), key(&plain, (timeouts.0, Duration::from_secs(1))));
+        pool.client(&plain, timeouts).unwrap();
+        pool.client(&verify_off, timeouts).unwrap();
+        assert_eq!(settings.clone().clients.0.lock().unwrap().len(), 2, "clones of the settings share the pool");
+        let missing_ca = HostConfig { ca: vec!["/nonexistent/ca.pem".into()], ..plain };
+        let err = pool.client(&missing_ca, timeouts).unwrap_err();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 }

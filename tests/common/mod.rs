@@ -117,16 +117,29 @@ impl TestRegistry {
         Self::start_with(&format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display()))
     }
 
-    /// A registry whose configuration has `extra` (YAML) appended.
-    fn start_with(extra: &str) -> Self {
+    /// A registry whose configuration has `extra` (YAML) appended; `extra` that starts
+    /// indented (`  tls: ...`) lands in the `http` section.
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        Self::start_on(dir, &data, extra)
+    }
+
+    /// A second registry serving the same storage as `other` (a mirror that holds
+    /// everything the origin holds), on a port of its own.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn start_sharing(other: &TestRegistry) -> Self {
+        Self::start_on(tempfile::tempdir().unwrap(), &other.dir.path().join("data"), "")
+    }
+
+    fn start_on(dir: tempfile::TempDir, data: &Path, extra: &str) -> Self {
         let port = free_port();
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
-                dir.path().join("data").display()
+                data.display()
             ),
         )
         .unwrap();

@@ -64,6 +64,11 @@ struct State {
     blob_bytes: AtomicU64,
     require_token: AtomicBool,
     unauthorized: AtomicU64,
+    /// A header every request must carry, as a P2P proxy wants to be told the origin.
+    required_header: Mutex<Option<(String, String)>>,
+    refused: AtomicU64,
+    /// Forwarded requests that asked for a byte range.
+    ranged: AtomicU64,
     /// Every request forwarded to the registry, of any kind.
     requests: AtomicU64,
     stop: AtomicBool,
@@ -165,6 +170,20 @@ impl FaultProxy {
     #[allow(dead_code)] // not every test binary uses it
     pub fn unauthorized_count(&self) -> u64 {
         self.state.unauthorized.load(Ordering::SeqCst)
+    }
+
+    /// From now on, answers requests without `name: value` with 400, as Dragonfly's
+    /// proxy answers requests that do not name their origin registry.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn require_header(&self, name: &str, value: &str) {
+        *self.state.required_header.lock().unwrap() = Some((name.to_owned(), value.to_owned()));
+    }
+
+    /// Requests refused for want of the required header; forwarded requests with a
+    /// `Range`.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn header_counts(&self) -> (u64, u64) {
+        (self.state.refused.load(Ordering::SeqCst), self.state.ranged.load(Ordering::SeqCst))
     }
 
     /// Requests of any kind (manifests, referrers, blobs) forwarded to the registry.
@@ -283,6 +302,19 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &State) -> std::io::R
             client.shutdown(Shutdown::Write)?;
             return Ok(());
         }
+    }
+
+    let required = state.required_header.lock().unwrap().clone();
+    if let Some((name, value)) = required {
+        if header_value(&head, &name) != Some(value.as_str()) {
+            state.refused.fetch_add(1, Ordering::SeqCst);
+            client.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            client.shutdown(Shutdown::Write)?;
+            return Ok(());
+        }
+    }
+    if header_value(&head, "range").is_some() {
+        state.ranged.fetch_add(1, Ordering::SeqCst);
     }
 
     // Forward with Connection: close, so the upstream ends its answer with EOF.
