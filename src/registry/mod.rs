@@ -480,10 +480,13 @@ impl Registry {
         len: u64,
         piece: u64,
     ) -> Result<Vec<Bytes>, RegistryError> {
-        let piece = piece.clamp(1, len.max(1));
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let piece = piece.clamp(1, len);
         let what = format!("bytes {offset}+{len} of blob {blob}");
         let digest = blob.to_string();
-        let range = format!("bytes={offset}-{}", offset + len.max(1) - 1);
+        let range = format!("bytes={offset}-{}", offset + len - 1);
         let (what, digest, range) = (what.as_str(), digest.as_str(), range.as_str());
         self.with_retries(what, Need::Pull, Some(self.settings.request_timeout), |session, i| async move {
             let url = self.url(i, "blobs", digest);
