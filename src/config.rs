@@ -1,5 +1,5 @@
 //! Tunables of the data path and of the snapshotter's model mounts, with their
-//! documented defaults.
+//! documented defaults, and the format logs are written in ([`LogFormat`]).
 //!
 //! Every size, timeout, retry count and concurrency limit lives here, so the rest of the
 //! code never carries a literal for one. The CLI fills these from flags.
@@ -248,6 +248,35 @@ impl<'de> serde::Deserialize<'de> for PrefetchPolicy {
     }
 }
 
+/// How log lines are written on standard error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: `timestamp`, `level`, `target`,
+    /// `fields` (with `message`) and the spans the event happened in.
+    Json,
+}
+
+/// Why a log format was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("log format {0:?}: expected text or json")]
+pub struct LogFormatError(String);
+
+impl FromStr for LogFormat {
+    type Err = LogFormatError;
+
+    fn from_str(value: &str) -> Result<Self, LogFormatError> {
+        match value {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(LogFormatError(value.to_owned())),
+        }
+    }
+}
+
 /// Everything the data path needs.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -350,6 +379,14 @@ mod tests {
             same.fit_cache(recorded);
             assert_eq!((same.chunk_size, same.readahead_chunks), (default.chunk_size, default.readahead_chunks));
         }
+    }
+
+    #[test]
+    fn log_formats_parse() {
+        assert_eq!("text".parse::<LogFormat>().unwrap(), LogFormat::Text);
+        assert_eq!("json".parse::<LogFormat>().unwrap(), LogFormat::Json);
+        let e = "JSON".parse::<LogFormat>().unwrap_err().to_string();
+        assert!(e.contains("\"JSON\"") && e.contains("text or json"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::modelpack::media;
 use crate::modelpack::referrers::{self, Referrer, ReferrersError};
 use crate::modelpack::tree::NodeKind;
 use crate::modelpack::Digest;
+use crate::progress::{Bar, Progress};
 use crate::registry::{self, Registry, RegistryError};
 
 /// Media type of the companion's layer: a plain tar, so any containerd unpacks it.
@@ -105,13 +106,13 @@ pub fn default_target(source: &str) -> Result<String, ConvertError> {
 /// no index is published for bytes that do not hash to the manifest's digest), and the
 /// [`INDEX_ALGORITHM`] digest of every `chunk_size` piece. Both are fed each frame as it
 /// arrives: hashing them on two threads measured no faster on two cores, with twice the
-/// context switches (docs/benchmarks.md).
+/// context switches (docs/benchmarks.md). Each frame counts on `bar`.
 async fn chunk_digests(
     registry: &Registry,
     digest: &Digest,
     size: u64,
     chunk_size: u64,
-    label: &str,
+    bar: &Bar,
 ) -> Result<Vec<String>, ConvertError> {
     let blob_err =
         |detail: String| ConvertError::Blob { reference: registry.reference().whole(), digest: *digest, detail };
@@ -125,7 +126,7 @@ async fn chunk_digests(
     let mut stream = registry.stream_blob(digest, 0).await?;
     let mut whole = Hasher::default();
     let (mut piece, mut in_piece) = (INDEX_ALGORITHM.hasher(), 0u64);
-    let (mut total, step) = (0u64, (size / 4).max(1));
+    let mut total = 0u64;
     let mut out = Vec::with_capacity(usize::try_from(size.div_ceil(chunk_size)).unwrap_or(0));
     while let Some(bytes) = stream.next().await {
         let bytes = bytes.map_err(|e| blob_err(format!("download: {e}")))?;
@@ -133,9 +134,7 @@ async fn chunk_digests(
         if total > size {
             return Err(blob_err(format!("more than the {size} bytes the manifest says")));
         }
-        if total / step > (total - bytes.len() as u64) / step && total < size {
-            eprintln!("{label}: {}%", total * 100 / size);
-        }
+        bar.inc(bytes.len() as u64);
         whole.update(&bytes);
         let mut rest = &bytes[..];
         while !rest.is_empty() {
@@ -186,13 +185,15 @@ fn index_tar(index_json: &[u8]) -> Vec<u8> {
 }
 
 /// Converts `source` and pushes the companion to `target`; its lazy index asks nodes to
-/// prefetch as `prefetch` says, when given.
+/// prefetch as `prefetch` says, when given. The reading of each blob shows its progress,
+/// and a line per blob digested, on `progress`.
 pub async fn convert(
     source: &str,
     target: &str,
     chunk_size: u64,
     prefetch: Option<PrefetchPolicy>,
     settings: &Settings,
+    progress: &Progress,
 ) -> Result<Converted, ConvertError> {
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         return Err(ConvertError::ChunkSize(chunk_size));
@@ -237,8 +238,10 @@ pub async fn convert(
             n + 1,
             layer.path.as_ref().map_or_else(|| layer.digest.to_string(), ToString::to_string)
         );
-        let chunks = chunk_digests(&src, &layer.digest, layer.size, chunk_size, &label).await?;
-        eprintln!("{label}: {} bytes, {} chunk digests", layer.size, chunks.len());
+        let bar = progress.bar(label.clone(), layer.size);
+        let chunks = chunk_digests(&src, &layer.digest, layer.size, chunk_size, &bar).await?;
+        bar.finish();
+        progress.println(&format!("{label}: {} bytes, {} chunk digests", layer.size, chunks.len()));
         blobs.push(IndexBlob { digest: layer.digest.to_string(), size: layer.size, chunks });
     }
     let files = model
@@ -369,13 +372,13 @@ pub async fn convert(
     let referrers_tag = if same_repository {
         let tag = referrers::referrers_tag(&manifest_digest);
         if add_referrers(&src, &manifest_digest, &listed).await? {
-            eprintln!("listed the companion under the referrers tag {tag}");
+            progress.println(&format!("listed the companion under the referrers tag {tag}"));
         }
         Some(tag)
     } else {
-        eprintln!(
+        progress.println(
             "the companion is not in the model's repository, so it is not listed among its referrers: \
-             plain references of the model will not find it"
+             plain references of the model will not find it",
         );
         None
     };

@@ -8,7 +8,7 @@
 //! [`convert`] builds companion images. [`daemon`] serves [`snapshotter`], containerd's
 //! snapshots API, whose records live in [`metadata`], and [`layerstore`],
 //! containers/storage's additional layer store (CRI-O, podman); [`config`] holds every
-//! tunable.
+//! tunable; [`progress`] shows the progress of long transfers on standard error.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -24,6 +24,7 @@ pub mod layerstore;
 pub mod metadata;
 pub mod model;
 pub mod modelpack;
+pub mod progress;
 pub mod push;
 pub mod registry;
 pub mod snapshotter;

@@ -1,5 +1,6 @@
 //! The `modelpack-snapshotter` command: `push`, `inspect`, `mount`, `convert` and `serve`.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,11 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use modelpack_snapshotter::cache::ChunkCache;
-use modelpack_snapshotter::config::{FetchSettings, PrefetchPolicy, RegistrySettings, Settings};
+use modelpack_snapshotter::config::{FetchSettings, LogFormat, PrefetchPolicy, RegistrySettings, Settings};
 use modelpack_snapshotter::daemon::{self, DaemonConfig};
 use modelpack_snapshotter::model::{Model, Prefetched};
 use modelpack_snapshotter::modelpack::select::Selection;
 use modelpack_snapshotter::modelpack::tree::NodeKind;
+use modelpack_snapshotter::progress::Progress;
 use modelpack_snapshotter::push::{self, PackFormat};
 use modelpack_snapshotter::registry::hosts::HostsDir;
 use modelpack_snapshotter::{convert, fs};
@@ -23,14 +25,49 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Parser, Debug)]
 #[command(version, about = "Lazy mounts of CNCF ModelPack models from OCI registries")]
 struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `modelpack_snapshotter=trace` [default: info, or
-    /// the configuration's `log_level` for `serve`].
-    #[arg(long, env = "MODELPACK_LOG", global = true)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args, Debug)]
+struct LogArgs {
+    /// Log filter, e.g. `info`, `debug`, `modelpack_snapshotter=trace` [default: info, or
+    /// the configuration's `log_level` for `serve`].
+    #[arg(long, env = "MODELPACK_LOG", global = true)]
+    log_level: Option<String>,
+    /// Log lines as `text`, or as `json` (one object per line, for log shippers; progress
+    /// is then logged too) [default: text, or the configuration's `log_format` for `serve`].
+    #[arg(long, env = "MODELPACK_LOG_FORMAT", global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+impl LogArgs {
+    /// Starts logging on standard error, with the filter and format the flags give, else
+    /// these defaults. Returns where progress goes: log lines are written through it, so
+    /// that they never tear a progress bar.
+    fn init(&self, level: &str, format: LogFormat) -> Progress {
+        let format = self.log_format.unwrap_or(format);
+        let filter = self.log_level.as_deref().unwrap_or(level);
+        let progress = Progress::stderr(format);
+        let logs = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
+            .with_writer(progress.log_writer());
+        match format {
+            LogFormat::Text => logs.with_ansi(colours()).init(),
+            LogFormat::Json => logs.json().init(),
+        }
+        progress
+    }
+}
+
+/// Whether text logs are coloured: only for a person at a terminal (journald and log
+/// files would keep the escape codes around every field), unless `NO_COLOR` is set.
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[derive(Args, Debug)]
@@ -231,12 +268,8 @@ enum Format {
 
 const DEFAULT_CONFIG: &str = "/etc/modelpack-snapshotter/config.toml";
 
-fn init_logging(filter: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-}
+/// The log filter of every command but `serve`, whose configuration may give another.
+const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// Most glibc malloc arenas. By default glibc gives each thread that allocates its own
 /// arena, up to eight per core, and memory freed in one is not reused by another: with
@@ -252,32 +285,39 @@ fn main() -> std::process::ExitCode {
         libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
     }
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. }) {
-        init_logging(cli.log_level.as_deref().unwrap_or("info"));
-    }
-    match run(cli) {
+    let mut output = None;
+    match run(cli, &mut output) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let message = format!("{e:#}");
+            match output {
+                Some(progress) => progress.error(&message),
+                None => eprintln!("error: {message}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Runs the command; `output` is where its lines go once logging has started.
+fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
     let registry_settings = cli.registry.settings();
+    // `serve` starts logging once it has read its configuration; the others at once.
+    let log = &cli.log;
     match cli.command {
         Command::Push { dir, reference, format } => {
+            let progress = output.insert(log.init(DEFAULT_LOG_LEVEL, LogFormat::Text));
             let format = match format {
                 Format::Raw => PackFormat::Raw,
                 Format::Tar => PackFormat::Tar,
             };
-            let digest = runtime.block_on(push::push_dir(&dir, &reference, format, &registry_settings))?;
+            let digest = runtime.block_on(push::push_dir(&dir, &reference, format, &registry_settings, progress))?;
             println!("{digest}");
             Ok(())
         }
         Command::Inspect { reference, cache } => {
+            *output = Some(log.init(DEFAULT_LOG_LEVEL, LogFormat::Text));
             let (fetch, cache) = cache.open()?;
             let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
             let model = runtime.block_on(Model::open(&reference, &settings, cache))?;
@@ -285,13 +325,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Convert { source, target, chunk_size, prefetch } => {
+            let progress = output.insert(log.init(DEFAULT_LOG_LEVEL, LogFormat::Text));
             let target = match target {
                 Some(t) => t,
                 None => convert::default_target(&source)?,
             };
             let settings =
                 Settings { registry: registry_settings, fetch: FetchSettings::default(), selection: Selection::all() };
-            let done = runtime.block_on(convert::convert(&source, &target, chunk_size, prefetch, &settings))?;
+            let done =
+                runtime.block_on(convert::convert(&source, &target, chunk_size, prefetch, &settings, progress))?;
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
@@ -311,14 +353,15 @@ fn run(cli: Cli) -> Result<()> {
                 daemon.address = PathBuf::new();
             }
             daemon.check("the command line")?;
-            init_logging(cli.log_level.as_deref().unwrap_or(&daemon.log_level));
+            *output = Some(log.init(&daemon.log_level, daemon.log_format));
             runtime.block_on(daemon::serve(&daemon, shutdown_signal()))?;
             Ok(())
         }
         Command::Mount { reference, mountpoint, cache, prefetch } => {
+            let progress = output.insert(log.init(DEFAULT_LOG_LEVEL, LogFormat::Text));
             let (fetch, cache) = cache.open()?;
             let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
-            runtime.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch))
+            runtime.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch, progress))
         }
     }
 }
@@ -355,6 +398,7 @@ async fn mount(
     settings: &Settings,
     cache: Arc<ChunkCache>,
     prefetch: Option<PrefetchPolicy>,
+    progress: &Progress,
 ) -> Result<()> {
     let started = Instant::now();
     let model = Arc::new(Model::open(reference, settings, cache).await?);
@@ -372,15 +416,27 @@ async fn mount(
         if model.offline { " [offline: registry unreachable, serving from cache]" } else { "" },
     );
     let policy = prefetch.unwrap_or(model.prefetch);
-    if let Some(done) = model.start_prefetch(policy, &tokio::runtime::Handle::current()) {
+    let mut prefetch_bar = None;
+    let prefetching = model.start_prefetch_reporting(policy, &tokio::runtime::Handle::current(), |bytes| {
+        let bar = Arc::new(progress.bar(format!("prefetch ({policy})"), bytes));
+        prefetch_bar = Some(bar.clone());
+        move |piece| bar.inc(piece)
+    });
+    if let (Some(done), Some(bar)) = (prefetching, prefetch_bar.clone()) {
         let reference = model.reference.clone();
         tokio::spawn(async move {
-            if let Ok(Prefetched { policy, elapsed, result: Ok(()), .. }) = done.await {
+            let outcome = done.await;
+            bar.finish();
+            if let Ok(Prefetched { policy, elapsed, result: Ok(()), .. }) = outcome {
                 println!("prefetched: {reference} ({policy}) in {:.3} s", elapsed.as_secs_f64());
             }
         });
     }
     wait_for_shutdown(shutdown, mountpoint).await?;
+    // A prefetch still running is stopped by the unmount: its bar goes first.
+    if let Some(bar) = prefetch_bar {
+        bar.finish();
+    }
     mounted.unmount();
     // Chunks already fetched are worth keeping: let their cache writes finish.
     if tokio::time::timeout(SETTLE_TIMEOUT, model.store.settle()).await.is_err() {

@@ -4,13 +4,15 @@
 //! Layer kinds follow the file name: weights, weight configs (configs, tokenizers),
 //! docs, code, datasets. Each layer carries the filepath and file-metadata annotations;
 //! the config lists the layers' diff IDs (equal to their digests: nothing is compressed).
-//! Blobs the registry already has are not uploaded again.
+//! Blobs the registry already has are not uploaded again. Uploads show their progress
+//! ([`crate::progress`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -21,6 +23,7 @@ use crate::modelpack::digest::Hasher;
 use crate::modelpack::media::{self, LayerFormat, LayerKind, LayerMediaType};
 use crate::modelpack::path::ModelPath;
 use crate::modelpack::Digest;
+use crate::progress::Progress;
 use crate::registry::{self, Registry, RegistryError};
 
 /// Why a push failed.
@@ -138,9 +141,12 @@ fn walk(dir: &Path) -> Result<Vec<SourceFile>, PushError> {
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<(Digest, u64), PushError> {
+/// The digest and size of a file, read once; a bar named `label` shows the reading (a
+/// shard of many gigabytes takes seconds).
+fn hash_file(path: &Path, progress: &Progress, label: &str) -> Result<(Digest, u64), PushError> {
     let io = |source| PushError::Io { path: path.display().to_string(), source };
     let mut file = File::open(path).map_err(io)?;
+    let bar = progress.bar(label, file.metadata().map_err(io)?.len());
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -151,6 +157,7 @@ fn hash_file(path: &Path) -> Result<(Digest, u64), PushError> {
         }
         size += n as u64;
         hasher.update(&buf[..n]);
+        bar.inc(n as u64);
     }
 }
 
@@ -195,12 +202,14 @@ fn write_single_tar(file: &SourceFile, out: &Path) -> Result<(), PushError> {
     builder.into_inner().and_then(|f| f.sync_all()).map_err(io_error(out))
 }
 
-/// Packs `dir` and pushes it to `reference`; returns the manifest digest.
+/// Packs `dir` and pushes it to `reference`; returns the manifest digest. Each upload's
+/// progress, and a line per blob pushed or found in the registry, go to `progress`.
 pub async fn push_dir(
     dir: &Path,
     reference: &str,
     format: PackFormat,
     settings: &RegistrySettings,
+    progress: &Progress,
 ) -> Result<Digest, PushError> {
     let registry = Registry::new(registry::parse_reference(reference)?, settings.clone());
     let files = walk(dir)?;
@@ -219,27 +228,19 @@ pub async fn push_dir(
                 (out, LayerFormat::Tar)
             }
         };
-        let (digest, size) = {
-            let p = blob_path.clone();
-            tokio::task::spawn_blocking(move || hash_file(&p)).await.expect("hashing task")?
-        };
         let label = format!("[{}/{total}] {}", n + 1, file.path);
+        let (digest, size) = {
+            let (p, progress, hashing) = (blob_path.clone(), progress.clone(), format!("{label} (hashing)"));
+            tokio::task::spawn_blocking(move || hash_file(&p, &progress, &hashing)).await.expect("hashing task")?
+        };
         if registry.blob_exists(&digest).await? {
-            eprintln!("{label}: already in the registry");
+            progress.println(&format!("{label}: already in the registry"));
         } else {
-            let step = (size / 4).max(1);
-            let label_progress = label.clone();
-            let last = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-            registry
-                .push_file(&blob_path, &digest, size, move |sent| {
-                    let prev = last.load(std::sync::atomic::Ordering::Relaxed);
-                    if sent / step > prev / step && sent < size {
-                        last.store(sent, std::sync::atomic::Ordering::Relaxed);
-                        eprintln!("{label_progress}: {}%", sent * 100 / size.max(1));
-                    }
-                })
-                .await?;
-            eprintln!("{label}: pushed {size} bytes");
+            let bar = Arc::new(progress.bar(format!("{label} (uploading)"), size));
+            let shown = bar.clone();
+            registry.push_file(&blob_path, &digest, size, move |sent| shown.set_position(sent)).await?;
+            bar.finish();
+            progress.println(&format!("{label}: pushed {size} bytes"));
         }
         if format == PackFormat::Tar {
             let _ = std::fs::remove_file(&blob_path);

@@ -594,18 +594,24 @@ impl BlobStore {
     /// chunks per request, `prefetch_concurrency` requests at a time, waiting while
     /// on-demand reads are in flight. Returns the first error after trying every chunk.
     pub async fn prefetch(self: &Arc<Self>, blobs: Vec<BlobInfo>) -> Result<(), BlobError> {
-        self.prefetch_ranges(blobs.into_iter().map(|b| (b, 0..b.size)).collect()).await
+        self.prefetch_ranges(blobs.into_iter().map(|b| (b, 0..b.size)).collect(), &|_| ()).await
     }
 
     /// [`Self::prefetch`] of byte ranges: every chunk covering a range (clamped to its
     /// blob) that is not cached yet, in the order given. A range's chunks are requested
     /// at most `stream_request_chunks` at a time, split where the blob's groups of that
     /// many chunks meet (as for a whole blob), so a head of a file fetches the chunks it
-    /// covers and no more.
-    pub async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<(BlobInfo, Range<u64>)>) -> Result<(), BlobError> {
+    /// covers and no more. `progress` is told the bytes of the ranges each group covers
+    /// once its chunks are cached (or failed): over the whole prefetch, the ranges' bytes.
+    pub async fn prefetch_ranges(
+        self: &Arc<Self>,
+        ranges: Vec<(BlobInfo, Range<u64>)>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), BlobError> {
         let per_request = self.settings.stream_request_chunks.max(1);
         let cs = self.settings.chunk_size;
-        let mut work: Vec<(BlobInfo, u64, u64)> = Vec::new();
+        // (blob, first chunk, chunks, bytes of the range in them)
+        let mut work: Vec<(BlobInfo, u64, u64, u64)> = Vec::new();
         for (b, range) in ranges {
             let end = range.end.min(b.size);
             if range.start >= end {
@@ -615,13 +621,14 @@ impl BlobStore {
             let mut index = first;
             while index <= last {
                 let group_end = ((index / per_request + 1) * per_request).min(last + 1);
-                work.push((b, index, group_end - index));
+                let bytes = end.min(group_end * cs) - range.start.max(index * cs);
+                work.push((b, index, group_end - index, bytes));
                 index = group_end;
             }
         }
         let first_error = Mutex::new(None);
         futures_util::stream::iter(work)
-            .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, first, count)| {
+            .for_each_concurrent(self.settings.prefetch_concurrency.max(1), |(blob, first, count, bytes)| {
                 let first_error = &first_error;
                 async move {
                     while self.on_demand.load(Ordering::SeqCst) > 0 {
@@ -656,6 +663,7 @@ impl BlobStore {
                             first_error.lock().expect("error lock").get_or_insert(unshare(&e));
                         }
                     }
+                    progress(bytes);
                 }
             })
             .await;
@@ -1321,7 +1329,14 @@ mod tests {
             (blob, 5..5),
             (tiny, 0..u64::MAX),
         ];
-        store.prefetch_ranges(ranges).await.unwrap();
+        let reported = AtomicU64::new(0);
+        store
+            .prefetch_ranges(ranges, &|n| {
+                reported.fetch_add(n, Ordering::SeqCst);
+            })
+            .await
+            .unwrap();
+        assert_eq!(reported.into_inner(), 2000 + 5800 + 1 + small.len() as u64, "the ranges' bytes, clamped");
         store.settle().await;
         let cached: Vec<u64> =
             (0..20).filter(|i| store.cache().contains(&ChunkKey { blob: blob.digest, index: *i })).collect();

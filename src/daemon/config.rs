@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::registry::hosts::HostsDir;
 
 use crate::config::{
-    FetchSettings, LayerStoreSettings, ModelMountSettings, PrefetchPolicy, RegistrySettings, Settings,
+    FetchSettings, LayerStoreSettings, LogFormat, ModelMountSettings, PrefetchPolicy, RegistrySettings, Settings,
 };
 
 /// Most threads `models.fuse_threads` may ask for.
@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub address: PathBuf,
     /// Log filter (`info`, `debug`, `modelpack_snapshotter=trace`, ...).
     pub log_level: String,
+    /// How log lines are written: `text`, or `json` for log shippers.
+    pub log_format: LogFormat,
     /// Seconds a stop waits for clients (containerd keeps its connection open) to finish
     /// their calls before it closes their connections and unmounts the models.
     pub shutdown_grace_secs: u64,
@@ -187,6 +189,7 @@ impl Default for DaemonConfig {
             root: PathBuf::from("/var/lib/modelpack-snapshotter"),
             address: PathBuf::from("/run/modelpack-snapshotter/snapshotter.sock"),
             log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
             shutdown_grace_secs: 10,
             cache: CacheConfig::default(),
             registry: RegistryConfig::default(),
@@ -394,6 +397,8 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/x"));
         assert_eq!(c.cache.chunk_size, 1 << 20);
         assert_eq!(c.cache_dir(), PathBuf::from("/x/cache"));
+        let c = DaemonConfig::parse("log_format = \"json\"\n", "t").unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]
@@ -418,6 +423,8 @@ mod tests {
         assert!(e.contains("cfg.toml") && e.contains("prefetch") && e.contains("\"head:64MB\""), "{e}");
         let e = DaemonConfig::parse("[cache]\nprefetch = 5\n", "cfg.toml").unwrap_err().to_string();
         assert!(e.contains("prefetch"), "{e}");
+        let e = DaemonConfig::parse("log_format = \"xml\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("log_format") && e.contains("xml"), "{e}");
     }
 
     #[test]

@@ -71,17 +71,33 @@ impl Model {
     /// one (what the smaller one cached is not fetched again). Returns the outcome's
     /// receiver when it started a prefetch; the outcome is also logged.
     pub fn start_prefetch(&self, policy: PrefetchPolicy, runtime: &Handle) -> Option<oneshot::Receiver<Prefetched>> {
+        self.start_prefetch_reporting(policy, runtime, |_| |_| ())
+    }
+
+    /// [`Self::start_prefetch`], showing its progress: when it starts a prefetch it calls
+    /// `progress` with the bytes the prefetch asks for, and the function that returns is
+    /// told the bytes of each piece once cached (or failed), from the prefetch's task.
+    pub fn start_prefetch_reporting<F>(
+        &self,
+        policy: PrefetchPolicy,
+        runtime: &Handle,
+        progress: impl FnOnce(u64) -> F,
+    ) -> Option<oneshot::Receiver<Prefetched>>
+    where
+        F: Fn(u64) + Send + Sync + 'static,
+    {
         let mut current = self.prefetching.lock().expect("prefetch lock");
         if policy == PrefetchPolicy::None || current.as_ref().is_some_and(|p| p.policy >= policy) {
             return None;
         }
         let ranges = self.prefetch_ranges(policy);
         let bytes = ranges.iter().map(|(_, r)| r.end - r.start).sum();
+        let report = progress(bytes);
         let (store, reference) = (self.store.clone(), self.reference.clone());
         let (tx, rx) = oneshot::channel();
         let task = runtime.spawn(async move {
             let started = Instant::now();
-            let result = store.prefetch_ranges(ranges).await;
+            let result = store.prefetch_ranges(ranges, &report).await;
             let elapsed = started.elapsed();
             match &result {
                 Ok(()) => {
