@@ -399,6 +399,10 @@ mod tests {
         assert_eq!(c.cache_dir(), PathBuf::from("/x/cache"));
         let c = DaemonConfig::parse("log_format = \"json\"\n", "t").unwrap();
         assert_eq!(c.log_format, LogFormat::Json);
+        let hosts = |text: &str| DaemonConfig::parse(text, "t").unwrap().settings().registry.hosts;
+        assert_eq!(hosts("[registry]\nconfig_path = \"/etc/hosts.d\"\n"), HostsDir(Some("/etc/hosts.d".into())));
+        assert_eq!(hosts("[registry]\nconfig_path = \"\"\n"), HostsDir(None));
+        assert_eq!(hosts(""), HostsDir::system());
     }
 
     #[test]
