@@ -24,7 +24,8 @@ pub struct RegistrySettings {
     /// Delay before the first retry; it doubles with every further retry.
     pub backoff: Duration,
     /// Where credentials come from; `None`: Docker's configuration of this process's
-    /// environment. A CSI volume's pull secret sets it for that volume's model alone.
+    /// environment. A CSI volume's pull secret sets it for that volume's model alone, and
+    /// a CRI pull's credentials for the model of that pull's image.
     pub credentials: Option<crate::registry::credentials::CredentialStore>,
     /// HTTP clients shared by the registries reached with these settings (and clones).
     pub clients: crate::registry::ClientPool,

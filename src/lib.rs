@@ -7,8 +7,10 @@
 //! [`companion`] image's lazy index) to a tree of files; [`push`] builds artifacts and
 //! [`convert`] builds companion images. [`daemon`] serves [`snapshotter`], containerd's
 //! snapshots API, whose records live in [`metadata`], and [`layerstore`],
-//! containers/storage's additional layer store (CRI-O, podman); [`config`] holds every
-//! tunable; [`progress`] shows the progress of long transfers on standard error.
+//! containers/storage's additional layer store (CRI-O, podman), [`csi`], a CSI node
+//! plugin, and [`cri`], a proxy of CRI's image service that hands kubelet's pull secrets
+//! to the snapshotter; [`config`] holds every tunable; [`progress`] shows the progress of
+//! long transfers on standard error.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -17,6 +19,7 @@ pub mod cache;
 pub mod companion;
 pub mod config;
 pub mod convert;
+pub mod cri;
 pub mod csi;
 pub mod daemon;
 pub mod fs;

@@ -135,8 +135,8 @@ enum Command {
         prefetch: Option<PrefetchPolicy>,
     },
     /// Serve containerd's snapshots API on a Unix socket, containers/storage's additional
-    /// layer store (CRI-O, podman) and the CSI node plugin (kubelet), as configured, until
-    /// SIGINT/SIGTERM.
+    /// layer store (CRI-O, podman), the CSI node plugin (kubelet) and the CRI image service
+    /// proxy (kubelet's pull secrets), as configured, until SIGINT/SIGTERM.
     Serve {
         /// Configuration file (TOML) [default: /etc/modelpack-snapshotter/config.toml if it exists].
         #[arg(long)]
@@ -162,6 +162,10 @@ enum Command {
         /// This node's id for CSI (overrides `csi.node_id`; Kubernetes: the node's name).
         #[arg(long)]
         csi_node_id: Option<String>,
+        /// Serve CRI's image service on this socket as a proxy to containerd's, remembering
+        /// kubelet's pull secrets for the snapshotter (overrides `cri.address`).
+        #[arg(long)]
+        cri_address: Option<PathBuf>,
     },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
@@ -337,7 +341,17 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
-        Command::Serve { config, root, address, cache_dir, layer_store, no_containerd, csi_address, csi_node_id } => {
+        Command::Serve {
+            config,
+            root,
+            address,
+            cache_dir,
+            layer_store,
+            no_containerd,
+            csi_address,
+            csi_node_id,
+            cri_address,
+        } => {
             let mut daemon = match config {
                 Some(path) => DaemonConfig::load(&path)?,
                 None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
@@ -349,6 +363,7 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             daemon.layer_store.path = layer_store.unwrap_or(daemon.layer_store.path);
             daemon.csi.address = csi_address.unwrap_or(daemon.csi.address);
             daemon.csi.node_id = csi_node_id.unwrap_or(daemon.csi.node_id);
+            daemon.cri.address = cri_address.unwrap_or(daemon.cri.address);
             if no_containerd {
                 daemon.address = PathBuf::new();
             }

@@ -55,6 +55,39 @@ pub struct DaemonConfig {
     pub layer_store: LayerStoreConfig,
     /// The CSI node plugin (kubelet).
     pub csi: CsiConfig,
+    /// The CRI image service proxy (kubelet's pull secrets).
+    pub cri: CriConfig,
+}
+
+/// `[cri]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// The Unix socket kubelet's `--image-service-endpoint` names; empty serves no proxy.
+    pub address: PathBuf,
+    /// containerd's socket, whose CRI image service the proxy forwards to.
+    pub containerd_address: PathBuf,
+    /// Seconds the credentials of a successful pull are remembered for its image.
+    pub credential_ttl_secs: u64,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            address: PathBuf::new(),
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
+            credential_ttl_secs: 3600,
+        }
+    }
+}
+
+/// How the CRI proxy runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CriProxySettings {
+    /// containerd's socket.
+    pub containerd_address: PathBuf,
+    /// How long a successful pull's credentials are remembered.
+    pub credential_ttl: Duration,
 }
 
 /// `[csi]`
@@ -196,6 +229,7 @@ impl Default for DaemonConfig {
             models: ModelsConfig::default(),
             layer_store: LayerStoreConfig::default(),
             csi: CsiConfig::default(),
+            cri: CriConfig::default(),
         }
     }
 }
@@ -299,6 +333,29 @@ impl DaemonConfig {
         if !(self.layer_store.path.as_os_str().is_empty() || self.layer_store.path.is_absolute()) {
             return Err(invalid("layer_store.path", "must be an absolute path, or empty"));
         }
+        self.check_cri(origin)
+    }
+
+    /// Checks the `[cri]` values: the proxy serves the snapshotter's models, on a socket of
+    /// its own.
+    fn check_cri(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid =
+            |key, reason: &str| ConfigError::Invalid { path: origin.to_owned(), key, reason: reason.to_owned() };
+        if self.cri.address.as_os_str().is_empty() {
+            return Ok(());
+        }
+        if !self.cri.address.is_absolute() {
+            return Err(invalid("cri.address", "must be an absolute path, or empty"));
+        }
+        if !self.cri.containerd_address.is_absolute() {
+            return Err(invalid("cri.containerd_address", "must be an absolute path"));
+        }
+        if !self.serves_containerd() {
+            return Err(invalid("cri.address", "needs the containerd snapshotter, but address is empty"));
+        }
+        if self.cri.address == self.address || self.cri.address == self.csi.address {
+            return Err(invalid("cri.address", "must not be the socket of another service"));
+        }
         Ok(())
     }
 
@@ -327,6 +384,18 @@ impl DaemonConfig {
         }
         let node_id = if self.csi.node_id.is_empty() { host_name() } else { self.csi.node_id.clone() };
         Some((self.csi.address.clone(), CsiIdentity { driver_name: self.csi.driver_name.clone(), node_id }))
+    }
+
+    /// The CRI proxy's socket and settings, if it is served.
+    pub fn cri(&self) -> Option<(PathBuf, CriProxySettings)> {
+        if self.cri.address.as_os_str().is_empty() {
+            return None;
+        }
+        let settings = CriProxySettings {
+            containerd_address: self.cri.containerd_address.clone(),
+            credential_ttl: Duration::from_secs(self.cri.credential_ttl_secs),
+        };
+        Some((self.cri.address.clone(), settings))
     }
 
     /// The cache directory in effect.
@@ -448,6 +517,29 @@ mod tests {
         }
         assert_eq!(c.layer_store, LayerStoreConfig::default(), "the sample shows the defaults");
         assert_eq!(c.csi, CsiConfig::default(), "the sample shows the defaults");
+        assert_eq!(c.cri, CriConfig::default(), "the sample shows the defaults");
+    }
+
+    #[test]
+    fn the_cri_proxy() {
+        assert!(DaemonConfig::default().cri().is_none());
+        let c = DaemonConfig::parse("[cri]\naddress = \"/run/m/cri.sock\"\ncredential_ttl_secs = 60\n", "t").unwrap();
+        let (address, settings) = c.cri().unwrap();
+        assert_eq!(address, PathBuf::from("/run/m/cri.sock"));
+        assert_eq!(settings.containerd_address, PathBuf::from("/run/containerd/containerd.sock"));
+        assert_eq!(settings.credential_ttl, Duration::from_secs(60));
+        for (text, key) in [
+            ("[cri]\naddress = \"cri.sock\"\n", "cri.address"),
+            ("[cri]\naddress = \"/run/m/cri.sock\"\ncontainerd_address = \"c.sock\"\n", "cri.containerd_address"),
+            (
+                "address = \"\"\n[csi]\naddress = \"/c/csi.sock\"\n[cri]\naddress = \"/run/m/cri.sock\"\n",
+                "needs the containerd",
+            ),
+            ("[cri]\naddress = \"/run/modelpack-snapshotter/snapshotter.sock\"\n", "another service"),
+        ] {
+            let e = DaemonConfig::parse(text, "cfg.toml").unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

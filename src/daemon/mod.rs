@@ -1,7 +1,9 @@
 //! `serve`: the long-running daemon of the node's front-ends, over one cache. Binds
 //! containerd's Unix socket inside a directory only its owner can enter and serves the
-//! snapshots API, and/or mounts containers/storage's additional layer store, until
-//! SIGINT/SIGTERM; tells systemd when it is ready (`Type=notify`).
+//! snapshots API (with, optionally, the CRI image service proxy whose pulls' credentials
+//! the snapshotter uses), and/or mounts containers/storage's additional layer store,
+//! and/or serves CSI, until SIGINT/SIGTERM; tells systemd when it is ready
+//! (`Type=notify`).
 
 pub mod config;
 
@@ -14,10 +16,12 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cache::ChunkCache;
+use crate::cri::CriProxy;
 use crate::csi::grpc::CsiGrpc;
 use crate::csi::CsiNode;
 use crate::fs;
 use crate::layerstore::LayerStore;
+use crate::registry::credentials::keychain::CriKeychain;
 use crate::snapshotter::grpc::Grpc;
 use crate::snapshotter::remote::RemoteSnapshotter;
 use crate::snapshotter::{private_dir, SnapshotError, Snapshotter, STATE_MODE};
@@ -58,6 +62,9 @@ pub enum DaemonError {
     /// The CSI plugin's state could not be opened.
     #[error("CSI: {0}")]
     Csi(#[from] crate::csi::CsiError),
+    /// The CRI proxy could not be set up.
+    #[error("CRI proxy: {0}")]
+    Cri(#[from] crate::cri::CriError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
@@ -177,11 +184,14 @@ pub async fn serve(
         }
         None => None,
     };
+    // What the CRI proxy's pulls prove, for the snapshotter's models.
+    let keychain = config.cri().map(|(_, cri)| CriKeychain::new(cri.credential_ttl));
     let snapshotter = match base {
         Some(base) => {
             let at = runtime.clone();
+            let pulls = keychain.clone();
             let snapshotter = tokio::task::block_in_place(|| {
-                RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), at)
+                RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), pulls, at)
             })
             .map_err(DaemonError::Models)?;
             let snapshotter = Arc::new(snapshotter);
@@ -194,6 +204,18 @@ pub async fn serve(
             Some(snapshotter)
         }
         None => None,
+    };
+    let cri = match (config.cri(), keychain) {
+        (Some((address, cri)), Some(keychain)) => {
+            let proxy = CriProxy::new(&cri.containerd_address, keychain)?;
+            let listener = bind(&address)?;
+            let router = tonic::transport::Server::builder().add_service(proxy.into_server());
+            servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
+            tracing::info!(address = %address.display(), containerd = %cri.containerd_address.display(), "serving the CRI image service");
+            println!("cri: {}", address.display());
+            Some(address)
+        }
+        _ => None,
     };
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
@@ -210,6 +232,9 @@ pub async fn serve(
         if let Some(snapshotter) = &snapshotter {
             snapshotter.unmount_all();
             let _ = std::fs::remove_file(&config.address);
+        }
+        if let Some(address) = &cri {
+            let _ = std::fs::remove_file(address);
         }
         if let Some((node, address)) = &csi {
             node.unmount_all();

@@ -1,12 +1,16 @@
 //! Registry credentials from Docker's `config.json` (`$DOCKER_CONFIG` or `~/.docker`),
 //! looked up as Docker does: the credential helper named for the registry
 //! (`credHelpers`), then the file's own `auths` entry, then the default helper
-//! (`credsStore`); anonymous when none has any.
+//! (`credsStore`); anonymous when none has any. A model may hold credentials of its own
+//! in front of those: a pod's pull secret (CSI), or what a CRI pull of its image proved
+//! ([`keychain`], for that image's registry alone).
 //!
 //! They are read when a client is made and again when the registry refuses them (cloud
 //! registries hand out credentials that expire within hours). Secrets stay inside
 //! [`Credentials`]: no error, log line or `Debug` output of this module carries one, nor
 //! anything a helper printed, since a failing helper may echo what it holds.
+
+pub mod keychain;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -63,6 +67,9 @@ pub enum CredentialSource {
     Anonymous,
     /// A pull secret handed over with a request (a CSI volume's `secrets`).
     PullSecret,
+    /// The credentials kubelet gave a CRI `PullImage` of this image (through the CRI
+    /// proxy), which containerd pulled it with.
+    CriPull(keychain::ImageKey),
     /// The `auths` entry of this `config.json`.
     File(PathBuf),
     /// This program (`docker-credential-<name>`).
@@ -74,6 +81,7 @@ impl std::fmt::Display for CredentialSource {
         match self {
             Self::Anonymous => f.write_str("anonymous"),
             Self::PullSecret => f.write_str("the request's pull secret"),
+            Self::CriPull(image) => write!(f, "the CRI pull of {image}"),
             Self::File(path) => write!(f, "file {}", path.display()),
             Self::Helper(program) => write!(f, "credential helper {program}"),
         }
@@ -114,11 +122,13 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Where credentials are looked up: a pull secret held in memory, if any, then Docker's
-/// configuration directory and the directories searched for helpers.
+/// Where credentials are looked up: a pull secret held in memory, if any, or the
+/// credentials of a CRI pull for its image's registry, then Docker's configuration
+/// directory and the directories searched for helpers.
 #[derive(Debug, Clone)]
 pub struct CredentialStore {
     pull_secret: Option<PullSecret>,
+    cri_pull: Option<keychain::CriCredentials>,
     config_dir: Option<PathBuf>,
     search_path: Option<OsString>,
     helper_timeout: Duration,
@@ -156,7 +166,7 @@ impl CredentialStore {
     /// A store reading `config_dir/config.json` and running helpers found in
     /// `search_path` (a `PATH`-style list).
     pub fn new(config_dir: Option<PathBuf>, search_path: Option<OsString>, helper_timeout: Duration) -> Self {
-        Self { pull_secret: None, config_dir, search_path, helper_timeout }
+        Self { pull_secret: None, cri_pull: None, config_dir, search_path, helper_timeout }
     }
 
     /// This store with `docker_config_json` (a `.dockerconfigjson`: `{"auths": {...}}`, as
@@ -172,8 +182,21 @@ impl CredentialStore {
         Ok(self)
     }
 
+    /// This store with the credentials a CRI pull of an image proved consulted first, for
+    /// that image's registry only ([`keychain::CriCredentials::for_registry`]); other
+    /// registries are looked up as before.
+    pub fn with_cri_pull(mut self, credentials: keychain::CriCredentials) -> Self {
+        self.cri_pull = Some(credentials);
+        self
+    }
+
     /// The credentials for `registry` (`host[:port]`), reading the configuration anew.
     pub fn get(&self, registry: &str) -> Result<Credentials, CredentialError> {
+        if let Some(pull) = &self.cri_pull {
+            if let Some(auth) = pull.for_registry(registry) {
+                return Ok(Credentials { auth, source: CredentialSource::CriPull(pull.image().clone()) });
+            }
+        }
         if let Some(PullSecret(json)) = &self.pull_secret {
             use docker_credential::{CredentialRetrievalError as E, DockerCredential as D};
             match docker_credential::get_credential_from_reader(&json[..], registry) {
@@ -403,6 +426,27 @@ mod tests {
         assert!(matches!(store.get("d"), Err(CredentialError::HelperTimeout { .. })));
         assert!(started.elapsed() < Duration::from_secs(5), "a hung helper is killed at its deadline");
         assert!(matches!(store.get("f"), Err(CredentialError::HelperName { .. })));
+    }
+
+    #[test]
+    fn a_cri_pulls_credentials_go_to_its_registry_and_the_node_answers_for_others() {
+        // The attack: a model of an image in one registry whose lazy index or source names
+        // another host, which would then receive the image's credentials.
+        let node = "bm9kZTpub2RlLXNlY3JldA=="; // node:node-secret
+        let config = format!(r#"{{"auths":{{"127.0.0.1:5000":{{"auth":"{node}"}},"other:1":{{"auth":"{node}"}}}}}}"#);
+        let (store, dir) = store(&config, &[], Duration::from_secs(5));
+        let keychain = keychain::CriKeychain::new(Duration::from_secs(60));
+        let image = keychain::ImageName::parse("127.0.0.1:5000/models/m:v1").unwrap();
+        keychain.pulling(&image, RegistryAuth::Basic("alice".into(), SECRET.into())).succeeded(&[]);
+        let store = store.with_cri_pull(keychain.for_image(&image.key).unwrap());
+        let own = store.get("127.0.0.1:5000").unwrap();
+        assert_eq!(basic(&own), ("alice", SECRET));
+        assert_eq!(own.source.to_string(), "the CRI pull of 127.0.0.1:5000/models/m:v1");
+        let other = store.get("other:1").unwrap();
+        assert_eq!(basic(&other), ("node", "node-secret"), "another registry gets the node's credentials");
+        assert_eq!(other.source, CredentialSource::File(dir.path().join("config.json")));
+        assert_eq!(store.get("elsewhere:2").unwrap().source, CredentialSource::Anonymous);
+        assert!(!format!("{store:?} {own:?}").contains(SECRET));
     }
 
     #[test]

@@ -7,14 +7,24 @@
 //! layer without a parent, so its chain ID is its diff ID, which is the digest of the
 //! index layer itself; labels whose chain ID is anything else describe some other layer
 //! and are refused. A chain ID therefore only ever serves the model its own bytes name.
+//!
+//! containerd's CRI plugin also names the image being pulled
+//! (`containerd.io/snapshot/cri.image-ref`); it selects which credentials of a CRI pull a
+//! model is fetched with, never what is served, and those credentials go to that image's
+//! registry alone (see [`crate::registry::credentials::keychain`]).
 
 use std::collections::BTreeMap;
 
 use crate::modelpack::index::READABLE_VERSIONS;
 use crate::modelpack::labels::{self as keys, Pinned, PREFIX as MODELPACK_PREFIX};
+use crate::registry::credentials::keychain::ImageKey;
 
 /// containerd's label naming the chain ID a remote snapshotter should commit.
 pub const SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
+/// containerd's CRI label naming the image being pulled, normalised
+/// (`docker.io/library/busybox:latest`).
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 
 /// Why the labels are unusable; answered with `InvalidArgument`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,6 +96,14 @@ pub fn model_labels(labels: &BTreeMap<String, String>) -> Result<Option<ModelLab
     Ok(Some(ModelLabels { chain_id: chain_id.clone(), source, index }))
 }
 
+/// The image `labels` say is being pulled, if they name one that parses.
+pub fn image_ref(labels: &BTreeMap<String, String>) -> Option<ImageKey> {
+    let value = labels.get(CRI_IMAGE_REF)?;
+    ImageKey::parse(value)
+        .inspect_err(|e| tracing::debug!(label = CRI_IMAGE_REF, error = %e, "unusable image label"))
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +116,7 @@ mod tests {
             (keys::SOURCE, format!("127.0.0.1:5000/models/m@{source}")),
             (keys::INDEX, format!("127.0.0.1:5000/models/m@{index}")),
             (keys::VERSION, "1".to_owned()),
-            ("containerd.io/snapshot/cri.image-ref", "whatever".to_owned()),
+            (CRI_IMAGE_REF, "127.0.0.1:5000/models/m:v1-lazy".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -113,6 +131,10 @@ mod tests {
         assert_eq!(m.source.digest, Digest::of(b"manifest"));
         let plain: BTreeMap<String, String> = [(SNAPSHOT_REF.to_owned(), "x".to_owned())].into();
         assert_eq!(model_labels(&plain).unwrap(), None);
+        assert_eq!(image_ref(&good()), ImageKey::parse("127.0.0.1:5000/models/m:v1-lazy").ok());
+        assert_eq!(image_ref(&plain), None);
+        let odd: BTreeMap<String, String> = [(CRI_IMAGE_REF.to_owned(), "Not An Image".to_owned())].into();
+        assert_eq!(image_ref(&odd), None);
     }
 
     #[test]

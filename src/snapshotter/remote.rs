@@ -22,6 +22,13 @@
 //! Every mount (at `Prepare`, at `Commit`, again after a restart) starts the model's
 //! background prefetch as its companion's lazy index says (`prefetch`), else as the node's
 //! `cache.prefetch` says; unmounting the model stops it.
+//!
+//! A model is fetched with the credentials that kubelet gave a CRI pull of its image
+//! (through the CRI proxy, looked up in the [`CriKeychain`] by the
+//! `containerd.io/snapshot/cri.image-ref` label, for that image's registry only) when the
+//! keychain holds some, and with the node's Docker configuration otherwise. A mounted
+//! model keeps the credentials it was opened with; one mounted again after a restart
+//! has the node's alone (the keychain is in memory only).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,6 +52,8 @@ use crate::model::Model;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
 use crate::modelpack::labels::{self as keys, Pinned};
 use crate::modelpack::Digest;
+use crate::registry::credentials::keychain::{CriKeychain, ImageKey};
+use crate::registry::credentials::CredentialStore;
 
 /// What a model snapshot's record remembers, to mount it again after a restart.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,16 +89,20 @@ pub struct RemoteSnapshotter {
     /// Model prepares run one at a time: a second `Prepare` of one chain ID must find it
     /// committed and mounted, not half made.
     prepare_lock: std::sync::Mutex<()>,
+    /// The credentials CRI pulls proved, when the CRI proxy is served.
+    keychain: Option<CriKeychain>,
 }
 
 impl RemoteSnapshotter {
-    /// Wraps `base`; models are cached in `cache`, read on `runtime`, and kept mounted
-    /// as `mounting` says. A dead model session a crashed process left is detached.
+    /// Wraps `base`; models are cached in `cache`, read on `runtime`, kept mounted as
+    /// `mounting` says, and fetched with the credentials of their image's CRI pull when
+    /// `keychain` holds some. A dead model session a crashed process left is detached.
     pub fn new(
         base: Snapshotter,
         cache: Arc<ChunkCache>,
         settings: Settings,
         mounting: ModelMountSettings,
+        keychain: Option<CriKeychain>,
         runtime: Handle,
     ) -> Result<Self, FsError> {
         let session =
@@ -104,7 +117,22 @@ impl RemoteSnapshotter {
             session: Arc::new(session),
             models: ModelTable::default(),
             prepare_lock: std::sync::Mutex::new(()),
+            keychain,
         })
+    }
+
+    /// The settings a model of the image `image` (its snapshot's label) is opened with:
+    /// with the credentials of a CRI pull of that image, for its registry alone, when the
+    /// keychain holds some; else the node's.
+    fn settings_for(&self, image: Option<&ImageKey>) -> Settings {
+        let found = self.keychain.as_ref().zip(image).and_then(|(keychain, image)| keychain.for_image(image));
+        let Some(found) = found else { return self.settings.clone() };
+        tracing::debug!(image = %found.image(), registry = found.registry(), "model credentials from the CRI pull of its image");
+        let mut settings = self.settings.clone();
+        let node = settings.registry.credentials.take();
+        let store = node.unwrap_or_else(|| CredentialStore::from_env(settings.registry.request_timeout));
+        settings.registry.credentials = Some(store.with_cri_pull(found));
+        settings
     }
 
     /// Starts mounting every recorded model snapshot again (after a restart) and returns
@@ -160,9 +188,10 @@ impl RemoteSnapshotter {
         }
     }
 
-    /// One attempt to mount a recorded model: Ok(false) if it was removed meanwhile.
+    /// One attempt to mount a recorded model: Ok(false) if it was removed meanwhile. The
+    /// node's credentials are all it has: those of CRI pulls were in memory only.
     async fn mount_again(self: &Arc<Self>, name: &str, id: u64, remote: &RemoteRecord) -> Result<bool, SnapshotError> {
-        let model = self.open_recorded(name, remote).await?;
+        let model = self.open_recorded(name, remote, &self.settings).await?;
         let this = self.clone();
         let owned = name.to_owned();
         tokio::task::spawn_blocking(move || this.mount_recorded(&owned, id, model))
@@ -241,7 +270,8 @@ impl RemoteSnapshotter {
                 return Err(SnapshotError::RemoteReady { key: key.to_owned(), name });
             }
         }
-        let (index, json_digest) = self.runtime.block_on(self.load_index(&name, &model.index))?;
+        let settings = self.settings_for(super::labels::image_ref(&labels).as_ref());
+        let (index, json_digest) = self.runtime.block_on(self.load_index(&name, &model.index, &settings))?;
         if index.manifest_digest != model.source.digest {
             return Err(SnapshotError::InvalidArgument(format!(
                 "model snapshot {name}: label {:?} names {}, but its lazy index describes {}",
@@ -256,7 +286,7 @@ impl RemoteSnapshotter {
             layer: Some(model.index.reference.clone()),
         };
         let usage = Usage { size: 0, inodes: index.index.files.len() as i64 };
-        let opened = self.runtime.block_on(self.open_indexed(&name, index))?;
+        let opened = self.runtime.block_on(self.open_indexed(&name, index, &settings))?;
         // Record and mount under the table lock, so nobody sees the record without
         // learning whether its model is mounted.
         let mut entries = self.models.lock();
@@ -283,7 +313,12 @@ impl RemoteSnapshotter {
 
     /// The model a record names: its index from the cache, or fetched again from the
     /// pinned index layer when the cache lost it.
-    async fn open_recorded(&self, name: &str, remote: &RemoteRecord) -> Result<Model, SnapshotError> {
+    async fn open_recorded(
+        &self,
+        name: &str,
+        remote: &RemoteRecord,
+        settings: &Settings,
+    ) -> Result<Model, SnapshotError> {
         let bad = |detail: String| SnapshotError::Remote { name: name.to_owned(), detail };
         let json_digest: Digest =
             remote.index.parse().map_err(|e: crate::modelpack::digest::DigestError| bad(e.to_string()))?;
@@ -293,7 +328,7 @@ impl RemoteSnapshotter {
                 let layer =
                     remote.layer.as_deref().ok_or_else(|| bad("the lazy index is no longer cached".to_owned()))?;
                 let pinned = super::labels::pinned(keys::INDEX, layer)?;
-                let (index, fetched) = self.load_index(name, &pinned).await?;
+                let (index, fetched) = self.load_index(name, &pinned, settings).await?;
                 if fetched != json_digest {
                     return Err(bad(format!(
                         "index layer {layer} holds index {fetched}, not the recorded {json_digest}"
@@ -302,11 +337,16 @@ impl RemoteSnapshotter {
                 index
             }
         };
-        self.open_indexed(name, index).await
+        self.open_indexed(name, index, settings).await
     }
 
-    async fn open_indexed(&self, name: &str, index: VerifiedIndex) -> Result<Model, SnapshotError> {
-        Model::open_indexed(index, &self.settings, self.cache.clone())
+    async fn open_indexed(
+        &self,
+        name: &str,
+        index: VerifiedIndex,
+        settings: &Settings,
+    ) -> Result<Model, SnapshotError> {
+        Model::open_indexed(index, settings, self.cache.clone())
             .await
             .map_err(|source| SnapshotError::Model { name: name.to_owned(), source: Box::new(source) })
     }
@@ -325,8 +365,13 @@ impl RemoteSnapshotter {
     }
 
     /// The verified lazy index in the layer `at`, and the digest of its JSON.
-    async fn load_index(&self, name: &str, at: &Pinned) -> Result<(VerifiedIndex, Digest), SnapshotError> {
-        companion::load_index(&at.reference, &at.digest, &self.cache, &self.settings.registry)
+    async fn load_index(
+        &self,
+        name: &str,
+        at: &Pinned,
+        settings: &Settings,
+    ) -> Result<(VerifiedIndex, Digest), SnapshotError> {
+        companion::load_index(&at.reference, &at.digest, &self.cache, &settings.registry)
             .await
             .map_err(|source| SnapshotError::Index { name: name.to_owned(), source: Box::new(source) })
     }
@@ -353,7 +398,8 @@ impl RemoteSnapshotter {
         let remote =
             RemoteRecord { source: index.index.source.reference.clone(), index: json_digest.to_string(), layer: None };
         let usage = Usage { size: 0, inodes: index.index.files.len() as i64 };
-        let opened = self.runtime.block_on(self.open_indexed(name, index))?;
+        let settings = self.settings_for(super::labels::image_ref(&record.labels).as_ref());
+        let opened = self.runtime.block_on(self.open_indexed(name, index, &settings))?;
         // No label decides what is served here: containerd unpacked these bytes from a
         // layer it checked against its diff ID and commits them under the chain ID it
         // computed, so the index (and through it the model and every chunk digest) is

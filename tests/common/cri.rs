@@ -1,7 +1,8 @@
 //! A CRI client (the `k8s-cri` crate's generated API) over containerd's socket, doing
 //! what kubelet does for one pod: pull, run a host-network sandbox, run a container,
 //! wait for it and read its log. Also what every CRI test starts from: its
-//! prerequisites, and a registry with a model, a busybox image and a sandbox image.
+//! prerequisites, a registry with a model, a busybox image and a sandbox image, and a
+//! registry wanting a password with a private model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use tonic::transport::Channel;
 
 use super::containerd::{containerd2_bin, push_busybox_image_with, Flavor};
 use super::proxy::FaultProxy;
-use super::{prerequisites, push_dir, read_tree, require_tools, run_bin, write_model_dir, TestRegistry};
+use super::{prerequisites, push_dir, read_tree, require_tools, run_bin, run_bin_env, write_model_dir, TestRegistry};
 
 /// Whether a CRI test of `flavor` can run here (skip outside CI, fail in CI).
 pub fn cri_prerequisites(flavor: Flavor) -> bool {
@@ -64,6 +65,62 @@ pub fn fixture(tmp: &Path) -> Fixture {
     Fixture { _registry: registry, proxy, src, model_bytes, source, companion, busybox, sandbox }
 }
 
+/// A registry wanting HTTP basic authentication (htpasswd, one user) and a model in it,
+/// pushed and converted by the CLI with a Docker configuration of the test's own (given
+/// to those commands alone), reached through a counting proxy.
+pub struct PrivateModel {
+    _registry: TestRegistry,
+    pub proxy: FaultProxy,
+    pub src: PathBuf,
+    pub model_bytes: u64,
+    pub companion: String,
+    pub user: String,
+    pub password: String,
+    /// The directory of the Docker configuration holding the password.
+    pub docker_config: PathBuf,
+    /// Its `auth` value (base64 of `user:password`).
+    pub auth: String,
+}
+
+/// Builds the [`PrivateModel`] of `user` and `password`, its files under `tmp/private`.
+pub fn private_model(tmp: &Path, user: &str, password: &str) -> PrivateModel {
+    use base64::Engine as _;
+    let htpasswd = tmp.join("htpasswd");
+    let out = std::process::Command::new("htpasswd").args(["-nbB", "-C", "4", user, password]).output().unwrap();
+    assert!(out.status.success(), "htpasswd: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&htpasswd, out.stdout).unwrap();
+    let registry = TestRegistry::start_with_htpasswd(&htpasswd);
+    let proxy = FaultProxy::start(registry.port);
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let docker_config = tmp.join("docker");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    std::fs::write(
+        docker_config.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.addr()),
+    )
+    .unwrap();
+    let env = [("DOCKER_CONFIG", docker_config.as_os_str())];
+    let src = tmp.join("private");
+    write_model_dir(&src, 4 << 20);
+    let model_bytes = read_tree(&src).values().map(|v| v.len() as u64).sum();
+    let source = format!("{}/models/private:v1", proxy.addr());
+    let (ok, _, stderr) = run_bin_env(&["push", src.to_str().unwrap(), &source], &env);
+    assert!(ok, "push: {stderr}");
+    let (ok, _, stderr) = run_bin_env(&["convert", &source], &env);
+    assert!(ok, "convert: {stderr}");
+    PrivateModel {
+        _registry: registry,
+        proxy,
+        src,
+        model_bytes,
+        companion: format!("{source}-lazy"),
+        user: user.to_owned(),
+        password: password.to_owned(),
+        docker_config,
+        auth,
+    }
+}
+
 /// sha256 of every file under `dir`, by relative path.
 pub fn sums(dir: &Path) -> BTreeMap<String, String> {
     read_tree(dir).into_iter().map(|(p, data)| (p, hex::encode(sha2::Sha256::digest(&data)))).collect()
@@ -102,15 +159,22 @@ impl Cri {
         Self { images: ImageServiceClient::new(channel.clone()), runtime: RuntimeServiceClient::new(channel) }
     }
 
+    /// Connects as kubelet does with `--image-service-endpoint`: the runtime service at
+    /// `runtime`, the image service at `images`.
+    pub async fn connect_split(runtime: &Path, images: &Path) -> Self {
+        let images = ImageServiceClient::new(super::unix_channel(images).await);
+        Self { images, runtime: RuntimeServiceClient::new(super::unix_channel(runtime).await) }
+    }
+
     /// `PullImage`, returning the image ref containerd reports.
     pub async fn pull(&mut self, image: &str) -> String {
-        let request = cri::PullImageRequest { image: Some(spec(image)), auth: None, sandbox_config: None };
-        self.images
-            .pull_image(request)
-            .await
-            .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
-            .into_inner()
-            .image_ref
+        self.pull_with(image, None).await.unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
+    }
+
+    /// `PullImage` with the credentials `auth`, as kubelet sends a pod's pull secret.
+    pub async fn pull_with(&mut self, image: &str, auth: Option<cri::AuthConfig>) -> Result<String, tonic::Status> {
+        let request = cri::PullImageRequest { image: Some(spec(image)), auth, sandbox_config: None };
+        Ok(self.images.pull_image(request).await?.into_inner().image_ref)
     }
 
     /// Runs a host-network pod sandbox logging under `log_dir`; returns its id and config.

@@ -555,18 +555,44 @@ impl SnapshotterProcess {
         Self::start_alone(root, &args, config, || std::os::unix::net::UnixStream::connect(socket).is_ok())
     }
 
+    /// Starts `serve` on `root` serving the snapshotter on `<root>/snapshotter.sock` and
+    /// the CRI image service proxy on `cri_socket`, forwarding to the containerd whose
+    /// socket is named in `config`, with `env` added to its environment; waits until both
+    /// sockets accept connections. Logs as [`SnapshotterProcess::start_layer_store`].
+    pub fn start_cri_proxy(root: &Path, cri_socket: &Path, config: &Path, env: &[(&str, &OsStr)]) -> Self {
+        let socket = root.join("snapshotter.sock");
+        let args = [OsStr::new("--address"), socket.as_os_str(), OsStr::new("--cri-address"), cri_socket.as_os_str()];
+        let connects = |s: &Path| std::os::unix::net::UnixStream::connect(s).is_ok();
+        let mut process = Self::start_logged(root, &args, env, config, || connects(&socket) && connects(cri_socket));
+        process.socket = socket;
+        process
+    }
+
     /// `serve --no-containerd --root ROOT ARGS --config CONFIG`, logging to `<root>.log`,
     /// once `ready` says so.
     fn start_alone(root: &Path, args: &[&OsStr], config: &Path, ready: impl Fn() -> bool) -> Self {
+        Self::start_logged(root, &[&[OsStr::new("--no-containerd")], args].concat(), &[], config, ready)
+    }
+
+    /// `serve --root ROOT ARGS --config CONFIG` with `env`, logging to `<root>.log`, once
+    /// `ready` says so.
+    fn start_logged(
+        root: &Path,
+        args: &[&OsStr],
+        env: &[(&str, &OsStr)],
+        config: &Path,
+        ready: impl Fn() -> bool,
+    ) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(Self::log_path(root)).unwrap();
         let child = Command::new(BIN)
-            .args(["serve", "--no-containerd", "--root"])
+            .args(["serve", "--root"])
             .arg(root)
             .args(args)
             .arg("--config")
             .arg(config)
             // Plain text, so that tests can look for `key=value` in what it logs.
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -820,8 +846,14 @@ pub async fn view_model(client: &mut SnapshotsClient, layer: &CompanionLayer, vi
 
 /// Fetches the layer of the companion image at `reference`.
 pub async fn companion_layer(reference: &str) -> CompanionLayer {
+    companion_layer_with(reference, RegistrySettings::default()).await
+}
+
+/// Fetches the layer of the companion image at `reference` with `settings` (their
+/// credentials).
+pub async fn companion_layer_with(reference: &str, settings: RegistrySettings) -> CompanionLayer {
     let parsed = parse_reference(reference).unwrap();
-    let registry = Registry::new(parsed.clone(), RegistrySettings::default());
+    let registry = Registry::new(parsed.clone(), settings);
     let (mut manifest, _) = registry.fetch_manifest().await.unwrap();
     let top: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     if let Some(first) = top["manifests"][0]["digest"].as_str() {
