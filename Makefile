@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/modelpack-snapshotter
 
-.PHONY: all build setup test fuzz demo bench soak lint clean
+.PHONY: all build setup test fuzz demo bench soak lint image clean
 
 all: build
 
@@ -40,6 +40,15 @@ bench: setup
 # `make test`); SOAK_SECS (default 120) bounds it. Report: target/soak/report.md.
 soak: setup
 	$(CARGO) bench --locked --bench soak
+
+# The image contrib/kubernetes/ runs, built from Containerfile with podman or docker
+# (not part of `make test`): `make image IMAGE=registry.example.com/modelpack-snapshotter:v1`.
+IMAGE ?= modelpack-snapshotter:latest
+CONTAINER_ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+
+image:
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image: neither podman nor docker is installed" >&2; exit 1; }
+	$(CONTAINER_ENGINE) build -f Containerfile -t $(IMAGE) .
 
 demo: setup build
 	./scripts/demo.sh $(RELEASE_BIN)

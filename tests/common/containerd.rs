@@ -98,13 +98,25 @@ impl Containerd {
         sandbox: &str,
         registries: &[String],
     ) -> Self {
-        Self::start_cri_with(flavor, dir, Some(snapshotter_socket), sandbox, registries)
+        Self::start_cri_with(flavor, dir, Some(snapshotter_socket), sandbox, registries, &[])
     }
 
     /// [`Self::start_cri`] with containerd's own overlayfs snapshotter, as on a node
     /// whose models come through CSI volumes only.
     pub fn start_cri_overlayfs(flavor: Flavor, dir: &Path, sandbox: &str, registries: &[String]) -> Self {
-        Self::start_cri_with(flavor, dir, None, sandbox, registries)
+        Self::start_cri_with(flavor, dir, None, sandbox, registries, &[])
+    }
+
+    /// [`Self::start_cri_overlayfs`] with a main config that imports `imports` (drop-ins),
+    /// as a node's config does.
+    pub fn start_cri_importing(
+        flavor: Flavor,
+        dir: &Path,
+        sandbox: &str,
+        registries: &[String],
+        imports: &[PathBuf],
+    ) -> Self {
+        Self::start_cri_with(flavor, dir, None, sandbox, registries, imports)
     }
 
     fn start_cri_with(
@@ -113,11 +125,13 @@ impl Containerd {
         snapshotter_socket: Option<&Path>,
         sandbox: &str,
         registries: &[String],
+        imports: &[PathBuf],
     ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
         let certs = write_hosts(dir, registries);
-        let common = state_and_sockets(dir, &socket);
+        let imports: Vec<String> = imports.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+        let common = format!("imports = [{}]\n{}", imports.join(", "), state_and_sockets(dir, &socket));
         let (proxy, snapshotter) = match snapshotter_socket {
             Some(s) => (proxy_plugin(s, flavor == Flavor::V2), "modelpack"),
             None => (String::new(), "overlayfs"),

@@ -179,6 +179,17 @@ impl Cri {
 
     /// Runs a host-network pod sandbox logging under `log_dir`; returns its id and config.
     pub async fn run_sandbox(&mut self, name: &str, log_dir: &Path) -> (String, cri::PodSandboxConfig) {
+        self.run_sandbox_with_handler(name, log_dir, "").await
+    }
+
+    /// [`Self::run_sandbox`] with a runtime handler (a RuntimeClass's `handler`; "" for
+    /// the default), as kubelet runs a pod that names a RuntimeClass.
+    pub async fn run_sandbox_with_handler(
+        &mut self,
+        name: &str,
+        log_dir: &Path,
+        runtime_handler: &str,
+    ) -> (String, cri::PodSandboxConfig) {
         std::fs::create_dir_all(log_dir).unwrap();
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
@@ -200,7 +211,8 @@ impl Cri {
             }),
             ..Default::default()
         };
-        let request = cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() };
+        let request =
+            cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: runtime_handler.to_owned() };
         let id = self
             .runtime
             .run_pod_sandbox(request)
