@@ -8,7 +8,7 @@
 //! [`convert`] builds companion images. [`daemon`] serves [`snapshotter`], containerd's
 //! snapshots API, whose records live in [`metadata`], and [`layerstore`],
 //! containers/storage's additional layer store (CRI-O, podman); [`config`] holds every
-//! tunable.
+//! tunable; [`metrics`] declares what the process measures.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod fs;
 pub mod layerstore;
 pub mod metadata;
+pub mod metrics;
 pub mod model;
 pub mod modelpack;
 pub mod push;

@@ -1,15 +1,20 @@
 //! `serve`: the long-running daemon of the node's front-ends, over one cache. Binds
 //! containerd's Unix socket inside a directory only its owner can enter and serves the
-//! snapshots API, and/or mounts containers/storage's additional layer store, until
-//! SIGINT/SIGTERM; tells systemd when it is ready (`Type=notify`).
+//! snapshots API, and/or mounts containers/storage's additional layer store, and/or
+//! serves CSI, until SIGINT/SIGTERM; tells systemd when it is ready (`Type=notify`).
+//! Beside them it answers `status` on a Unix socket of the same kind ([`status`]) and,
+//! when asked to, Prometheus on a TCP address ([`crate::metrics`]), both over [`http`].
 
 pub mod config;
+pub mod http;
+pub mod status;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::StatusCode;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -18,10 +23,13 @@ use crate::csi::grpc::CsiGrpc;
 use crate::csi::CsiNode;
 use crate::fs;
 use crate::layerstore::LayerStore;
+use crate::metrics;
 use crate::snapshotter::grpc::Grpc;
 use crate::snapshotter::remote::RemoteSnapshotter;
 use crate::snapshotter::{private_dir, SnapshotError, Snapshotter, STATE_MODE};
 pub use config::{ConfigError, DaemonConfig};
+use http::Reply;
+use status::{Frontends, Node};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +66,9 @@ pub enum DaemonError {
     /// The CSI plugin's state could not be opened.
     #[error("CSI: {0}")]
     Csi(#[from] crate::csi::CsiError),
+    /// The metrics address could not be bound.
+    #[error("metrics address {address}: {source}")]
+    Metrics { address: std::net::SocketAddr, source: std::io::Error },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
@@ -145,6 +156,7 @@ pub async fn serve(
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut servers = Vec::new();
 
+    let mut frontends = Frontends::default();
     let store = match config.layer_store() {
         Some((path, store_settings)) => {
             let state = config.root.join("layer-store");
@@ -155,6 +167,7 @@ pub async fn serve(
             let restoring = store.restore()?;
             tracing::info!(path = %path.display(), restoring, "serving the containers/storage layer store");
             println!("layer store: {}", path.display());
+            frontends.layer_store = Some(store);
             Some(mounted)
         }
         None => None,
@@ -173,6 +186,7 @@ pub async fn serve(
             let restoring = node.restore()?;
             tracing::info!(address = %address.display(), driver = %csi.driver_name, node = %csi.node_id, restoring, "serving CSI");
             println!("csi: {}", address.display());
+            frontends.csi = Some(node.clone());
             Some((node, address))
         }
         None => None,
@@ -180,6 +194,7 @@ pub async fn serve(
     let snapshotter = match base {
         Some(base) => {
             let at = runtime.clone();
+            let cache = cache.clone();
             let snapshotter = tokio::task::block_in_place(|| {
                 RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), at)
             })
@@ -191,10 +206,24 @@ pub async fn serve(
             servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
             tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
             println!("serving: {}", config.address.display());
+            frontends.snapshotter = Some(snapshotter.clone());
             Some(snapshotter)
         }
         None => None,
     };
+    let node = Arc::new(Node::new(cache, frontends));
+    servers.push(tokio::spawn(sample(node.clone(), stopping.clone())));
+    let status_socket = config.status_socket();
+    let listener = bind(&status_socket)?;
+    servers.push(tokio::spawn(serve_status(listener, node.clone(), stopping.clone())));
+    tracing::info!(address = %status_socket.display(), "serving status");
+    if let Some(address) = config.metrics_address() {
+        let listener =
+            tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Metrics { address, source })?;
+        servers.push(tokio::spawn(serve_metrics(listener, node.clone(), stopping.clone())));
+        tracing::info!(%address, "serving metrics");
+        println!("metrics: http://{address}/metrics");
+    }
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
@@ -206,6 +235,7 @@ pub async fn serve(
         let result = server.await.unwrap_or_else(|e| panic!("a gRPC server task failed: {e}"));
         served = served.and(result);
     }
+    let _ = std::fs::remove_file(&status_socket);
     tokio::task::block_in_place(|| {
         if let Some(snapshotter) = &snapshotter {
             snapshotter.unmount_all();
@@ -223,6 +253,52 @@ pub async fn serve(
     served?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Samples the bytes fetched for the status's fetch rate until `stopping` turns true.
+async fn sample(node: Arc<Node>, mut stopping: tokio::sync::watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let mut tick = tokio::time::interval(status::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => node.sample(),
+            _ = stopping.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// Answers `GET /status` with `node`'s status as JSON until `stopping` turns true.
+async fn serve_status(
+    listener: UnixListener,
+    node: Arc<Node>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    let handler: http::Handler = Arc::new(move |path: &str| match path {
+        "/status" => {
+            let json = serde_json::to_vec_pretty(&node.status()).expect("a status serializes");
+            Reply::ok("application/json", json)
+        }
+        other => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /status")),
+    });
+    http::serve(UnixListenerStream::new(listener), handler, stopping).await;
+    Ok(())
+}
+
+/// Answers `GET /metrics` with every metric, those `node` keeps read at each scrape,
+/// until `stopping` turns true.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    node: Arc<Node>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    let collector = metrics::NodeCollector::new(move || node.gauges());
+    let registry = metrics::exposition(metrics::recorded(), collector);
+    let handler: http::Handler = Arc::new(move |path: &str| match path {
+        "/metrics" => Reply::ok(metrics::CONTENT_TYPE, metrics::encode(&registry)),
+        other => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /metrics")),
+    });
+    http::serve(tokio_stream::wrappers::TcpListenerStream::new(listener), handler, stopping).await;
     Ok(())
 }
 

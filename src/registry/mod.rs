@@ -12,6 +12,7 @@
 //! No error message carries a secret: text a registry sent back is redacted first.
 
 pub mod credentials;
+mod failure;
 mod reference;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use tokio::io::AsyncReadExt;
 
 use self::credentials::{CredentialStore, Credentials};
 use crate::config::RegistrySettings;
+use crate::metrics::{self, FailureKind};
 use crate::modelpack::media;
 use crate::modelpack::referrers::{self, ReferrersList};
 use crate::modelpack::Digest;
@@ -304,17 +306,23 @@ impl Registry {
             match tokio::time::timeout(self.settings.request_timeout, op(session.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(Attempt::Denied(_))) if !renewed => {
+                    metrics::registry_retry(self.reference.resolve_registry(), FailureKind::Denied);
                     renewed = true;
                     self.renew(&session).await;
                     continue;
                 }
-                Ok(Err(Attempt::Denied(e) | Attempt::Fatal(e))) => return Err(e),
+                Ok(Err(Attempt::Denied(e) | Attempt::Fatal(e))) => {
+                    metrics::registry_error(self.reference.resolve_registry(), failure::of_error(&e));
+                    return Err(e);
+                }
                 Ok(Err(Attempt::Retry(msg))) => last = msg,
                 Err(_) => last = format!("timed out after {:?}", self.settings.request_timeout),
             }
             if attempt == attempts {
+                metrics::registry_error(self.reference.resolve_registry(), failure::of_message(&last));
                 break;
             }
+            metrics::registry_retry(self.reference.resolve_registry(), failure::of_message(&last));
             tracing::debug!(what, attempt, error = %last, "registry request failed; retrying");
             tokio::time::sleep(delay).await;
             delay = delay.saturating_mul(2);
@@ -427,6 +435,7 @@ impl Registry {
         len: u64,
         piece: u64,
     ) -> Result<Vec<Bytes>, RegistryError> {
+        let started = std::time::Instant::now();
         let piece = piece.clamp(1, len.max(1));
         let what = format!("bytes {offset}+{len} of blob {blob}");
         let digest = blob.to_string();
@@ -463,6 +472,7 @@ impl Registry {
             Ok(out.freeze())
         })
         .await
+        .inspect(|_| metrics::registry_request(self.reference.resolve_registry(), len, started.elapsed()))
     }
 
     /// One ranged GET, unauthenticated while the registry allows it (see `bare`).
