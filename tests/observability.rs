@@ -137,6 +137,43 @@ async fn metrics_and_status_after_a_known_read() {
 }
 
 #[test]
+fn a_metrics_address_in_use_fails_the_start_with_nothing_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let config = write_config(&tmp.path().join("etc"), "");
+    let root = tmp.path().join("root");
+    let csi_socket = tmp.path().join("plugin/csi.sock");
+    let mut serve = std::process::Command::new(BIN)
+        .args(["serve", "--no-containerd", "--metrics-address", &address, "--root"])
+        .arg(&root)
+        .arg("--csi-address")
+        .arg(&csi_socket)
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SETTLE;
+    let exited = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            terminate(&mut serve);
+            panic!("serve kept running with its metrics address in use");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!exited.success());
+    assert!(stderr.contains(&format!("metrics address {address}")), "{stderr}");
+    assert!(!csi_socket.exists(), "nothing is served: the CSI socket was never bound");
+}
+
+#[test]
 fn status_without_a_daemon_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("status.sock");

@@ -155,6 +155,16 @@ pub async fn serve(
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut servers = Vec::new();
+    // Bound before anything is mounted: an address in use fails the start with nothing
+    // left to undo. Answered once the front-ends exist.
+    let status_socket = config.status_socket();
+    let status_listener = bind(&status_socket)?;
+    let metrics_listener = match config.metrics_address() {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Metrics { address, source })?,
+        ),
+        None => None,
+    };
 
     let mut frontends = Frontends::default();
     let store = match config.layer_store() {
@@ -213,13 +223,11 @@ pub async fn serve(
     };
     let node = Arc::new(Node::new(cache, frontends));
     servers.push(tokio::spawn(sample(node.clone(), stopping.clone())));
-    let status_socket = config.status_socket();
-    let listener = bind(&status_socket)?;
-    servers.push(tokio::spawn(serve_status(listener, node.clone(), stopping.clone())));
+    servers.push(tokio::spawn(serve_status(status_listener, node.clone(), stopping.clone())));
     tracing::info!(address = %status_socket.display(), "serving status");
-    if let Some(address) = config.metrics_address() {
-        let listener =
-            tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Metrics { address, source })?;
+    println!("status: {}", status_socket.display());
+    if let Some(listener) = metrics_listener {
+        let address = listener.local_addr().map_or_else(|_| config.metrics_address.clone(), |a| a.to_string());
         servers.push(tokio::spawn(serve_metrics(listener, node.clone(), stopping.clone())));
         tracing::info!(%address, "serving metrics");
         println!("metrics: http://{address}/metrics");
