@@ -10,7 +10,7 @@
 //! containers/storage's additional layer store (CRI-O, podman), [`csi`], a CSI node
 //! plugin, and [`cri`], a proxy of CRI's image service that hands kubelet's pull secrets
 //! to the snapshotter; [`config`] holds every tunable; [`progress`] shows the progress of
-//! long transfers on standard error.
+//! long transfers on standard error; [`metrics`] declares what the process measures.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod fs;
 pub mod layerstore;
 pub mod metadata;
+pub mod metrics;
 pub mod model;
 pub mod modelpack;
 pub mod progress;

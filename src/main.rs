@@ -1,4 +1,5 @@
-//! The `modelpack-snapshotter` command: `push`, `inspect`, `mount`, `convert` and `serve`.
+//! The `modelpack-snapshotter` command: `push`, `inspect`, `mount`, `convert`, `serve`
+//! and `status`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -166,6 +167,28 @@ enum Command {
         /// kubelet's pull secrets for the snapshotter (overrides `cri.address`).
         #[arg(long)]
         cri_address: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9102
+        /// (overrides `metrics_address`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_address: Option<String>,
+        /// The socket `status` asks (overrides `status_address`) [default: <root>/status.sock].
+        #[arg(long)]
+        status_address: Option<PathBuf>,
+    },
+    /// Show what a running `serve` serves: every model, how much of it is cached, the
+    /// fetch rate and the cache's use.
+    Status {
+        /// The daemon's status socket [default: `status_address` of the configuration,
+        /// else <root>/status.sock].
+        #[arg(long)]
+        address: Option<PathBuf>,
+        /// The daemon's configuration, to find its socket [default:
+        /// /etc/modelpack-snapshotter/config.toml if it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the daemon's answer as it is (JSON).
+        #[arg(long)]
+        json: bool,
     },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
@@ -351,12 +374,10 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             csi_address,
             csi_node_id,
             cri_address,
+            metrics_address,
+            status_address,
         } => {
-            let mut daemon = match config {
-                Some(path) => DaemonConfig::load(&path)?,
-                None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
-                None => DaemonConfig::default(),
-            };
+            let mut daemon = daemon_config(config.as_deref())?;
             daemon.root = root.unwrap_or(daemon.root);
             daemon.address = address.unwrap_or(daemon.address);
             daemon.cache.dir = cache_dir.unwrap_or(daemon.cache.dir);
@@ -364,6 +385,8 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             daemon.csi.address = csi_address.unwrap_or(daemon.csi.address);
             daemon.csi.node_id = csi_node_id.unwrap_or(daemon.csi.node_id);
             daemon.cri.address = cri_address.unwrap_or(daemon.cri.address);
+            daemon.metrics_address = metrics_address.unwrap_or(daemon.metrics_address);
+            daemon.status_address = status_address.unwrap_or(daemon.status_address);
             if no_containerd {
                 daemon.address = PathBuf::new();
             }
@@ -378,7 +401,32 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
             runtime.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch, progress))
         }
+        Command::Status { address, config, json } => {
+            let socket = match address {
+                Some(socket) => socket,
+                None => daemon_config(config.as_deref())?.status_socket(),
+            };
+            let body = runtime.block_on(daemon::http::get(&socket, "/status"))?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&body).trim_end());
+            } else {
+                let status: daemon::status::Status = serde_json::from_slice(&body)
+                    .with_context(|| format!("reading the status from {}", socket.display()))?;
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
     }
+}
+
+/// The daemon's configuration: `path`, else the default file if it exists, else the
+/// defaults.
+fn daemon_config(path: Option<&Path>) -> Result<DaemonConfig> {
+    Ok(match path {
+        Some(path) => DaemonConfig::load(path)?,
+        None if Path::new(DEFAULT_CONFIG).exists() => DaemonConfig::load(Path::new(DEFAULT_CONFIG))?,
+        None => DaemonConfig::default(),
+    })
 }
 
 fn print_inspect(model: &Model) {

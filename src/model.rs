@@ -95,6 +95,15 @@ pub enum ModelError {
     NoLazyIndex { reference: String, manifest: Digest, detail: String },
 }
 
+/// How much of a model the cache holds ([`Model::cache_share`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheShare {
+    /// Bytes of the blobs the model's files are served from.
+    pub bytes: u64,
+    /// How many of them are in the cache.
+    pub cached: u64,
+}
+
 /// Where the bytes of one layer's (uncompressed) content are read from.
 #[derive(Debug, Clone)]
 pub enum LayerData {
@@ -371,6 +380,31 @@ impl Model {
             prefetching: Mutex::new(None),
             _unpacked: leases,
         })
+    }
+
+    /// How much of the model the cache holds now: the bytes of the blobs its files are
+    /// served from (each blob once), and how many of them are cached. A compressed
+    /// layer counts as cached whole, since it is unpacked into the cache before the
+    /// model opens. Looks each remote chunk up in the cache: for `status`, not for a
+    /// read path.
+    pub fn cache_share(&self) -> CacheShare {
+        let mut seen = std::collections::HashSet::new();
+        let mut share = CacheShare::default();
+        let served = self.layers.iter().zip(&self.artifact.layers).filter(|(_, layer)| self.selection.keeps(layer));
+        for (data, layer) in served {
+            match data {
+                LayerData::Remote(blob) if seen.insert(blob.digest) => {
+                    share.bytes += blob.size;
+                    share.cached += self.store.cache().cached_bytes(&blob.digest, blob.size);
+                }
+                LayerData::Local(_) if seen.insert(layer.digest) => {
+                    share.bytes += layer.size;
+                    share.cached += layer.size;
+                }
+                _ => {}
+            }
+        }
+        share
     }
 
     /// The remote blobs of the files served, for prefetch.

@@ -37,6 +37,7 @@ use tokio::sync::Semaphore;
 
 use crate::cache::{CacheError, ChunkCache, ChunkKey, Standing, Verdict, Voucher};
 use crate::config::FetchSettings;
+use crate::metrics::{self, ChunkSource};
 use crate::modelpack::index::ChunkDigests;
 use crate::modelpack::Digest;
 use crate::registry::{Registry, RegistryError};
@@ -399,10 +400,12 @@ impl BlobStore {
             |index| self.cache.standing(&ChunkKey { blob: blob.digest, index }, &self.voucher) == Standing::Trusted;
         if let [(index, within, _, take)] = pieces[..] {
             if !servable(index) {
+                metrics::chunk_reads(ChunkSource::Fetch, 1);
                 let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
                 return Ok(chunk.slice(within as usize..within as usize + take));
             }
         }
+        let chunks = pieces.len();
         let (mut out, missing) = if pieces.iter().any(|p| servable(p.0)) {
             let cache = self.cache.clone();
             let digest = blob.digest;
@@ -424,6 +427,8 @@ impl BlobStore {
         } else {
             (vec![0u8; size], pieces)
         };
+        metrics::chunk_reads(ChunkSource::Cache, chunks - missing.len());
+        metrics::chunk_reads(ChunkSource::Fetch, missing.len());
         for (index, within, dst, take) in missing {
             let chunk = self.chunk(blob, index, Priority::OnDemand).await?;
             out[dst..dst + take].copy_from_slice(&chunk[within as usize..within as usize + take]);
@@ -476,6 +481,7 @@ impl BlobStore {
             }
         }
         drop(resident);
+        metrics::chunk_reads(ChunkSource::Memory, parts.len());
         if let [(_, data, _)] = &parts[..] {
             return Some(data.clone());
         }
@@ -566,6 +572,10 @@ impl BlobStore {
             };
             match result {
                 Ok(chunks) => {
+                    metrics::chunks_fetched(count);
+                    if priority == Priority::Prefetch {
+                        metrics::prefetched(chunks.iter().map(|c| c.len() as u64).sum());
+                    }
                     if priority == Priority::OnDemand {
                         let mut resident = this.resident.lock().expect("resident lock");
                         for (i, chunk) in chunks.iter().enumerate() {

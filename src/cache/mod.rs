@@ -109,6 +109,10 @@ pub const MTIME_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// hash (which takes a few milliseconds per chunk).
 const HASH_WAIT: Duration = Duration::from_millis(1);
 
+/// Most chunks [`ChunkCache::cached_bytes`] looks up under one hold of the lock: a few
+/// hundred microseconds, however large the blob.
+const PRESENCE_BATCH: u64 = 4096;
+
 /// Why a cache operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -369,6 +373,32 @@ impl ChunkCache {
     /// The cache root.
     pub fn dir(&self) -> &Path {
         self.layout.root()
+    }
+
+    /// The most bytes kept; None when unlimited.
+    pub fn budget(&self) -> Option<u64> {
+        self.budget
+    }
+
+    /// Bytes of `blob` (of `size` bytes) present in the cache now. Looks every chunk up
+    /// by its index (a blob's chunks are not kept together), taking the lock for at most
+    /// [`PRESENCE_BATCH`] of them at a time so that readers are never held up for long.
+    pub fn cached_bytes(&self, blob: &Digest, size: u64) -> u64 {
+        let Ok(chunk_size) = self.bound_chunk_size() else { return 0 };
+        let chunks = size.div_ceil(chunk_size);
+        let mut present = 0;
+        let mut first = 0;
+        while first < chunks {
+            let last = chunks.min(first + PRESENCE_BATCH);
+            let inner = self.lock();
+            present += (first..last)
+                .filter_map(|index| inner.lru.peek(&ChunkKey { blob: *blob, index }))
+                .map(|e| e.size)
+                .sum::<u64>();
+            drop(inner);
+            first = last;
+        }
+        present
     }
 
     fn bound_chunk_size(&self) -> Result<u64, CacheError> {

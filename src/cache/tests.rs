@@ -69,6 +69,24 @@ fn put_then_get_round_trips_and_counts() {
 }
 
 #[test]
+fn cached_bytes_counts_the_chunks_of_one_blob_present() {
+    let dir = TempDir::new().unwrap();
+    let cache = open(&dir, Some(1 << 20));
+    assert_eq!(cache.budget(), Some(1 << 20));
+    // A blob of three chunks, the last one short, with its first and last chunks cached;
+    // another blob's chunk at the same index does not count.
+    let size = 2 * CHUNK + 100;
+    for (name, index, len) in [("a", 0, CHUNK), ("a", 2, 100), ("b", 1, CHUNK)] {
+        let k = key(name, index);
+        cache.put(&k, &bytes_for(&k, len as usize), &V).unwrap();
+    }
+    assert_eq!(cache.cached_bytes(&blob("a"), size), CHUNK + 100);
+    assert_eq!(cache.cached_bytes(&blob("c"), size), 0);
+    // Past one batch of look-ups under the lock.
+    assert_eq!(cache.cached_bytes(&blob("a"), (PRESENCE_BATCH + 3) * CHUNK), CHUNK + 100);
+}
+
+#[test]
 fn putting_a_present_chunk_again_keeps_it_without_double_counting() {
     let dir = TempDir::new().unwrap();
     let cache = open(&dir, None);

@@ -228,6 +228,37 @@ struct Shared {
     model: Arc<Model>,
     /// Targets publishing it.
     users: usize,
+    /// Its entry among the models mounted, gone with it.
+    _listed: Listed,
+}
+
+/// The models mounted for volumes, readable at any time: a call holds [`State`] while
+/// it opens a model, which may wait on a registry for as long as its timeouts allow.
+#[derive(Debug, Default)]
+struct Listing {
+    models: std::sync::Mutex<HashMap<u64, Arc<Model>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A model's entry in the [`Listing`], taken out when dropped.
+#[derive(Debug)]
+struct Listed {
+    listing: Arc<Listing>,
+    id: u64,
+}
+
+impl Listing {
+    fn add(self: &Arc<Self>, model: Arc<Model>) -> Listed {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.models.lock().expect("listing lock").insert(id, model);
+        Listed { listing: self.clone(), id }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.listing.models.lock().expect("listing lock").remove(&self.id);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +282,7 @@ pub struct CsiNode {
     /// Calls run one at a time: publishing is rare, and a second publish of a model must
     /// find the first one's mount.
     state: tokio::sync::Mutex<State>,
+    listing: Arc<Listing>,
 }
 
 impl CsiNode {
@@ -271,7 +303,13 @@ impl CsiNode {
         }
         let records = Records::open(&dir.join("volumes.redb"), "volumes")?;
         let state = tokio::sync::Mutex::new(State::default());
-        Ok(Self { cache, settings, models_dir, records, runtime, state })
+        Ok(Self { cache, settings, models_dir, records, runtime, state, listing: Arc::default() })
+    }
+
+    /// The models mounted for volumes now, each once however many volumes share it.
+    /// Never waits for a call in progress.
+    pub fn mounted_models(&self) -> Vec<Arc<Model>> {
+        self.listing.models.lock().expect("listing lock").values().cloned().collect()
     }
 
     /// Publishes again, in the background, every volume recorded as published (after a
@@ -427,7 +465,8 @@ impl CsiNode {
         .map_err(|e| mount_err("the model", &dir, std::io::Error::other(e)))?
         .map_err(|e| mount_err("the model", &dir, e))?;
         tracing::info!(reference, dir = %dir.display(), "model mounted for CSI volumes");
-        Ok(Shared { dir, mounted, model, users: 0 })
+        let listed = self.listing.add(model.clone());
+        Ok(Shared { dir, mounted, model, users: 0, _listed: listed })
     }
 }
 

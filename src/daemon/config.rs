@@ -1,6 +1,7 @@
 //! The `serve` configuration file (TOML): every key documented and defaulted, unknown
 //! keys refused. `contrib/config.toml` is the annotated sample, parsed by a test.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,6 +39,11 @@ pub struct DaemonConfig {
     /// Unix socket containerd connects to (`[proxy_plugins.modelpack] address`); empty
     /// serves no containerd socket (the layer store alone).
     pub address: PathBuf,
+    /// The Unix socket `modelpack-snapshotter status` asks (`GET /status`), in a
+    /// directory only root enters; empty means `<root>/status.sock`.
+    pub status_address: PathBuf,
+    /// Where Prometheus scrapes `GET /metrics` (`host:port`); empty serves no metrics.
+    pub metrics_address: String,
     /// Log filter (`info`, `debug`, `modelpack_snapshotter=trace`, ...).
     pub log_level: String,
     /// How log lines are written: `text`, or `json` for log shippers.
@@ -221,6 +227,8 @@ impl Default for DaemonConfig {
         Self {
             root: PathBuf::from("/var/lib/modelpack-snapshotter"),
             address: PathBuf::from("/run/modelpack-snapshotter/snapshotter.sock"),
+            status_address: PathBuf::new(),
+            metrics_address: String::new(),
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             shutdown_grace_secs: 10,
@@ -333,6 +341,22 @@ impl DaemonConfig {
         if !(self.layer_store.path.as_os_str().is_empty() || self.layer_store.path.is_absolute()) {
             return Err(invalid("layer_store.path", "must be an absolute path, or empty"));
         }
+        if !(self.status_address.as_os_str().is_empty() || self.status_address.is_absolute()) {
+            return Err(invalid("status_address", "must be an absolute path, or empty"));
+        }
+        let status = self.status_socket();
+        if status == self.address || status == self.csi.address || status == self.cri.address {
+            return Err(invalid("status_address", &format!("{} is another socket of the daemon", status.display())));
+        }
+        if !self.metrics_address.is_empty() && self.metrics_address.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics_address",
+                &format!(
+                    "{:?} is not an IP address and port (such as 127.0.0.1:9102), nor empty",
+                    self.metrics_address
+                ),
+            ));
+        }
         self.check_cri(origin)
     }
 
@@ -357,6 +381,20 @@ impl DaemonConfig {
             return Err(invalid("cri.address", "must not be the socket of another service"));
         }
         Ok(())
+    }
+
+    /// The status socket in effect.
+    pub fn status_socket(&self) -> PathBuf {
+        if self.status_address.as_os_str().is_empty() {
+            self.root.join("status.sock")
+        } else {
+            self.status_address.clone()
+        }
+    }
+
+    /// Where metrics are served, if they are (the address was checked by [`Self::check`]).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address.parse().ok()
     }
 
     /// Whether the containerd socket is served.
@@ -466,12 +504,18 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/x"));
         assert_eq!(c.cache.chunk_size, 1 << 20);
         assert_eq!(c.cache_dir(), PathBuf::from("/x/cache"));
+        assert_eq!(c.status_socket(), PathBuf::from("/x/status.sock"));
+        assert_eq!(c.metrics_address(), None);
         let c = DaemonConfig::parse("log_format = \"json\"\n", "t").unwrap();
         assert_eq!(c.log_format, LogFormat::Json);
         let hosts = |text: &str| DaemonConfig::parse(text, "t").unwrap().settings().registry.hosts;
         assert_eq!(hosts("[registry]\nconfig_path = \"/etc/hosts.d\"\n"), HostsDir(Some("/etc/hosts.d".into())));
         assert_eq!(hosts("[registry]\nconfig_path = \"\"\n"), HostsDir(None));
         assert_eq!(hosts(""), HostsDir::system());
+        let c = DaemonConfig::parse("metrics_address = \"127.0.0.1:9102\"\nstatus_address = \"/s/st.sock\"\n", "t")
+            .unwrap();
+        assert_eq!(c.metrics_address(), Some(SocketAddr::from(([127, 0, 0, 1], 9102))));
+        assert_eq!(c.status_socket(), PathBuf::from("/s/st.sock"));
     }
 
     #[test]
@@ -498,6 +542,14 @@ mod tests {
         assert!(e.contains("prefetch"), "{e}");
         let e = DaemonConfig::parse("log_format = \"xml\"\n", "cfg.toml").unwrap_err().to_string();
         assert!(e.contains("log_format") && e.contains("xml"), "{e}");
+        let e = DaemonConfig::parse("metrics_address = \"localhost:9102\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("metrics_address") && e.contains("localhost:9102"), "{e}");
+        let e = DaemonConfig::parse("status_address = \"status.sock\"\n", "cfg.toml").unwrap_err().to_string();
+        assert!(e.contains("status_address"), "{e}");
+        let e = DaemonConfig::parse("address = \"/r/s.sock\"\nstatus_address = \"/r/s.sock\"\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("status_address") && e.contains("another socket"), "{e}");
     }
 
     #[test]
@@ -540,6 +592,8 @@ mod tests {
             let e = DaemonConfig::parse(text, "cfg.toml").unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
+        let d = DaemonConfig::default();
+        assert_eq!((&c.status_address, &c.metrics_address), (&d.status_address, &d.metrics_address));
     }
 
     #[test]

@@ -3,15 +3,19 @@
 //! snapshots API (with, optionally, the CRI image service proxy whose pulls' credentials
 //! the snapshotter uses), and/or mounts containers/storage's additional layer store,
 //! and/or serves CSI, until SIGINT/SIGTERM; tells systemd when it is ready
-//! (`Type=notify`).
+//! (`Type=notify`). Beside them it answers `status` on a Unix socket of the same kind ([`status`]) and,
+//! when asked to, Prometheus on a TCP address ([`crate::metrics`]), both over [`http`].
 
 pub mod config;
+pub mod http;
+pub mod status;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::StatusCode;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -21,11 +25,14 @@ use crate::csi::grpc::CsiGrpc;
 use crate::csi::CsiNode;
 use crate::fs;
 use crate::layerstore::LayerStore;
+use crate::metrics;
 use crate::registry::credentials::keychain::CriKeychain;
 use crate::snapshotter::grpc::Grpc;
 use crate::snapshotter::remote::RemoteSnapshotter;
 use crate::snapshotter::{private_dir, SnapshotError, Snapshotter, STATE_MODE};
 pub use config::{ConfigError, DaemonConfig};
+use http::Reply;
+use status::{Frontends, Node};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +72,9 @@ pub enum DaemonError {
     /// The CRI proxy could not be set up.
     #[error("CRI proxy: {0}")]
     Cri(#[from] crate::cri::CriError),
+    /// The metrics address could not be bound.
+    #[error("metrics address {address}: {source}")]
+    Metrics { address: std::net::SocketAddr, source: std::io::Error },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
@@ -151,7 +161,18 @@ pub async fn serve(
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut servers = Vec::new();
+    // Bound before anything is mounted: an address in use fails the start with nothing
+    // left to undo. Answered once the front-ends exist.
+    let status_socket = config.status_socket();
+    let status_listener = bind(&status_socket)?;
+    let metrics_listener = match config.metrics_address() {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Metrics { address, source })?,
+        ),
+        None => None,
+    };
 
+    let mut frontends = Frontends::default();
     let store = match config.layer_store() {
         Some((path, store_settings)) => {
             let state = config.root.join("layer-store");
@@ -162,6 +183,7 @@ pub async fn serve(
             let restoring = store.restore()?;
             tracing::info!(path = %path.display(), restoring, "serving the containers/storage layer store");
             println!("layer store: {}", path.display());
+            frontends.layer_store = Some(store);
             Some(mounted)
         }
         None => None,
@@ -180,6 +202,7 @@ pub async fn serve(
             let restoring = node.restore()?;
             tracing::info!(address = %address.display(), driver = %csi.driver_name, node = %csi.node_id, restoring, "serving CSI");
             println!("csi: {}", address.display());
+            frontends.csi = Some(node.clone());
             Some((node, address))
         }
         None => None,
@@ -190,6 +213,7 @@ pub async fn serve(
         Some(base) => {
             let at = runtime.clone();
             let pulls = keychain.clone();
+            let cache = cache.clone();
             let snapshotter = tokio::task::block_in_place(|| {
                 RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), pulls, at)
             })
@@ -201,6 +225,7 @@ pub async fn serve(
             servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
             tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshots API");
             println!("serving: {}", config.address.display());
+            frontends.snapshotter = Some(snapshotter.clone());
             Some(snapshotter)
         }
         None => None,
@@ -217,6 +242,17 @@ pub async fn serve(
         }
         _ => None,
     };
+    let node = Arc::new(Node::new(cache, frontends));
+    servers.push(tokio::spawn(sample(node.clone(), stopping.clone())));
+    servers.push(tokio::spawn(serve_status(status_listener, node.clone(), stopping.clone())));
+    tracing::info!(address = %status_socket.display(), "serving status");
+    println!("status: {}", status_socket.display());
+    if let Some(listener) = metrics_listener {
+        let address = listener.local_addr().map_or_else(|_| config.metrics_address.clone(), |a| a.to_string());
+        servers.push(tokio::spawn(serve_metrics(listener, node.clone(), stopping.clone())));
+        tracing::info!(%address, "serving metrics");
+        println!("metrics: http://{address}/metrics");
+    }
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
@@ -228,6 +264,7 @@ pub async fn serve(
         let result = server.await.unwrap_or_else(|e| panic!("a gRPC server task failed: {e}"));
         served = served.and(result);
     }
+    let _ = std::fs::remove_file(&status_socket);
     tokio::task::block_in_place(|| {
         if let Some(snapshotter) = &snapshotter {
             snapshotter.unmount_all();
@@ -248,6 +285,52 @@ pub async fn serve(
     served?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Samples the bytes fetched for the status's fetch rate until `stopping` turns true.
+async fn sample(node: Arc<Node>, mut stopping: tokio::sync::watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let mut tick = tokio::time::interval(status::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => node.sample(),
+            _ = stopping.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// Answers `GET /status` with `node`'s status as JSON until `stopping` turns true.
+async fn serve_status(
+    listener: UnixListener,
+    node: Arc<Node>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    let handler: http::Handler = Arc::new(move |path: &str| match path {
+        "/status" => {
+            let json = serde_json::to_vec_pretty(&node.status()).expect("a status serializes");
+            Reply::ok("application/json", json)
+        }
+        other => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /status")),
+    });
+    http::serve(UnixListenerStream::new(listener), handler, stopping).await;
+    Ok(())
+}
+
+/// Answers `GET /metrics` with every metric, those `node` keeps read at each scrape,
+/// until `stopping` turns true.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    node: Arc<Node>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    let collector = metrics::NodeCollector::new(move || node.gauges());
+    let registry = metrics::exposition(metrics::recorded(), collector);
+    let handler: http::Handler = Arc::new(move |path: &str| match path {
+        "/metrics" => Reply::ok(metrics::CONTENT_TYPE, metrics::encode(&registry)),
+        other => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /metrics")),
+    });
+    http::serve(tokio_stream::wrappers::TcpListenerStream::new(listener), handler, stopping).await;
     Ok(())
 }
 

@@ -28,6 +28,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::blob::BlobError;
+use crate::metrics;
 use crate::model::{LayerData, Model};
 use crate::modelpack::safetensors::{self, TensorSpans};
 use crate::modelpack::tree::{FileSource, Node, NodeKind, ROOT_INO};
@@ -375,6 +376,7 @@ impl Filesystem for ModelFs {
                 let open = OpenFile { passthrough: true, ..OpenFile::default() };
                 self.open_files.lock().expect("open files lock").insert(fh, Arc::new(open));
                 self.model.store.stats().passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                metrics::passthrough_open();
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
             }
         }
@@ -395,6 +397,8 @@ impl Filesystem for ModelFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        // Recorded when dropped: after the reply, on whichever thread sends it.
+        let timer = metrics::fuse_read();
         let ino = self.local(ino);
         let Some(node) = self.model.tree.get(ino) else { return reply.error(Errno::EBADF) };
         let NodeKind::File(source) = node.kind else { return reply.error(Errno::EBADF) };
@@ -448,6 +452,7 @@ impl Filesystem for ModelFs {
                     reply.error(errno_of(&e));
                 }
             }
+            drop(timer);
             if load_spans {
                 load_tensor_spans(model, source, ino, tensors).await;
             }

@@ -341,6 +341,11 @@ pub struct Attached {
 }
 
 impl Attached {
+    /// The model served, while it is attached.
+    pub fn model(&self) -> Option<Arc<Model>> {
+        self.table.models.read().expect("models lock").get(&self.slot).map(|fs| fs.model.clone())
+    }
+
     /// Detaches the model's bind (lazily, if files are still open) and takes the model
     /// out of the session; the session goes with its last model.
     pub fn unmount(mut self) {

@@ -271,6 +271,17 @@ impl LayerStore {
         out
     }
 
+    /// The models behind the layers served now, each once however many layers share it.
+    pub fn served_models(&self) -> Vec<Arc<Model>> {
+        let mut models: Vec<Arc<Model>> = Vec::new();
+        for layer in self.served_layers() {
+            if !models.iter().any(|m| Arc::ptr_eq(m, &layer.model)) {
+                models.push(layer.model.clone());
+            }
+        }
+        models
+    }
+
     /// Counts one more user of the served layer at `path` (containers/storage creates
     /// `<layer>/use`); returns the new count.
     pub fn use_layer(&self, path: &LayerPath) -> Result<u64, StoreError> {

@@ -37,6 +37,7 @@ use self::credentials::{CredentialStore, Credentials};
 pub use self::transport::ClientPool;
 use self::transport::{challenge_of, small_body, status_attempt, with_auth, Access, Auth, Host};
 use crate::config::RegistrySettings;
+use crate::metrics::{self, FailureKind as Kind};
 use crate::modelpack::media;
 use crate::modelpack::referrers::{self, ReferrersList};
 use crate::modelpack::Digest;
@@ -77,7 +78,8 @@ pub enum RegistryError {
 
 /// One attempt's failure, sorted by whether trying again can help.
 enum Attempt {
-    Retry(String),
+    /// Worth another try; the kind is what the metrics count it as.
+    Retry(Kind, String),
     /// Refused: worth one more try with credentials read again.
     Denied(RegistryError),
     Fatal(RegistryError),
@@ -302,6 +304,8 @@ impl Registry {
         let mut last = String::new();
         let mut renewed = false;
         let mut attempt = 1;
+        // The last failed try, counted as a retry once another follows, else as the error.
+        let mut failed: Option<(usize, Kind)> = None;
         loop {
             let session = self.session();
             let candidates = self.candidates(need)?;
@@ -309,10 +313,13 @@ impl Registry {
             let mut not_found = None;
             for (n, &i) in candidates.iter().enumerate() {
                 let host = &self.host_list()[i];
+                if let Some((i, kind)) = failed.take() {
+                    metrics::registry_retry(&self.host_list()[i].config.authority, kind);
+                }
                 let result = match limit {
                     Some(limit) => tokio::time::timeout(limit, op(session.clone(), i))
                         .await
-                        .unwrap_or_else(|_| Err(Attempt::Retry(format!("timed out after {limit:?}")))),
+                        .unwrap_or_else(|_| Err(Attempt::Retry(Kind::Timeout, format!("timed out after {limit:?}")))),
                     None => op(session.clone(), i).await,
                 };
                 match result {
@@ -321,13 +328,14 @@ impl Registry {
                         return Ok(v);
                     }
                     Err(e) => {
-                        if let Attempt::Retry(msg) = &e {
+                        failed = Some((i, e.kind()));
+                        if let Attempt::Retry(_, msg) = &e {
                             host.mark(false);
                             last = msg.clone();
                         }
                         if n + 1 < candidates.len() {
                             let why = match &e {
-                                Attempt::Retry(msg) => msg.clone(),
+                                Attempt::Retry(_, msg) => msg.clone(),
                                 Attempt::Denied(e) | Attempt::Fatal(e) => e.to_string(),
                             };
                             tracing::debug!(what, host = %host.config.base(), error = %why, "registry host failed; trying the next");
@@ -342,7 +350,7 @@ impl Registry {
             // A host that answered "not found" outweighs hosts that could not answer (a
             // mirror's 404 while the origin is down); it is final only if no other did.
             let outcome = match (outcome, not_found) {
-                (Some(Attempt::Retry(_)) | None, Some(e)) => Some(Attempt::Fatal(e)),
+                (Some(Attempt::Retry(..)) | None, Some(e)) => Some(Attempt::Fatal(e)),
                 (outcome, _) => outcome,
             };
             match outcome {
@@ -351,8 +359,11 @@ impl Registry {
                     self.renew(&session).await;
                     continue;
                 }
-                Some(Attempt::Denied(e) | Attempt::Fatal(e)) => return Err(e),
-                Some(Attempt::Retry(_)) | None => {}
+                Some(Attempt::Denied(e) | Attempt::Fatal(e)) => {
+                    self.count_error(failed, Some(kind_of(&e)));
+                    return Err(e);
+                }
+                Some(Attempt::Retry(..)) | None => {}
             }
             if attempt == attempts {
                 break;
@@ -362,7 +373,16 @@ impl Registry {
             delay = delay.saturating_mul(2);
             attempt += 1;
         }
+        self.count_error(failed, None);
         Err(RegistryError::Exhausted { what: what.to_owned(), reference: self.name(), attempts, last })
+    }
+
+    /// Counts a request that failed for good, under the host its last try went to, as
+    /// `kind` or else as that try's kind.
+    fn count_error(&self, failed: Option<(usize, Kind)>, kind: Option<Kind>) {
+        if let Some((i, last)) = failed {
+            metrics::registry_error(&self.host_list()[i].config.authority, kind.unwrap_or(last));
+        }
     }
 
     /// Sends what `build` makes to host `i`, answering one authentication challenge
@@ -377,14 +397,12 @@ impl Registry {
     ) -> Result<reqwest::Response, Attempt> {
         let host = &self.host_list()[i];
         let auth = &session.auths[i];
-        let response = with_auth(build(host)?, auth.cached(access))
-            .send()
-            .await
-            .map_err(|e| Attempt::Retry(auth.text(&transport_error(&e))))?;
+        let response =
+            with_auth(build(host)?, auth.cached(access)).send().await.map_err(|e| transport_attempt(auth, &e))?;
         let Some(challenge) = challenge_of(&response) else { return Ok(response) };
         drop(response);
         let header = auth.authorize(host, challenge.as_ref(), self.reference.repository(), access).await?;
-        with_auth(build(host)?, Some(header)).send().await.map_err(|e| Attempt::Retry(auth.text(&transport_error(&e))))
+        with_auth(build(host)?, Some(header)).send().await.map_err(|e| transport_attempt(auth, &e))
     }
 
     /// `response` if it is a success, else the sorted failure.
@@ -434,12 +452,15 @@ impl Registry {
                 Limited::TooLarge => {
                     Attempt::Fatal(self.invalid(what, format!("manifest larger than {MAX_SMALL_BLOB} bytes")))
                 }
-                Limited::Body(e) => Attempt::Retry(format!("body: {e}")),
+                Limited::Body(e) => Attempt::Retry(Kind::ShortBody, format!("body: {e}")),
             })?;
             let actual = Digest::of(&body);
             if let Some(pinned) = self.reference.digest() {
                 if pinned != actual.to_string() {
-                    return Err(Attempt::Retry(format!("manifest digest {actual} does not match {pinned}")));
+                    return Err(Attempt::Retry(
+                        Kind::Digest,
+                        format!("manifest digest {actual} does not match {pinned}"),
+                    ));
                 }
             }
             if header.as_deref().is_some_and(|h| h != actual.to_string()) {
@@ -489,6 +510,7 @@ impl Registry {
         let range = format!("bytes={offset}-{}", offset + len - 1);
         let (what, digest, range) = (what.as_str(), digest.as_str(), range.as_str());
         self.with_retries(what, Need::Pull, Some(self.settings.request_timeout), |session, i| async move {
+            let started = std::time::Instant::now();
             let url = self.url(i, "blobs", digest);
             let response = self
                 .send(&session, i, Access::Pull, |h| {
@@ -500,7 +522,9 @@ impl Registry {
             let whole = response.status() != http::StatusCode::PARTIAL_CONTENT;
             let mut skip = if whole { offset } else { 0 };
             let mut out = PiecedBody::new(len, piece);
-            while let Some(mut received) = response.chunk().await.map_err(|e| Attempt::Retry(format!("body: {e}")))? {
+            while let Some(mut received) =
+                response.chunk().await.map_err(|e| Attempt::Retry(Kind::ShortBody, format!("body: {e}")))?
+            {
                 if skip > 0 {
                     let n = skip.min(received.len() as u64);
                     skip -= n;
@@ -509,7 +533,7 @@ impl Registry {
                 let room = (len - out.received()) as usize;
                 if received.len() > room {
                     if !whole {
-                        return Err(Attempt::Retry(format!("long body: more than {len} bytes")));
+                        return Err(Attempt::Retry(Kind::LongBody, format!("long body: more than {len} bytes")));
                     }
                     out.extend_from_slice(&received[..room]);
                     break;
@@ -517,8 +541,12 @@ impl Registry {
                 out.extend_from_slice(&received);
             }
             if out.received() != len {
-                return Err(Attempt::Retry(format!("short body: got {} of {len} bytes", out.received())));
+                return Err(Attempt::Retry(
+                    Kind::ShortBody,
+                    format!("short body: got {} of {len} bytes", out.received()),
+                ));
             }
+            metrics::registry_request(&self.host_list()[i].config.authority, len, started.elapsed());
             Ok(out.freeze())
         })
         .await
@@ -643,7 +671,9 @@ impl Registry {
                 let response = self
                     .send(&session, i, Access::Push, |h| {
                         let body = body.lock().unwrap_or_else(|e| e.into_inner()).take();
-                        let body = body.ok_or_else(|| Attempt::Retry("upload refused after it started".to_owned()))?;
+                        let body = body.ok_or_else(|| {
+                            Attempt::Retry(Kind::Denied, "upload refused after it started".to_owned())
+                        })?;
                         Ok(h.request(Method::PUT, &put)?
                             .header(http::header::CONTENT_TYPE, "application/octet-stream")
                             .header(http::header::CONTENT_LENGTH, size)
@@ -675,7 +705,7 @@ impl Registry {
                 let response = self.success(&session, i, what, response).await?;
                 read_limited(response, MAX_SMALL_BLOB).await.map_err(|e| match e {
                     Limited::TooLarge => Attempt::Fatal(self.invalid(what, "answer larger than 4 MiB".to_owned())),
-                    Limited::Body(e) => Attempt::Retry(format!("body: {e}")),
+                    Limited::Body(e) => Attempt::Retry(Kind::ShortBody, format!("body: {e}")),
                 })
             })
             .await;
@@ -764,6 +794,39 @@ fn transport_error(e: &reqwest::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// A request that got no answer, or not all of it: worth another try.
+fn transport_attempt(auth: &Auth, e: &reqwest::Error) -> Attempt {
+    let kind = if e.is_timeout() {
+        Kind::Timeout
+    } else if e.is_body() || e.is_decode() {
+        Kind::ShortBody
+    } else {
+        Kind::Connect
+    };
+    Attempt::Retry(kind, auth.text(&transport_error(e)))
+}
+
+impl Attempt {
+    /// What the metrics count this failed try as.
+    fn kind(&self) -> Kind {
+        match self {
+            Self::Retry(kind, _) => *kind,
+            Self::Denied(_) => Kind::Denied,
+            Self::Fatal(e) => kind_of(e),
+        }
+    }
+}
+
+/// What a request that failed for good counts as.
+fn kind_of(e: &RegistryError) -> Kind {
+    match e {
+        RegistryError::NotFound { .. } => Kind::NotFound,
+        RegistryError::Unauthorized { .. } => Kind::Denied,
+        RegistryError::Invalid { .. } => Kind::Status4xx,
+        _ => Kind::Other,
+    }
 }
 
 enum Limited {
@@ -1003,7 +1066,7 @@ mod tests {
         for status in [400u16, 401, 403, 404, 500, 503] {
             let status = http::StatusCode::from_u16(status).unwrap();
             let shown = match status_attempt(status, "manifest", &registry.name(), &echoed) {
-                Attempt::Retry(msg) => msg,
+                Attempt::Retry(_, msg) => msg,
                 Attempt::Denied(e) | Attempt::Fatal(e) => format!("{e} {e:?}"),
             };
             assert!(!shown.contains(SECRET), "{shown}");

@@ -17,6 +17,7 @@ use oci_client::secrets::RegistryAuth;
 use super::credentials::Credentials;
 use super::hosts::HostConfig;
 use super::{is_loopback, Attempt, RegistryError};
+use crate::metrics::FailureKind as Kind;
 
 /// Largest token answer or error body read.
 const MAX_SMALL_ANSWER: usize = 1 << 20;
@@ -227,9 +228,9 @@ impl Auth {
         if let RegistryAuth::Basic(user, password) = &self.credentials.auth {
             request = request.basic_auth(user, Some(password));
         }
-        let response = request.send().await.map_err(|e| Attempt::Retry(self.text(&e.to_string())))?;
+        let response = request.send().await.map_err(|e| Attempt::Retry(Kind::Connect, self.text(&e.to_string())))?;
         let status = response.status();
-        let body = small_body(response).await.map_err(|e| Attempt::Retry(self.text(&e)))?;
+        let body = small_body(response).await.map_err(|e| Attempt::Retry(Kind::ShortBody, self.text(&e)))?;
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(denied(format!("token request answered {status}")));
         }
@@ -242,10 +243,10 @@ impl Auth {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let answer: Answer =
-            serde_json::from_slice(&body).map_err(|_| Attempt::Retry("token answer is not JSON".to_owned()))?;
+        let answer: Answer = serde_json::from_slice(&body)
+            .map_err(|_| Attempt::Retry(Kind::Other, "token answer is not JSON".to_owned()))?;
         let token = answer.token.or(answer.access_token).filter(|t| !t.is_empty());
-        let token = token.ok_or_else(|| Attempt::Retry("token answer holds no token".to_owned()))?;
+        let token = token.ok_or_else(|| Attempt::Retry(Kind::Other, "token answer holds no token".to_owned()))?;
         let life = answer.expires_in.map_or(DEFAULT_TOKEN_LIFE, |s| Duration::from_secs(s.saturating_sub(10).max(1)));
         Ok((bearer(&token)?, life))
     }
@@ -262,7 +263,7 @@ fn bearer(token: &str) -> Result<HeaderValue, Attempt> {
 
 fn sensitive(value: &str) -> Result<HeaderValue, Attempt> {
     let mut header = HeaderValue::from_str(value)
-        .map_err(|_| Attempt::Retry("credentials cannot be sent in a header".to_owned()))?;
+        .map_err(|_| Attempt::Retry(Kind::Other, "credentials cannot be sent in a header".to_owned()))?;
     header.set_sensitive(true);
     Ok(header)
 }
@@ -334,7 +335,8 @@ pub(super) fn status_attempt(status: StatusCode, what: &str, reference: &str, sa
     match status.as_u16() {
         404 => Attempt::Fatal(RegistryError::NotFound { what: what.to_owned(), reference: reference.to_owned() }),
         401 | 403 => Attempt::Denied(RegistryError::Unauthorized { reference: reference.to_owned(), detail }),
-        408 | 429 | 500..=599 => Attempt::Retry(detail),
+        408 | 429 => Attempt::Retry(Kind::Status4xx, detail),
+        500..=599 => Attempt::Retry(Kind::Status5xx, detail),
         _ => Attempt::Fatal(RegistryError::Invalid { what: what.to_owned(), reference: reference.to_owned(), detail }),
     }
 }
@@ -382,7 +384,7 @@ mod tests {
         ));
         assert!(matches!(status_attempt(StatusCode::FORBIDDEN, "m", r, ""), Attempt::Denied(_)));
         for s in [408, 429, 500, 502, 503] {
-            assert!(matches!(status_attempt(StatusCode::from_u16(s).unwrap(), "m", r, ""), Attempt::Retry(_)), "{s}");
+            assert!(matches!(status_attempt(StatusCode::from_u16(s).unwrap(), "m", r, ""), Attempt::Retry(..)), "{s}");
         }
         assert!(matches!(
             status_attempt(StatusCode::BAD_REQUEST, "m", r, &"x".repeat(1000)),

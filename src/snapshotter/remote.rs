@@ -216,6 +216,18 @@ impl RemoteSnapshotter {
         Ok(self.models.set(&mut entries, name, id, State::Mounted(mounted)))
     }
 
+    /// The models of the model snapshots mounted now.
+    pub fn mounted_models(&self) -> Vec<Arc<Model>> {
+        let entries = self.models.lock();
+        entries
+            .values()
+            .filter_map(|entry| match &entry.state {
+                State::Mounted(attached) => attached.model(),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Unmounts every model and stops every background mount (at shutdown).
     pub fn unmount_all(&self) {
         let entries: Vec<(String, Entry)> = self.models.lock().drain().collect();
