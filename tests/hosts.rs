@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use common::csi::{node_client, publish, unpublish};
 use common::proxy::FaultProxy;
 use common::*;
 
@@ -20,6 +21,14 @@ const SHARD: usize = 3 << 20;
 fn write_hosts(hosts: &Path, registry: &str, toml: &str) {
     std::fs::create_dir_all(hosts.join(registry)).unwrap();
     std::fs::write(hosts.join(registry).join("hosts.toml"), toml).unwrap();
+}
+
+/// `inspect REFERENCE --hosts-dir HOSTS --retries 0` with a fresh cache (a cached
+/// manifest would answer for a registry that cannot be reached).
+fn inspect(reference: &str, hosts: &str) -> (bool, String, String) {
+    let cache = tempfile::tempdir().unwrap();
+    let cache = cache.path().to_str().unwrap();
+    run_bin(&["inspect", reference, "--retries", "0", "--hosts-dir", hosts, "--cache-dir", cache])
 }
 
 /// Mounts `reference` with `--hosts-dir hosts`, checks every file against `src`, and
@@ -56,15 +65,44 @@ fn a_mirror_serves_while_the_origin_is_down_and_the_origin_while_the_mirror_is()
 
     origin.stop();
     mount_and_compare(&reference, &src, &hosts, tmp.path(), "origin-down");
-    let (ok, out, stderr) = run_bin(&["inspect", &reference, "--hosts-dir", hosts.to_str().unwrap()]);
+    let (ok, out, stderr) = inspect(&reference, hosts.to_str().unwrap());
     assert!(ok && out.contains("lazy index: sha256:"), "{out}{stderr}");
     // Without the hosts directory, the origin is all there is.
-    let (ok, _, _) = run_bin(&["inspect", &reference, "--hosts-dir", "", "--retries", "0"]);
+    let (ok, _, _) = inspect(&reference, "");
     assert!(!ok, "the origin is down");
 
     origin.restart();
     mirror.stop();
     mount_and_compare(&reference, &src, &hosts, tmp.path(), "mirror-down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reaches_a_model_and_its_companions_registry_through_the_configured_mirror() {
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut origin = TestRegistry::start();
+    let mirror = TestRegistry::start_sharing(&origin);
+    let src = tmp.path().join("model");
+    let reference = format!("{}/models/m:v1", origin.addr());
+    push_converted(&src, SHARD, &reference, &[]);
+    let hosts = tmp.path().join("certs.d");
+    write_hosts(&hosts, &origin.addr(), &format!("[host.\"http://{}\"]\n", mirror.addr()));
+    let config =
+        write_config(&tmp.path().join("etc"), &format!("[registry]\nconfig_path = {:?}\n", hosts.to_str().unwrap()));
+    let socket = tmp.path().join("plugin/csi.sock");
+    let serve = SnapshotterProcess::start_csi(&tmp.path().join("root"), &socket, &config);
+    origin.stop();
+
+    let mut node = node_client(&socket).await;
+    let target = tmp.path().join("root/pods/a/mount");
+    // The plain reference finds its companion, whose index names the origin again: every
+    // request goes to the mirror.
+    node.node_publish_volume(publish("vol-a", &target, &[("modelRef", &reference)])).await.unwrap();
+    assert_same_tree(&src, &target);
+    node.node_unpublish_volume(unpublish("vol-a", &target)).await.unwrap();
+    drop(serve);
 }
 
 #[test]
@@ -188,15 +226,24 @@ fn a_tls_registry_with_a_private_ca_and_a_client_certificate_from_hosts_toml() {
     // The same registry without the CA, or without the client certificate, is refused.
     let other = tmp.path().join("other.d");
     write_hosts(&other, &registry.addr(), &format!("server = \"https://{}\"\n", registry.addr()));
-    let (ok, _, stderr) = run_bin(&["inspect", &reference, "--retries", "0", "--hosts-dir", other.to_str().unwrap()]);
+    let (ok, _, stderr) = inspect(&reference, other.to_str().unwrap());
     assert!(!ok && stderr.to_lowercase().contains("certificate"), "unknown CA: {stderr}");
     std::fs::copy(pki_dir.join("ca.pem"), other.join(registry.addr()).join("ca.pem")).unwrap();
     write_hosts(&other, &registry.addr(), &server);
-    let (ok, _, stderr) = run_bin(&["inspect", &reference, "--retries", "0", "--hosts-dir", other.to_str().unwrap()]);
+    let (ok, _, stderr) = inspect(&reference, other.to_str().unwrap());
     assert!(!ok, "no client certificate: {stderr}");
+    // skip_verify takes the place of the CA (the client certificate is still needed).
+    let client = "client = [[\"client.pem\", \"client.key\"]]\n";
+    for f in ["client.pem", "client.key"] {
+        std::fs::copy(pki_dir.join(f), other.join(registry.addr()).join(f)).unwrap();
+    }
+    let unverified = format!("server = \"https://{}\"\nskip_verify = true\n{client}", registry.addr());
+    write_hosts(&other, &registry.addr(), &unverified);
+    let (ok, out, stderr) = inspect(&reference, other.to_str().unwrap());
+    assert!(ok && out.contains("model-00001-of-00002.safetensors"), "skip_verify: {stderr}");
     // Plain HTTP to it, by configuration, fails too: nothing falls back on its own.
     write_hosts(&other, &registry.addr(), &format!("server = \"http://{}\"\n", registry.addr()));
-    let (ok, _, _) = run_bin(&["inspect", &reference, "--retries", "0", "--hosts-dir", other.to_str().unwrap()]);
+    let (ok, _, _) = inspect(&reference, other.to_str().unwrap());
     assert!(!ok, "plain HTTP to a TLS registry");
 }
 
@@ -208,6 +255,6 @@ fn a_broken_hosts_file_is_an_error_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let hosts = tmp.path().join("certs.d");
     write_hosts(&hosts, "127.0.0.1:9", "[host.\"ftp://mirror\"]\n");
-    let (ok, _, stderr) = run_bin(&["inspect", "127.0.0.1:9/m:v1", "--hosts-dir", hosts.to_str().unwrap()]);
+    let (ok, _, stderr) = inspect("127.0.0.1:9/m:v1", hosts.to_str().unwrap());
     assert!(!ok && stderr.contains("hosts.toml") && stderr.contains("ftp://mirror"), "{stderr}");
 }
