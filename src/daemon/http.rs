@@ -27,6 +27,15 @@ use tokio::task::JoinSet;
 /// than spinning on the same error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Connections served at once; more are closed as they come. A scraper or two and a few
+/// `status` calls are what is expected; a peer on the metrics address that opens
+/// connections without end must not take the daemon's file descriptors.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Time a connection has to send a request's head, so that one that sends nothing
+/// does not hold its place.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why asking the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -78,11 +87,16 @@ where
     loop {
         tokio::select! {
             next = incoming.next() => match next {
+                Some(Ok(_)) if connections.len() >= MAX_CONNECTIONS => {
+                    tracing::debug!(max = MAX_CONNECTIONS, "too many HTTP connections; closing a new one");
+                }
                 Some(Ok(connection)) => {
                     let handler = handler.clone();
                     connections.spawn(async move {
                         let service = service_fn(move |request| answer(handler.clone(), request));
                         let served = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(HEAD_TIMEOUT)
                             .serve_connection(TokioIo::new(connection), service)
                             .await;
                         if let Err(e) = served {
@@ -169,5 +183,31 @@ mod tests {
         server.await.unwrap();
         let e = get(&dir.path().join("absent.sock"), "/hello").await.unwrap_err();
         assert!(matches!(e, HttpError::Connect { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_the_ones_kept_still_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let handler: Handler = Arc::new(|_: &str| Reply::ok("text/plain", "hi"));
+        let (stop, stopping) = watch::channel(false);
+        let server = tokio::spawn(serve(tokio_stream::wrappers::UnixListenerStream::new(listener), handler, stopping));
+        // Silent peers take every place (accepted in the order they connected).
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+        }
+        let mut extra = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0, "the connection beyond the limit is closed");
+        // A peer that holds a place can still ask.
+        silent[0].write_all(b"GET /x HTTP/1.1\r\nHost: l\r\n\r\n").await.unwrap();
+        let n = silent[0].read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        stop.send(true).unwrap();
+        server.await.unwrap();
     }
 }
