@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/modelpack-snapshotter
 
-.PHONY: all build setup test fuzz demo bench soak lint image clean
+.PHONY: all build setup test fuzz demo bench soak lint image image-debian clean
 
 all: build
 
@@ -42,13 +42,22 @@ soak: setup
 	$(CARGO) bench --locked --bench soak
 
 # The image contrib/kubernetes/ runs, built from Containerfile with podman or docker
-# (not part of `make test`): `make image IMAGE=registry.example.com/modelpack-snapshotter:v1`.
+# (not part of `make test`): `make image IMAGE=registry.example.com/modelpack-snapshotter:v1`;
+# `make image-debian` takes the same IMAGE.
 IMAGE ?= modelpack-snapshotter:latest
 CONTAINER_ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
 
 image:
 	@test -n "$(CONTAINER_ENGINE)" || { echo "make image: neither podman nor docker is installed" >&2; exit 1; }
 	$(CONTAINER_ENGINE) build -f Containerfile -t $(IMAGE) .
+
+# The same image without base images or a container registry (scripts/build-image.sh):
+# a Debian 12 root from this machine's Debian mirror, the release binary, `podman import`.
+# OCI_ARCHIVE=image.tar also saves it as an OCI archive (for skopeo or `ctr images import`).
+OCI_ARCHIVE ?=
+
+image-debian:
+	CARGO=$(CARGO) ./scripts/build-image.sh --name $(IMAGE) $(if $(OCI_ARCHIVE),--oci-archive $(OCI_ARCHIVE))
 
 demo: setup build
 	./scripts/demo.sh $(RELEASE_BIN)

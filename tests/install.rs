@@ -5,15 +5,20 @@
 //! RuntimeClass and the example pod name; the install script installs the drop-in only
 //! where containerd reads it and restarts containerd only when asked; and a real
 //! containerd 2.x whose main config imports the drop-in runs a pod of that runtime
-//! handler with a model as an image volume, while a pod without it needs no daemon.
+//! handler with a model as an image volume, while a pod without it needs no daemon. The
+//! image `scripts/build-image.sh` builds from Debian packages (no base image) runs the
+//! binary and fusermount3, has the CA certificates, and runs the init container's script
+//! as the DaemonSet does, in Debian 12's podman.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::containerd::{Containerd, Flavor};
 use common::cri::{cri_prerequisites, fixture, image_volume, printed_sums, sha256_every_file, sums, Cri};
+use common::podman::{require_podman, run_within, Flavor as PodmanFlavor, Podman};
 use common::*;
 use modelpack_snapshotter::daemon::DaemonConfig;
 
@@ -448,4 +453,118 @@ async fn containerd_2_with_the_drop_in_runs_the_runtime_class_pod_reading_a_mode
     let (code, log) = cri.run_to_exit(&sandbox, "ordinary", &f.busybox, &["/bin/echo", "ok"], vec![], &logs).await;
     cri.remove_sandbox(&sandbox.0).await;
     assert_eq!((code, log.trim()), (0, "ok"), "{}", containerd.log());
+}
+
+/// How long `scripts/build-image.sh` may take with a given binary: mmdebstrap fetches
+/// some 70 packages from the Debian mirror (20-40 s here).
+const IMAGE_BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The name `scripts/build-image.sh` gives the image when not given one.
+const DEFAULT_IMAGE_NAME: &str = "localhost/modelpack-snapshotter:dev";
+
+/// A program that runs `podman`'s command (its storage, flags and environment) with the
+/// arguments it is given, for a script that runs podman itself (`PODMAN`).
+fn podman_program(podman: &Podman, dir: &Path) -> PathBuf {
+    let cmd = podman.command(&[]);
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_str().unwrap().replace('\'', r"'\''"));
+    let mut line = String::from("exec env -i");
+    for (key, value) in cmd.get_envs() {
+        let assignment = format!("{}={}", key.to_str().unwrap(), value.unwrap().to_str().unwrap());
+        line += &format!(" {}", quote(assignment.as_ref()));
+    }
+    for word in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
+        line += &format!(" {}", quote(word));
+    }
+    let program = dir.join("podman");
+    std::fs::write(&program, format!("#!/bin/sh\n{line} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    program
+}
+
+/// The Containerfile's `ENTRYPOINT` (exec form).
+fn containerfile_entrypoint() -> Vec<String> {
+    let containerfile = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Containerfile")).unwrap();
+    let line =
+        containerfile.lines().find_map(|l| l.strip_prefix("ENTRYPOINT ")).expect("the Containerfile's ENTRYPOINT");
+    serde_json::from_str(line).expect("an ENTRYPOINT in exec form")
+}
+
+#[test]
+fn the_image_built_from_debian_packages_runs_the_daemon_fusermount3_and_the_init_container_script() {
+    if !require_tools(&["mmdebstrap"]) || !require_podman(PodmanFlavor::V4) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Dropped first: removes the image and every container, then its storage.
+    let podman = Podman::new(PodmanFlavor::V4);
+    let archive = tmp.path().join("image.tar");
+    let mut build = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-image.sh"));
+    build.args(["--binary", BIN, "--oci-archive"]).arg(&archive).env("PODMAN", podman_program(&podman, tmp.path()));
+    let started = Instant::now();
+    let (status, stdout, stderr) = run_within(build, IMAGE_BUILD_TIMEOUT);
+    assert!(status.as_ref().is_ok_and(|s| s.success()), "build-image.sh: {status:?}\n{stdout}\n{stderr}");
+    eprintln!("{} ({:.0?})", stdout.lines().last().unwrap_or_default(), started.elapsed());
+    let image = DEFAULT_IMAGE_NAME;
+
+    // Its entrypoint is the Containerfile's: the daemon, which the pod gives its args.
+    let entrypoint = podman.cmd(&["image", "inspect", "--format", "{{json .Config.Entrypoint}}", image]).unwrap();
+    assert_eq!(serde_json::from_str::<Vec<String>>(&entrypoint).unwrap(), containerfile_entrypoint());
+    let version = podman.run(image, &["--version"]).unwrap();
+    assert_eq!(version.trim(), format!("modelpack-snapshotter {}", env!("CARGO_PKG_VERSION")));
+    let fusermount = podman.run_with(&["--entrypoint", "fusermount3"], image, &["-V"]).unwrap();
+    assert!(fusermount.contains("fusermount3 version"), "{fusermount}");
+    // Registries' certificates are checked against the system's roots.
+    podman
+        .run_with(&["--entrypoint", "test"], image, &["-s", "/etc/ssl/certs/ca-certificates.crt"])
+        .expect("the image has the CA certificates");
+
+    // The init container, as the DaemonSet runs it: its command, its environment, the
+    // ConfigMap's files and the host's /etc/containerd where it mounts them, privileged.
+    let ds = manifest("daemonset.yaml");
+    let init = ds.at("spec/template/spec/initContainers").named("install-containerd-drop-in");
+    let mount_path = |volume: &str| {
+        let mounts = init.at("volumeMounts");
+        mounts.named(volume).at("mountPath").str().to_owned()
+    };
+    let etc = tmp.path().join("etc-containerd");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("config.toml"), "version = 3\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n").unwrap();
+    let installed = etc.join("conf.d/modelpack-snapshotter.toml");
+    let command = init.at("command").strs();
+    let run_init = |restart: &str| {
+        let volumes = [
+            format!("{}:{}:ro", install_dir().display(), mount_path("config")),
+            format!("{}:{}", etc.display(), mount_path("containerd-config")),
+        ];
+        let mut env = Vec::new();
+        for var in init.at("env").seq() {
+            let (name, value) = (var.at("name").str(), var.at("value").str());
+            env.push(format!("{name}={}", if name == "RESTART_CONTAINERD" { restart } else { value }));
+        }
+        let mut extra = vec!["--privileged", "--entrypoint", command[0], "-v", &volumes[0], "-v", &volumes[1]];
+        for var in &env {
+            extra.extend(["-e", var]);
+        }
+        let (ok, stdout, stderr) = podman.run_output(&extra, image, &command[1..]);
+        (ok, format!("{stdout}{stderr}"))
+    };
+
+    let (ok, out) = run_init("false");
+    assert!(ok && out.contains("installed /etc/containerd/conf.d/modelpack-snapshotter.toml"), "{out}");
+    assert!(out.contains("when it next starts"), "{out}");
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), read("containerd-drop-in.toml"));
+    let (ok, out) = run_init("true");
+    assert!(ok && out.contains("is up to date"), "cmp found the same file: {out}");
+    // Asked to restart after a change: nsenter runs. Without hostPID its PID 1 is the
+    // container's own, which has no systemctl (never this machine's containerd).
+    std::fs::write(&installed, "version = 3\n# an older drop-in\n").unwrap();
+    let (ok, out) = run_init("true");
+    assert!(ok && out.contains("nsenter: failed to execute systemctl"), "{out}");
+    assert!(out.contains("restarting containerd failed"), "{out}");
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), read("containerd-drop-in.toml"));
+
+    // The OCI archive is the same image: loaded again under its name, it runs.
+    podman.rmi(image).unwrap();
+    podman.cmd(&["load", "--quiet", "--input", archive.to_str().unwrap()]).unwrap();
+    assert_eq!(podman.run(image, &["--version"]).unwrap(), version);
 }

@@ -270,6 +270,18 @@ impl Podman {
     /// Runs `cmd` in a new container of `image` (removed when it exits), with `extra`
     /// options of `podman run`: its stdout.
     pub fn run_with(&self, extra: &[&str], image: &str, cmd: &[&str]) -> Result<String, String> {
+        self.cmd(&Self::run_args(extra, image, cmd))
+    }
+
+    /// [`Self::run_with`] that fails nothing: (success, stdout, stderr), for a command
+    /// whose failure or messages are what a test looks at.
+    pub fn run_output(&self, extra: &[&str], image: &str, cmd: &[&str]) -> (bool, String, String) {
+        self.output_within(&Self::run_args(extra, image, cmd), COMMAND_TIMEOUT)
+    }
+
+    /// The arguments of `podman run` for `cmd` in a new container of `image`, removed
+    /// when it exits, with `extra` options.
+    fn run_args<'a>(extra: &[&'a str], image: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "run",
             "--rm",
@@ -284,7 +296,7 @@ impl Podman {
         args.extend_from_slice(extra);
         args.push(image);
         args.extend_from_slice(cmd);
-        self.cmd(&args)
+        args
     }
 }
 
@@ -355,7 +367,7 @@ fn mount(options: &[&str], source: &Path, target: &Path, propagation: &str) {
 
 /// Runs `cmd` for at most `timeout` (then kills it): its exit status (or why it has
 /// none), stdout and stderr.
-fn run_within(mut cmd: Command, timeout: Duration) -> (Result<std::process::ExitStatus, String>, String, String) {
+pub fn run_within(mut cmd: Command, timeout: Duration) -> (Result<std::process::ExitStatus, String>, String, String) {
     let mut child = match cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
         Ok(child) => child,
         Err(e) => return (Err(format!("cannot start {cmd:?}: {e}")), String::new(), String::new()),
