@@ -129,10 +129,18 @@ pub struct Registry {
     renewing: tokio::sync::Mutex<()>,
     credentials: CredentialStore,
     /// The hosts of the registry in the order they are tried, or why the node's
-    /// configuration of them cannot be used (every request fails with it).
-    hosts: Result<Vec<Host>, RegistryError>,
+    /// configuration of them cannot be used (every request fails with it). Shared by the
+    /// clients [`Registry::with_reference`] makes for the same repository.
+    hosts: Result<Arc<[Host]>, Unusable>,
     reference: Reference,
     settings: RegistrySettings,
+}
+
+/// Why the node's configuration of a registry's hosts cannot be used.
+#[derive(Debug, Clone)]
+struct Unusable {
+    host: String,
+    detail: String,
 }
 
 impl std::fmt::Debug for Registry {
@@ -193,8 +201,8 @@ impl Registry {
         let hosts = settings
             .hosts
             .hosts(reference.registry())
-            .map(|configs| configs.into_iter().map(|c| Host::new(c, &settings.clients, timeouts)).collect::<Vec<_>>())
-            .map_err(|e| RegistryError::Config { host: reference.registry().to_owned(), detail: e.to_string() });
+            .map(|configs| configs.into_iter().map(|c| Host::new(c, &settings.clients, timeouts)).collect::<Arc<[_]>>())
+            .map_err(|e| Unusable { host: reference.registry().to_owned(), detail: e.to_string() });
         if let Ok(hosts) = &hosts {
             if hosts.len() > 1 {
                 let order: Vec<String> = hosts.iter().map(|h| h.config.base()).collect();
@@ -226,15 +234,9 @@ impl Registry {
         let registry = self.reference.resolve_registry().to_owned();
         tracing::debug!(registry, "registry refused the credentials; reading them again");
         let store = self.credentials.clone();
-        let names: Vec<(String, bool)> =
-            self.host_list().iter().map(|h| (h.config.authority.clone(), h.config.mirror)).collect();
+        let hosts = self.hosts.clone();
         let auths = tokio::task::spawn_blocking(move || {
-            names
-                .iter()
-                .map(|(authority, mirror)| {
-                    Auth::new(read_credentials(&store, if *mirror { authority } else { &registry }))
-                })
-                .collect()
+            credentials_for(&store, &registry, hosts.as_deref().unwrap_or_default())
         })
         .await
         .unwrap_or_default();
@@ -251,10 +253,24 @@ impl Registry {
         &self.reference
     }
 
-    /// A client for another tag or digest in the same repository, with credentials
-    /// from the same source.
+    /// A client for another tag or digest, with credentials from the same source. In
+    /// the same repository it shares this client's hosts and what its credentials
+    /// earned (tokens are per repository): no second read of the hosts file or of the
+    /// credentials, and no second round of authentication.
     pub fn with_reference(&self, reference: Reference) -> Self {
-        Self::with_credentials(reference, self.settings.clone(), self.credentials.clone())
+        let same_repository =
+            reference.registry() == self.reference.registry() && reference.repository() == self.reference.repository();
+        if !same_repository {
+            return Self::with_credentials(reference, self.settings.clone(), self.credentials.clone());
+        }
+        Self {
+            session: RwLock::new(self.session()),
+            renewing: tokio::sync::Mutex::new(()),
+            credentials: self.credentials.clone(),
+            hosts: self.hosts.clone(),
+            reference,
+            settings: self.settings.clone(),
+        }
     }
 
     fn name(&self) -> String {
@@ -269,10 +285,9 @@ impl Registry {
     fn candidates(&self, need: Need) -> Result<Vec<usize>, RegistryError> {
         let hosts = match &self.hosts {
             Ok(hosts) => hosts,
-            Err(RegistryError::Config { host, detail }) => {
+            Err(Unusable { host, detail }) => {
                 return Err(RegistryError::Config { host: host.clone(), detail: detail.clone() })
             }
-            Err(e) => return Err(self.invalid("hosts", e.to_string())),
         };
         let able: Vec<usize> = (0..hosts.len()).filter(|&i| need.allowed_by(&hosts[i])).collect();
         if able.is_empty() {
@@ -285,9 +300,9 @@ impl Registry {
     /// Runs `op` on the hosts able to answer `need`, in order, with the retry budget:
     /// an attempt goes through the hosts until one succeeds; then what the last one
     /// said decides whether to try again, except that any host's "not found" outweighs
-    /// hosts that could not be reached or failed in a way another try could mend. A refusal is tried once more, straight away
-    /// and outside the budget, with credentials read again. Each host's try is bounded
-    /// by `limit`.
+    /// hosts that could not be reached or failed in a way another try could mend. A
+    /// refusal is tried once more, straight away and outside the budget, with
+    /// credentials read again. Each host's try is bounded by `limit`.
     async fn with_retries<T, F, Fut>(
         &self,
         what: &str,
@@ -1045,6 +1060,39 @@ mod tests {
         let mut short = PiecedBody::new(250_000, 100_000);
         short.extend_from_slice(&data[..250_000]);
         assert_eq!(short.freeze().iter().map(Bytes::len).collect::<Vec<_>>(), [100_000, 100_000, 50_000]);
+    }
+
+    #[test]
+    fn a_mirror_never_gets_the_registrys_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        // alice:s3cret-Value-42, for the registry only.
+        let config = r#"{"auths":{"127.0.0.1:5000":{"auth":"YWxpY2U6czNjcmV0LVZhbHVlLTQy"}}}"#;
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        let hosts = dir.path().join("certs.d/127.0.0.1:5000");
+        std::fs::create_dir_all(&hosts).unwrap();
+        std::fs::write(hosts.join("hosts.toml"), "[host.\"http://127.0.0.1:4001\"]\n").unwrap();
+        let settings = RegistrySettings {
+            hosts: hosts::HostsDir(Some(dir.path().join("certs.d"))),
+            ..RegistrySettings::default()
+        };
+        let store = CredentialStore::new(Some(dir.path().to_owned()), None, Duration::from_secs(1));
+        let registry = Registry::with_credentials(parse_reference("127.0.0.1:5000/m:v1").unwrap(), settings, store);
+        let session = registry.session();
+        let [mirror, server] = &session.auths[..] else { panic!("two hosts") };
+        assert!(matches!(mirror.credentials.auth, oci_client::secrets::RegistryAuth::Anonymous), "the mirror");
+        assert!(matches!(server.credentials.auth, oci_client::secrets::RegistryAuth::Basic(..)), "the registry");
+    }
+
+    #[test]
+    fn a_client_for_the_same_repository_shares_hosts_and_tokens_and_no_other_does() {
+        let registry = Registry::new(parse_reference("127.0.0.1:5000/m:v1").unwrap(), RegistrySettings::default());
+        let by_digest =
+            registry.with_reference(registry.reference().clone_with_digest(format!("sha256:{}", "a".repeat(64))));
+        assert!(Arc::ptr_eq(&registry.session(), &by_digest.session()), "same repository: same session");
+        let hosts = |r: &Registry| r.hosts.as_ref().unwrap().clone();
+        assert!(Arc::ptr_eq(&hosts(&registry), &hosts(&by_digest)));
+        let other = registry.with_reference(parse_reference("127.0.0.1:5000/other:v1").unwrap());
+        assert!(!Arc::ptr_eq(&registry.session(), &other.session()), "tokens are per repository");
     }
 
     #[test]

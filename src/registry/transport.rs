@@ -357,6 +357,30 @@ pub(super) fn with_auth(request: reqwest::RequestBuilder, header: Option<HeaderV
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::credentials::CredentialSource;
+
+    /// A registry reached over https that points its token realm at a plain-HTTP host
+    /// elsewhere: the password must not go out in clear. Refused before any request.
+    #[tokio::test]
+    async fn a_password_never_goes_to_a_plain_http_realm_of_an_https_registry() {
+        let host = Host::new(
+            HostConfig::default_for("registry.example"),
+            &ClientPool::default(),
+            (Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        let auth = Auth::new(Credentials {
+            auth: RegistryAuth::Basic("alice".into(), "s3cret".into()),
+            source: CredentialSource::Anonymous,
+        });
+        let challenge = HeaderValue::from_static(r#"Bearer realm="http://collector.example/token",service="r""#);
+        let refused = auth.authorize(&host, Some(&challenge), "m", Access::Pull).await;
+        assert!(
+            matches!(&refused, Err(Attempt::Denied(RegistryError::Unauthorized { detail, .. })) if detail.contains("not https")),
+            "refused: {}",
+            refused.is_err()
+        );
+        assert!(auth.cached(Access::Pull).is_none(), "nothing kept");
+    }
 
     #[test]
     fn challenges_are_parsed_with_quotes_and_commas() {
