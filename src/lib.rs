@@ -10,7 +10,8 @@
 //! containers/storage's additional layer store (CRI-O, podman), [`csi`], a CSI node
 //! plugin, and [`cri`], a proxy of CRI's image service that hands kubelet's pull secrets
 //! to the snapshotter; [`config`] holds every tunable; [`progress`] shows the progress of
-//! long transfers on standard error; [`metrics`] declares what the process measures.
+//! long transfers on standard error; [`metrics`] declares what the process measures;
+//! [`restart`] keeps what must outlive a restart of the daemon.
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -31,4 +32,5 @@ pub mod modelpack;
 pub mod progress;
 pub mod push;
 pub mod registry;
+pub mod restart;
 pub mod snapshotter;

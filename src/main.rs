@@ -1,7 +1,8 @@
 //! The `modelpack-snapshotter` command: `push`, `inspect`, `mount`, `convert`, `serve`
-//! and `status`.
+//! and `status`; and `hold`, hidden: the fd holder, which `Holder::start` runs.
 
 use std::io::IsTerminal;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use modelpack_snapshotter::modelpack::tree::NodeKind;
 use modelpack_snapshotter::progress::Progress;
 use modelpack_snapshotter::push::{self, PackFormat};
 use modelpack_snapshotter::registry::hosts::HostsDir;
+use modelpack_snapshotter::restart::holder;
 use modelpack_snapshotter::{convert, fs};
 
 /// How long `mount` waits at exit for cache writes of chunks it already fetched.
@@ -204,6 +206,14 @@ enum Command {
         #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "all")]
         prefetch: Option<PrefetchPolicy>,
     },
+    /// Keep the daemon's file descriptors across its restarts: the fd holder, run by
+    /// `Holder::start` (`restart::holder`).
+    #[command(hide = true)]
+    Hold {
+        /// The listening socket, inherited at this descriptor.
+        #[arg(long, value_name = "N")]
+        socket_fd: RawFd,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -328,7 +338,8 @@ fn main() -> std::process::ExitCode {
 
 /// Runs the command; `output` is where its lines go once logging has started.
 fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    // Built by the commands that need it: the fd holder is a plain blocking loop.
+    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime");
     let registry_settings = cli.registry.settings();
     // `serve` starts logging once it has read its configuration; the others at once.
     let log = &cli.log;
@@ -339,7 +350,7 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
                 Format::Raw => PackFormat::Raw,
                 Format::Tar => PackFormat::Tar,
             };
-            let digest = runtime.block_on(push::push_dir(&dir, &reference, format, &registry_settings, progress))?;
+            let digest = runtime()?.block_on(push::push_dir(&dir, &reference, format, &registry_settings, progress))?;
             println!("{digest}");
             Ok(())
         }
@@ -347,7 +358,7 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             *output = Some(log.init(DEFAULT_LOG_LEVEL, LogFormat::Text));
             let (fetch, cache) = cache.open()?;
             let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
-            let model = runtime.block_on(Model::open(&reference, &settings, cache))?;
+            let model = runtime()?.block_on(Model::open(&reference, &settings, cache))?;
             print_inspect(&model);
             Ok(())
         }
@@ -360,7 +371,7 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             let settings =
                 Settings { registry: registry_settings, fetch: FetchSettings::default(), selection: Selection::all() };
             let done =
-                runtime.block_on(convert::convert(&source, &target, chunk_size, prefetch, &settings, progress))?;
+                runtime()?.block_on(convert::convert(&source, &target, chunk_size, prefetch, &settings, progress))?;
             println!("{}@{}", done.target, done.digest);
             Ok(())
         }
@@ -392,21 +403,21 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             }
             daemon.check("the command line")?;
             *output = Some(log.init(&daemon.log_level, daemon.log_format));
-            runtime.block_on(daemon::serve(&daemon, shutdown_signal()))?;
+            runtime()?.block_on(daemon::serve(&daemon, shutdown_signal()))?;
             Ok(())
         }
         Command::Mount { reference, mountpoint, cache, prefetch } => {
             let progress = output.insert(log.init(DEFAULT_LOG_LEVEL, LogFormat::Text));
             let (fetch, cache) = cache.open()?;
             let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
-            runtime.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch, progress))
+            runtime()?.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch, progress))
         }
         Command::Status { address, config, json } => {
             let socket = match address {
                 Some(socket) => socket,
                 None => daemon_config(config.as_deref())?.status_socket(),
             };
-            let body = runtime.block_on(daemon::http::get(&socket, "/status"))?;
+            let body = runtime()?.block_on(daemon::http::get(&socket, "/status"))?;
             if json {
                 println!("{}", String::from_utf8_lossy(&body).trim_end());
             } else {
@@ -416,7 +427,20 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             }
             Ok(())
         }
+        Command::Hold { socket_fd } => hold(socket_fd),
     }
+}
+
+/// Runs the fd holder on the listening socket inherited at descriptor `fd`.
+fn hold(fd: RawFd) -> Result<()> {
+    anyhow::ensure!(fd > 2, "--socket-fd {fd}: the holder's socket cannot be a standard stream");
+    // SAFETY: F_GETFD only reads the flags of `fd`, if it is open.
+    anyhow::ensure!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "--socket-fd {fd}: no such open descriptor");
+    // SAFETY: `fd` is open, and was inherited for the holder alone: nothing else in this
+    // process uses it.
+    let listener = unsafe { OwnedFd::from_raw_fd(fd) };
+    holder::run(listener)?;
+    Ok(())
 }
 
 /// The daemon's configuration: `path`, else the default file if it exists, else the
