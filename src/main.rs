@@ -192,6 +192,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop `serve` for good (a node drain, an uninstall): it unmounts every model and
+    /// removes its sockets, and the process that kept them across restarts exits. (A
+    /// SIGTERM is a restart: the models stay mounted for the next `serve` to take over.)
+    /// Also cleans up after a daemon that crashed and is not started again.
+    Stop {
+        /// The daemon's configuration, to find its root and status socket [default:
+        /// /etc/modelpack-snapshotter/config.toml if it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The daemon's state directory [default: `root` of the configuration].
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Seconds to wait for the daemon to finish.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Mount a model read-only; bytes are fetched when first read. Runs until SIGINT/SIGTERM.
     Mount {
         /// The model reference.
@@ -411,6 +427,21 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             let (fetch, cache) = cache.open()?;
             let settings = Settings { registry: registry_settings, fetch, selection: Selection::all() };
             runtime()?.block_on(mount(&reference, &mountpoint, &settings, cache, prefetch, progress))
+        }
+        Command::Stop { config, root, timeout } => {
+            let mut config = daemon_config(config.as_deref())?;
+            if let Some(root) = root {
+                config.root = root;
+            }
+            let wait = std::time::Duration::from_secs(timeout + config.shutdown_grace_secs);
+            let done = runtime()?.block_on(modelpack_snapshotter::restart::handover::stop_for_good(
+                &config.status_socket(),
+                &config.root,
+                &config.holder_socket(),
+                wait,
+            ))?;
+            println!("{done}");
+            Ok(())
         }
         Command::Status { address, config, json } => {
             let socket = match address {

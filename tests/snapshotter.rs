@@ -828,8 +828,8 @@ async fn an_unpacked_layer_is_counted_in_the_cache_and_goes_with_its_last_model(
     }
 }
 
-/// containerd keeps its connection open: a stop must not wait for it forever, or a
-/// supervisor's SIGKILL would leave the models mounted with nobody serving them.
+/// containerd keeps its connection open: a stop for good must not wait for it forever,
+/// or a supervisor's SIGKILL would leave the models mounted with nobody serving them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_unmounts_the_models_although_a_client_keeps_its_connection() {
     if !prerequisites(true) {
@@ -854,7 +854,7 @@ async fn a_stop_unmounts_the_models_although_a_client_keeps_its_connection() {
     let _silent = std::os::unix::net::UnixStream::connect(&serve.socket).unwrap();
 
     let started = std::time::Instant::now();
-    tokio::task::block_in_place(|| serve.stop());
+    tokio::task::block_in_place(|| serve.stop_for_good());
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "the stop waited for the silent client");
     assert!(
         !modelpack_snapshotter::fs::is_mountpoint(std::path::Path::new(&model_dir)),

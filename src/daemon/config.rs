@@ -63,6 +63,25 @@ pub struct DaemonConfig {
     pub csi: CsiConfig,
     /// The CRI image service proxy (kubelet's pull secrets).
     pub cri: CriConfig,
+    /// What a restart of the daemon keeps.
+    pub restart: RestartConfig,
+}
+
+/// `[restart]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// Whether a restart (SIGTERM or a crash, then `serve` again) keeps the models'
+    /// FUSE connections and the listening sockets, held by `<root>/holder.sock`'s
+    /// process, for the next `serve` to take over (docs/restarts.md). Off, a stop
+    /// unmounts everything and a start mounts it again.
+    pub hand_over: bool,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self { hand_over: true }
+    }
 }
 
 /// `[cri]`
@@ -238,6 +257,7 @@ impl Default for DaemonConfig {
             layer_store: LayerStoreConfig::default(),
             csi: CsiConfig::default(),
             cri: CriConfig::default(),
+            restart: RestartConfig::default(),
         }
     }
 }
@@ -384,6 +404,11 @@ impl DaemonConfig {
     }
 
     /// The status socket in effect.
+    /// Where the process holding what a restart keeps listens.
+    pub fn holder_socket(&self) -> PathBuf {
+        self.root.join("holder.sock")
+    }
+
     pub fn status_socket(&self) -> PathBuf {
         if self.status_address.as_os_str().is_empty() {
             self.root.join("status.sock")

@@ -70,8 +70,8 @@ impl Reply {
     }
 }
 
-/// Answers a `GET` of a path.
-pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
+/// Answers a request (`GET`, `HEAD` or `POST`) of a path.
+pub type Handler = Arc<dyn Fn(&Method, &str) -> Reply + Send + Sync>;
 
 /// Serves `handler` on every connection `incoming` yields until `stopping` turns true.
 pub async fn serve<S, C>(incoming: S, handler: Handler, mut stopping: watch::Receiver<bool>)
@@ -117,15 +117,17 @@ where
     connections.abort_all();
 }
 
-/// Answers one request: `GET` (or `HEAD`) only.
+/// Answers one request: `GET`, `HEAD` or `POST` (without a body) only.
 async fn answer(handler: Handler, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = if request.method() == Method::GET || request.method() == Method::HEAD {
+    let method = request.method().clone();
+    let reply = if [Method::GET, Method::HEAD, Method::POST].contains(&method) {
         let path = request.uri().path().to_owned();
-        tokio::task::spawn_blocking(move || handler(&path))
+        let asked = if method == Method::HEAD { Method::GET } else { method.clone() };
+        tokio::task::spawn_blocking(move || handler(&asked, &path))
             .await
             .unwrap_or_else(|e| Reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("answering failed: {e}")))
     } else {
-        Reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not served here; use GET", request.method()))
+        Reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not served here; use GET"))
     };
     let body = if request.method() == Method::HEAD { Bytes::new() } else { reply.body };
     let response = Response::builder()
@@ -138,6 +140,16 @@ async fn answer(handler: Handler, request: Request<Incoming>) -> Result<Response
 
 /// `GET path` from the daemon listening on the Unix socket `socket`: the body of a 200.
 pub async fn get(socket: &Path, path: &str) -> Result<Bytes, HttpError> {
+    request(socket, Method::GET, path).await
+}
+
+/// `POST path` (without a body) to the daemon listening on the Unix socket `socket`: the
+/// body of a 200.
+pub async fn post(socket: &Path, path: &str) -> Result<Bytes, HttpError> {
+    request(socket, Method::POST, path).await
+}
+
+async fn request(socket: &Path, method: Method, path: &str) -> Result<Bytes, HttpError> {
     let at = socket.display().to_string();
     let stream = tokio::net::UnixStream::connect(socket)
         .await
@@ -146,7 +158,9 @@ pub async fn get(socket: &Path, path: &str) -> Result<Bytes, HttpError> {
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(protocol)?;
     let driving = tokio::spawn(connection);
-    let request = Request::get(path)
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
         .header(header::HOST, "localhost")
         .body(Empty::<Bytes>::new())
         .expect("a path and a static header make a valid request");
@@ -169,7 +183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("s.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let handler: Handler = Arc::new(|path: &str| match path {
+        let handler: Handler = Arc::new(|_: &Method, path: &str| match path {
             "/hello" => Reply::ok("text/plain", "hi"),
             other => Reply::error(StatusCode::NOT_FOUND, format!("nothing at {other}")),
         });
@@ -191,7 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("s.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let handler: Handler = Arc::new(|_: &str| Reply::ok("text/plain", "hi"));
+        let handler: Handler = Arc::new(|_: &Method, _: &str| Reply::ok("text/plain", "hi"));
         let (stop, stopping) = watch::channel(false);
         let server = tokio::spawn(serve(tokio_stream::wrappers::UnixListenerStream::new(listener), handler, stopping));
         // Silent peers take every place (accepted in the order they connected).

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -27,6 +27,7 @@ use crate::fs;
 use crate::layerstore::LayerStore;
 use crate::metrics;
 use crate::registry::credentials::keychain::CriKeychain;
+use crate::restart::handover::Handover;
 use crate::snapshotter::grpc::Grpc;
 use crate::snapshotter::remote::RemoteSnapshotter;
 use crate::snapshotter::{private_dir, SnapshotError, Snapshotter, STATE_MODE};
@@ -72,6 +73,9 @@ pub enum DaemonError {
     /// The CRI proxy could not be set up.
     #[error("CRI proxy: {0}")]
     Cri(#[from] crate::cri::CriError),
+    /// The descriptor holder could not be reached or started.
+    #[error("descriptor holder {path}: {source}")]
+    Holder { path: String, source: std::io::Error },
     /// The metrics address could not be bound.
     #[error("metrics address {address}: {source}")]
     Metrics { address: std::net::SocketAddr, source: std::io::Error },
@@ -107,6 +111,15 @@ fn socket_dir(dir: &Path, socket: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The socket listening at `address`: the one the previous process kept through
+/// `handover`, else bound afresh ([`bind`]).
+fn listen(handover: Option<&Handover>, address: &Path) -> Result<UnixListener, DaemonError> {
+    match handover {
+        Some(handover) => handover.listener(address, || bind(address)),
+        None => bind(address),
+    }
+}
+
 /// Binds `address` afresh inside its private directory: a socket file left by an
 /// earlier run is replaced, anything else in the way is an error.
 fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
@@ -129,7 +142,13 @@ fn bind(address: &Path) -> Result<UnixListener, DaemonError> {
     UnixListener::bind(address).map_err(io_err("binding", address))
 }
 
-/// Runs the daemon until `shutdown` completes.
+/// Runs the daemon until `shutdown` completes (a restart) or `POST /stop` on the status
+/// socket asks it to stop for good.
+///
+/// With `restart.hand_over`, a restart leaves every model mounted and the sockets
+/// listening, kept by the descriptor holder for the next `serve` to take over
+/// (docs/restarts.md): the process exits without unmounting anything. A stop for good,
+/// or any stop without hand-over, unmounts everything.
 ///
 /// The sockets are bound and the layer store mounted as soon as the state is open,
 /// before any model is mounted again: start-up does not grow with the number of models,
@@ -148,6 +167,15 @@ pub async fn serve(
         private_dir(&config.root)?;
         None
     };
+    let handover = match config.restart.hand_over {
+        true => {
+            let socket = config.holder_socket();
+            let dir = config.root.join("restart");
+            let opened = tokio::task::block_in_place(|| Handover::open(&socket, &dir));
+            Some(Arc::new(opened.map_err(|source| DaemonError::Holder { path: socket.display().to_string(), source })?))
+        }
+        false => None,
+    };
     let mut settings = config.settings();
     let cache_dir = config.cache_dir();
     let cache = Arc::new(
@@ -164,7 +192,7 @@ pub async fn serve(
     // Bound before anything is mounted: an address in use fails the start with nothing
     // left to undo. Answered once the front-ends exist.
     let status_socket = config.status_socket();
-    let status_listener = bind(&status_socket)?;
+    let status_listener = listen(handover.as_deref(), &status_socket)?;
     let metrics_listener = match config.metrics_address() {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Metrics { address, source })?,
@@ -195,7 +223,7 @@ pub async fn serve(
             let node = Arc::new(CsiNode::open(&state, cache.clone(), settings.clone(), runtime.clone())?);
             let timeout = settings.registry.request_timeout;
             let grpc = CsiGrpc::new(node.clone(), csi.driver_name.clone(), csi.node_id.clone(), timeout);
-            let listener = bind(&address)?;
+            let listener = listen(handover.as_deref(), &address)?;
             let router =
                 tonic::transport::Server::builder().add_service(grpc.identity_server()).add_service(grpc.node_server());
             servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
@@ -214,12 +242,13 @@ pub async fn serve(
             let at = runtime.clone();
             let pulls = keychain.clone();
             let cache = cache.clone();
+            let keeper = handover.clone().map(|h| h as Arc<dyn crate::fs::handover::Keeper>);
             let snapshotter = tokio::task::block_in_place(|| {
-                RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), pulls, at)
+                RemoteSnapshotter::new(base, cache, settings, config.model_mounts(), pulls, keeper, at)
             })
             .map_err(DaemonError::Models)?;
             let snapshotter = Arc::new(snapshotter);
-            let listener = bind(&config.address)?;
+            let listener = listen(handover.as_deref(), &config.address)?;
             tokio::task::block_in_place(|| snapshotter.restore())?;
             let router = tonic::transport::Server::builder().add_service(Grpc::new(snapshotter.clone()).into_server());
             servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
@@ -233,7 +262,7 @@ pub async fn serve(
     let cri = match (config.cri(), keychain) {
         (Some((address, cri)), Some(keychain)) => {
             let proxy = CriProxy::new(&cri.containerd_address, keychain)?;
-            let listener = bind(&address)?;
+            let listener = listen(handover.as_deref(), &address)?;
             let router = tonic::transport::Server::builder().add_service(proxy.into_server());
             servers.push(tokio::spawn(serve_grpc(router, listener, stopping.clone(), grace)));
             tracing::info!(address = %address.display(), containerd = %cri.containerd_address.display(), "serving the CRI image service");
@@ -244,7 +273,8 @@ pub async fn serve(
     };
     let node = Arc::new(Node::new(cache, frontends));
     servers.push(tokio::spawn(sample(node.clone(), stopping.clone())));
-    servers.push(tokio::spawn(serve_status(status_listener, node.clone(), stopping.clone())));
+    let stop_asked = Arc::new(tokio::sync::Notify::new());
+    servers.push(tokio::spawn(serve_status(status_listener, node.clone(), stop_asked.clone(), stopping.clone())));
     tracing::info!(address = %status_socket.display(), "serving status");
     println!("status: {}", status_socket.display());
     if let Some(listener) = metrics_listener {
@@ -253,16 +283,44 @@ pub async fn serve(
         tracing::info!(%address, "serving metrics");
         println!("metrics: http://{address}/metrics");
     }
+    if let Some(handover) = &handover {
+        handover.release_unclaimed();
+    }
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
 
-    shutdown.await;
+    let for_good = tokio::select! {
+        () = shutdown => false,
+        () = stop_asked.notified() => true,
+    };
     let _ = stop.send(true);
     let mut served = Ok(());
     for server in servers {
         let result = server.await.unwrap_or_else(|e| panic!("a gRPC server task failed: {e}"));
         served = served.and(result);
+    }
+    if !for_good && handover.is_some() {
+        // A restart: what is kept stays as it is, for the next process. What this kernel
+        // or front-end cannot hand over is unmounted, as a stop would.
+        tokio::task::block_in_place(|| {
+            if let Some(snapshotter) = snapshotter.as_ref().filter(|s| !s.session_kept()) {
+                snapshotter.unmount_all();
+            }
+            if let Some((node, _)) = &csi {
+                node.unmount_all();
+            }
+            if let Some(mounted) = store {
+                tracing::info!("unmounting the layer store");
+                mounted.unmount();
+            }
+        });
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        tracing::info!("stopped for a restart: the models stay mounted, and the next `serve` takes them over");
+        // Nothing is dropped on the way out: dropping the sessions would detach the
+        // models, and a FUSE reply dropped unsent answers an error. Requests read and not
+        // answered are sent again to the next process.
+        std::process::exit(0);
     }
     let _ = std::fs::remove_file(&status_socket);
     tokio::task::block_in_place(|| {
@@ -280,6 +338,9 @@ pub async fn serve(
         if let Some(mounted) = store {
             tracing::info!("unmounting the layer store");
             mounted.unmount();
+        }
+        if let Some(handover) = &handover {
+            handover.quit();
         }
     });
     served?;
@@ -304,14 +365,23 @@ async fn sample(node: Arc<Node>, mut stopping: tokio::sync::watch::Receiver<bool
 async fn serve_status(
     listener: UnixListener,
     node: Arc<Node>,
+    stop_asked: Arc<tokio::sync::Notify>,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), DaemonError> {
-    let handler: http::Handler = Arc::new(move |path: &str| match path {
-        "/status" => {
+    let handler: http::Handler = Arc::new(move |method: &Method, path: &str| match (method, path) {
+        (&Method::GET, "/status") => {
             let json = serde_json::to_vec_pretty(&node.status()).expect("a status serializes");
             Reply::ok("application/json", json)
         }
-        other => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /status")),
+        (&Method::POST, "/stop") => {
+            tracing::info!("asked to stop for good");
+            stop_asked.notify_one();
+            Reply::ok("text/plain; charset=utf-8", "stopping for good\n")
+        }
+        (_, "/status" | "/stop") => {
+            Reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path}: GET /status or POST /stop"))
+        }
+        (_, other) => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /status or POST /stop")),
     });
     http::serve(UnixListenerStream::new(listener), handler, stopping).await;
     Ok(())
@@ -326,7 +396,8 @@ async fn serve_metrics(
 ) -> Result<(), DaemonError> {
     let collector = metrics::NodeCollector::new(move || node.gauges());
     let registry = metrics::exposition(metrics::recorded(), collector);
-    let handler: http::Handler = Arc::new(move |path: &str| match path {
+    let handler: http::Handler = Arc::new(move |method: &Method, path: &str| match path {
+        "/metrics" if method != Method::GET => Reply::error(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics"),
         "/metrics" => Reply::ok(metrics::CONTENT_TYPE, metrics::encode(&registry)),
         other => Reply::error(StatusCode::NOT_FOUND, format!("no {other} here: GET /metrics")),
     });

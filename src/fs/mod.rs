@@ -8,6 +8,8 @@
 //! gets `EIO` (errors become errno here and nowhere else). [`store`] serves
 //! containers/storage's additional layer store, with models inside it.
 
+pub mod connection;
+pub mod handover;
 pub mod shared;
 pub mod store;
 
@@ -61,6 +63,11 @@ struct OpenFile {
     next_offset: AtomicU64,
     streak: AtomicU64,
     passthrough: bool,
+    /// The model's inode, the `OPEN` request answered and, for a raw passthrough
+    /// backing id, that id: what a successor must know of it (see [`handover`]).
+    ino: u64,
+    unique: u64,
+    backing: Option<u32>,
 }
 
 impl OpenFile {
@@ -138,7 +145,24 @@ pub struct ModelFs {
     /// Per safetensors file: its tensor spans, read from its header after the first read
     /// at its start (`None` while being read, or when it could not be).
     tensors: Arc<Mutex<TensorMap>>,
+    /// Where this model's opens and releases are journaled, when its session is one a
+    /// restarted daemon takes over; passthrough backing ids are then opened on `dev`.
+    handover: Option<SlotHandover>,
+    /// Handles given out by the process this session was taken over from, by the
+    /// `OPEN` request they answered: that request, sent again, gets the same handle.
+    resent: Mutex<HashMap<u64, u64>>,
 }
+
+/// See [`ModelFs::handover`].
+#[derive(Debug)]
+pub(crate) struct SlotHandover {
+    pub journal: Arc<handover::Journal>,
+    pub slot: u32,
+    pub dev: Arc<std::os::fd::OwnedFd>,
+}
+
+/// The bit the kernel sets in the `unique` of a request it sends again.
+const RESENT: u64 = 1 << 63;
 
 /// See [`ModelFs::tensors`].
 type TensorMap = HashMap<u64, Option<Arc<TensorSpans>>>;
@@ -148,7 +172,26 @@ type TensorMap = HashMap<u64, Option<Arc<TensorSpans>>>;
 struct InodeMode {
     cached: usize,
     passthrough: usize,
-    backing: Option<fuser::BackingId>,
+    backing: Option<Backing>,
+}
+
+/// A passthrough backing file registered with the kernel; dropping it closes it.
+#[derive(Debug)]
+enum Backing {
+    /// Registered through `fuser`'s session (a session never handed over).
+    Session(fuser::BackingId),
+    /// Registered by id on a connection a successor may take over, which then closes it.
+    Raw { id: u32, dev: Arc<std::os::fd::OwnedFd> },
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Backing::Raw { id, dev } = self {
+            if let Err(e) = connection::close_backing(dev, *id) {
+                tracing::warn!(id = *id, error = %e, "cannot close a passthrough backing file");
+            }
+        }
+    }
 }
 
 impl ModelFs {
@@ -173,6 +216,67 @@ impl ModelFs {
             tensors: Arc::default(),
             base,
             root_parent,
+            handover: None,
+            resent: Mutex::default(),
+        }
+    }
+
+    /// Journals this model's opens and releases as slot `slot` of a session a restarted
+    /// daemon takes over, with passthrough backing ids opened on `dev`.
+    pub(crate) fn handed_over(mut self, handover: SlotHandover) -> Self {
+        self.handover = Some(handover);
+        self
+    }
+
+    /// Takes over the file handles a previous process gave out in this model's slot
+    /// (and the passthrough backing ids they read through).
+    pub(crate) fn adopt_opens(&self, opens: &std::collections::BTreeMap<u64, handover::SavedOpen>) {
+        let Some(dev) = self.handover.as_ref().map(|h| h.dev.clone()) else { return };
+        let mut files = self.open_files.lock().expect("open files lock");
+        let mut modes = self.modes.lock().expect("modes lock");
+        let mut resent = self.resent.lock().expect("resent lock");
+        for (fh, open) in opens {
+            let file = OpenFile {
+                passthrough: open.backing.is_some(),
+                ino: open.ino,
+                unique: open.unique,
+                backing: open.backing,
+                ..OpenFile::default()
+            };
+            files.insert(*fh, Arc::new(file));
+            let mode = modes.entry(open.ino).or_default();
+            match open.backing {
+                Some(id) => {
+                    mode.passthrough += 1;
+                    if mode.backing.is_none() {
+                        mode.backing = Some(Backing::Raw { id, dev: dev.clone() });
+                    }
+                }
+                None => mode.cached += 1,
+            }
+            resent.insert(open.unique, *fh);
+            self.next_fh.fetch_max(fh + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The journal records of this model's open handles (for a journal rewrite).
+    pub(crate) fn open_records(&self, slot: u32) -> Vec<handover::Record> {
+        let files = self.open_files.lock().expect("open files lock");
+        files
+            .iter()
+            .map(|(fh, open)| handover::Record::Open {
+                slot,
+                ino: open.ino,
+                fh: *fh,
+                unique: open.unique,
+                backing: open.backing,
+            })
+            .collect()
+    }
+
+    fn journal(&self, record: impl FnOnce(u32) -> handover::Record) {
+        if let Some(handover) = &self.handover {
+            handover.journal.append(&record(handover.slot));
         }
     }
 
@@ -235,6 +339,17 @@ impl ModelFs {
         let path = self.model.store.cache().complete_path(&blob.digest)?;
         std::fs::File::open(path).ok()
     }
+}
+
+/// Answers an `OPEN` with handle `fh` read by the kernel through backing id `id`, which
+/// stays open (it is closed by id when its last open is released).
+fn reply_passthrough(reply: ReplyOpen, fh: u64, id: u32) {
+    // SAFETY: `id` is open on this reply's connection (registered by this process or the
+    // one it took the connection over from, and not closed while an open uses it); the
+    // wrapper is released below without closing it.
+    let backing = unsafe { reply.wrap_backing(id) };
+    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+    backing.into_raw();
 }
 
 fn is_dir(node: &Node) -> bool {
@@ -315,13 +430,8 @@ async fn tensor_spans(model: &Model, source: &FileSource) -> Option<TensorSpans>
     }
 }
 
-impl Filesystem for ModelFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.passthrough = negotiate(config, self.model.store.passthrough_wanted());
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+impl ModelFs {
+    pub(crate) fn serve_lookup(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
         match self.model.tree.lookup(self.local(parent), name) {
             Some(node) => reply.entry(&TTL, &self.attr(node), Generation(0)),
@@ -329,14 +439,14 @@ impl Filesystem for ModelFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    pub(crate) fn serve_getattr(&self, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.model.tree.get(self.local(ino)) {
             Some(node) => reply.attr(&TTL, &self.attr(node)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    pub(crate) fn serve_readlink(&self, ino: INodeNo, reply: ReplyData) {
         match self.model.tree.get(self.local(ino)).map(|n| &n.kind) {
             Some(NodeKind::Symlink(target)) => reply.data(target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
@@ -344,7 +454,7 @@ impl Filesystem for ModelFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    pub(crate) fn serve_open(&self, unique: u64, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = self.local(ino);
         match self.model.tree.get(ino).map(|n| &n.kind) {
             Some(NodeKind::File(_)) => {}
@@ -358,13 +468,26 @@ impl Filesystem for ModelFs {
         if let Err(e) = self.model.store.check_serving() {
             return reply.error(errno_of(&e));
         }
+        if unique & RESENT != 0 {
+            // An open the previous process answered too late: the same handle again.
+            let answered = self.resent.lock().expect("resent lock").remove(&(unique & !RESENT));
+            let open =
+                answered.and_then(|fh| Some((fh, self.open_files.lock().expect("open files lock").get(&fh)?.clone())));
+            if let Some((fh, open)) = open {
+                return match open.backing {
+                    Some(id) => reply_passthrough(reply, fh, id),
+                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                };
+            }
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut modes = self.modes.lock().expect("modes lock");
         let mode = modes.entry(ino).or_default();
+        let mut raw = None;
         if self.passthrough && mode.cached == 0 {
             if mode.backing.is_none() {
-                mode.backing = self.complete_file(ino).and_then(|file| match reply.open_backing(&file) {
-                    Ok(id) => Some(id),
+                mode.backing = self.complete_file(ino).and_then(|file| match self.open_backing(&reply, &file) {
+                    Ok(backing) => Some(backing),
                     Err(e) => {
                         tracing::debug!(ino, error = %e, "passthrough unavailable; serving reads");
                         None
@@ -373,30 +496,46 @@ impl Filesystem for ModelFs {
             }
             if let Some(backing) = &mode.backing {
                 mode.passthrough += 1;
-                let open = OpenFile { passthrough: true, ..OpenFile::default() };
-                self.open_files.lock().expect("open files lock").insert(fh, Arc::new(open));
                 self.model.store.stats().passthrough_opens.fetch_add(1, Ordering::Relaxed);
                 metrics::passthrough_open();
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
+                match backing {
+                    Backing::Session(id) => {
+                        let open = OpenFile { passthrough: true, ino, unique, ..OpenFile::default() };
+                        self.open_files.lock().expect("open files lock").insert(fh, Arc::new(open));
+                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                    }
+                    Backing::Raw { id, .. } => raw = Some(*id),
+                }
             }
         }
-        mode.cached += 1;
+        if raw.is_none() {
+            mode.cached += 1;
+        }
         drop(modes);
-        self.open_files.lock().expect("open files lock").insert(fh, Arc::new(OpenFile::default()));
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        let open = OpenFile { passthrough: raw.is_some(), ino, unique, backing: raw, ..OpenFile::default() };
+        self.open_files.lock().expect("open files lock").insert(fh, Arc::new(open));
+        // Journaled before the kernel has the handle, with no lock held (a journal
+        // rewrite reads the handles under its own lock).
+        self.journal(|slot| handover::Record::Open { slot, ino, fh, unique, backing: raw });
+        match raw {
+            Some(id) => reply_passthrough(reply, fh, id),
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: ReplyData,
-    ) {
+    /// Registers `file` as a passthrough backing file: by id on a connection a successor
+    /// may take over, else through the session.
+    fn open_backing(&self, reply: &ReplyOpen, file: &std::fs::File) -> std::io::Result<Backing> {
+        match &self.handover {
+            Some(handover) => {
+                let id = connection::open_backing(&handover.dev, file)?;
+                Ok(Backing::Raw { id, dev: handover.dev.clone() })
+            }
+            None => reply.open_backing(file).map(Backing::Session),
+        }
+    }
+
+    pub(crate) fn serve_read(&self, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
         // Recorded when dropped: after the reply, on whichever thread sends it.
         let timer = metrics::fuse_read();
         let ino = self.local(ino);
@@ -459,22 +598,14 @@ impl Filesystem for ModelFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok();
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    pub(crate) fn serve_release(&self, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
         let ino = self.local(ino);
         let open = self.open_files.lock().expect("open files lock").remove(&fh.0);
+        if open.is_some() {
+            // Journaled before the backing id may close: a successor must never reuse
+            // an id this process closed.
+            self.journal(|slot| handover::Record::Release { slot, fh: fh.0 });
+        }
         let mut modes = self.modes.lock().expect("modes lock");
         if let (Some(open), Some(mode)) = (open, modes.get_mut(&ino)) {
             if open.passthrough {
@@ -490,7 +621,7 @@ impl Filesystem for ModelFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    pub(crate) fn serve_opendir(&self, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.model.tree.get(self.local(ino)) {
             Some(node) if is_dir(node) => {
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
@@ -500,7 +631,7 @@ impl Filesystem for ModelFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    pub(crate) fn serve_readdir(&self, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let Some(node) = self.model.tree.get(self.local(ino)) else { return reply.error(Errno::ENOENT) };
         let Some(children) = self.model.tree.children(node.ino) else { return reply.error(Errno::ENOTDIR) };
         let parent = if node.ino == ROOT_INO { INodeNo(self.root_parent) } else { self.global(node.parent) };
@@ -521,21 +652,95 @@ impl Filesystem for ModelFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    pub(crate) fn serve_statfs(&self, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.model.tree.total_file_bytes().div_ceil(u64::from(BLOCK_SIZE));
         reply.statfs(blocks, 0, 0, self.model.tree.len() as u64, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    pub(crate) fn serve_getxattr(&self, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
         reply.error(Errno::ENODATA);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+    pub(crate) fn serve_listxattr(&self, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
         if size == 0 {
             reply.size(0);
         } else {
             reply.data(&[]);
         }
+    }
+}
+
+impl Filesystem for ModelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.passthrough = negotiate(config, self.model.store.passthrough_wanted());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.serve_lookup(parent, name, reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.serve_getattr(ino, fh, reply);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.serve_readlink(ino, reply);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.serve_open(req.unique().0, ino, flags, reply);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.serve_read(ino, fh, offset, size, reply);
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.serve_release(ino, fh, reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.serve_opendir(ino, flags, reply);
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.serve_readdir(ino, fh, offset, reply);
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.serve_statfs(ino, reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        self.serve_getxattr(ino, name, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        self.serve_listxattr(ino, size, reply);
     }
 }
 
@@ -655,10 +860,27 @@ fn is_dead(path: &Path) -> bool {
 
 /// Whether `path` is listed as a mount point in `/proc/self/mountinfo`.
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(canonical) = std::fs::canonicalize(path).or_else(|_| std::path::absolute(path)) else { return false };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    mount_device(path).is_some()
+}
+
+/// The device (`major:minor`) of the topmost mount at `path`, from
+/// `/proc/self/mountinfo`: asks nothing of the file system mounted there, which may be
+/// one nobody serves yet.
+pub fn mount_device(path: &Path) -> Option<String> {
+    // The parent is resolved, never the mount itself: a `stat` of a FUSE root would wait
+    // for its server.
+    let absolute = std::path::absolute(path).ok()?;
+    let canonical = match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_owned()).join(name),
+        _ => absolute,
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let wanted = canonical.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+    info.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let device = fields.nth(2)?;
+        (fields.nth(1)? == wanted).then(|| device.to_owned())
+    })
 }
 
 /// Bind-mounts `source` at `target`, read-only, nosuid and nodev (a bind takes its flags

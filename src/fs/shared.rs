@@ -13,51 +13,155 @@
 //! detached; a file still open through it (containerd removes a model snapshot only
 //! after its children, so only a leaked mount can hold one) then fails.
 //!
-//! After a crash the session's mount and every bind of it are dead ("transport endpoint
-//! is not connected"): [`SharedMounts::new`] detaches the session's, and each bind is
-//! detached when its model is attached again ([`SharedMounts::attach`]).
+//! **Restarts.** With a [`Keeper`], the session's connection is kept for the next
+//! process and journaled ([`super::handover`]); [`SharedMounts::new`] takes it over: the
+//! mount, every bind and every open file stay as they are, and each slot waits for its
+//! model to be attached again ([`SharedMounts::attach`] at the same target, with the same
+//! tree). Until then, requests for the slot wait (at most the restore wait) instead of
+//! failing. A kernel before 6.9, a journal of another version, or a session the keeper
+//! does not hold, is not taken over: its mount is detached, and each model's bind when
+//! its model is attached again, in a new session.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, MountOption,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
-    SessionACL,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request, SessionACL,
 };
 use tokio::runtime::Handle;
 
-use super::{bind_read_only, detach, is_dead, is_mountpoint, negotiate, FsError, ModelFs, Mounted, BLOCK_SIZE};
+use super::handover::{self, Journal, Keeper, Record, SavedSlot};
+use super::{bind_read_only, connection, detach, is_mountpoint, negotiate, FsError, ModelFs, Mounted, BLOCK_SIZE};
 use crate::model::Model;
 
 /// The session's root directory.
 const ROOT: u64 = 1;
 /// The root's entries (one per model) are asked for again on every walk.
 const NO_TTL: Duration = Duration::ZERO;
+/// The journal's file in the keeper's directory.
+const JOURNAL: &str = "models.journal";
 
 /// The models of one session, by slot.
 #[derive(Debug)]
 struct Table {
     models: RwLock<HashMap<u32, Arc<ModelFs>>>,
+    /// Where each model is bound and its tree's fingerprint (for the journal).
+    bound: Mutex<HashMap<u32, (PathBuf, String)>>,
+    /// Slots a previous process served whose models are not attached again yet.
+    pending: Mutex<HashMap<u32, SavedSlot>>,
+    /// Told whenever a pending slot is settled (attached again or given up).
+    settled: tokio::sync::watch::Sender<()>,
     /// The next slot; slot 0 is the root's range.
     next: AtomicU32,
     /// Whether passthrough is wanted, and whether the kernel accepted it at init.
     wanted: bool,
     passthrough: AtomicBool,
+    /// The journal and connection of a session kept for the next process.
+    kept: OnceLock<Kept>,
+    runtime: Handle,
+    /// How long a request for a pending slot waits for its model.
+    wait: Duration,
+}
+
+#[derive(Debug)]
+struct Kept {
+    journal: Arc<Journal>,
+    dev: Arc<OwnedFd>,
+    header: Record,
 }
 
 impl Table {
-    fn model(&self, ino: INodeNo) -> Option<Arc<ModelFs>> {
-        let slot = u32::try_from(ino.0 >> 32).ok().filter(|s| *s != 0)?;
+    fn new(wanted: bool, runtime: Handle, wait: Duration) -> Self {
+        Self {
+            models: RwLock::new(HashMap::new()),
+            bound: Mutex::default(),
+            pending: Mutex::default(),
+            settled: tokio::sync::watch::channel(()).0,
+            next: AtomicU32::new(1),
+            wanted,
+            passthrough: AtomicBool::new(false),
+            kept: OnceLock::new(),
+            runtime,
+            wait,
+        }
+    }
+
+    fn slot_of(ino: INodeNo) -> Option<u32> {
+        u32::try_from(ino.0 >> 32).ok().filter(|s| *s != 0)
+    }
+
+    fn model(&self, slot: u32) -> Option<Arc<ModelFs>> {
         self.models.read().expect("models lock").get(&slot).cloned()
     }
 
-    fn is_empty(&self) -> bool {
-        self.models.read().expect("models lock").is_empty()
+    /// Calls `serve` with the model of `slot` (None when there is none): at once, or, for
+    /// a slot a previous process served whose model is not attached again yet, once it
+    /// is (or the wait is over), on the runtime.
+    fn with_slot(self: &Arc<Self>, slot: Option<u32>, serve: impl FnOnce(Option<&ModelFs>) + Send + 'static) {
+        let Some(slot) = slot else { return serve(None) };
+        if let Some(fs) = self.model(slot) {
+            return serve(Some(&fs));
+        }
+        if !self.pending.lock().expect("pending lock").contains_key(&slot) {
+            return serve(None);
+        }
+        let table = self.clone();
+        self.runtime.spawn(async move {
+            let mut settled = table.settled.subscribe();
+            let waiting = settled.wait_for(|()| !table.pending.lock().expect("pending lock").contains_key(&slot));
+            if tokio::time::timeout(table.wait, waiting).await.is_err() {
+                tracing::warn!(slot, wait = ?table.wait, "a model served before the restart is not attached again yet; failing its request");
+            }
+            serve(table.model(slot).as_deref());
+        });
+    }
+
+    fn with_model(self: &Arc<Self>, ino: INodeNo, serve: impl FnOnce(Option<&ModelFs>) + Send + 'static) {
+        self.with_slot(Self::slot_of(ino), serve);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.models.read().expect("models lock").is_empty() && self.pending.lock().expect("pending lock").is_empty()
+    }
+
+    fn journal(&self, record: &Record) {
+        if let Some(kept) = self.kept.get() {
+            kept.journal.append(record);
+        }
+    }
+
+    /// Rewrites the journal from the live state when it has grown long.
+    fn compact(&self) {
+        let Some(kept) = self.kept.get() else { return };
+        if !kept.journal.due() {
+            return;
+        }
+        kept.journal.rewrite(|| {
+            let mut records = vec![kept.header.clone()];
+            let bound = self.bound.lock().expect("bound lock").clone();
+            for (slot, fs) in self.models.read().expect("models lock").iter() {
+                let Some((target, fingerprint)) = bound.get(slot) else { continue };
+                records.push(Record::Attach { slot: *slot, target: target.clone(), fingerprint: fingerprint.clone() });
+                records.extend(fs.open_records(*slot));
+            }
+            for (slot, saved) in self.pending.lock().expect("pending lock").iter() {
+                records.extend(handover::slot_records(*slot, saved));
+            }
+            records
+        });
+    }
+
+    /// Settles pending slot `slot` (its model attached again, or given up).
+    fn settle(&self, slot: u32) -> Option<SavedSlot> {
+        let saved = self.pending.lock().expect("pending lock").remove(&slot);
+        self.settled.send_replace(());
+        saved
     }
 }
 
@@ -93,62 +197,66 @@ impl Filesystem for SharedFs {
         Ok(())
     }
 
-    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 != ROOT {
-            return match self.table.model(parent) {
-                Some(fs) => fs.lookup(req, parent, name, reply),
+            let name = name.to_owned();
+            return self.table.with_model(parent, move |fs| match fs {
+                Some(fs) => fs.serve_lookup(parent, &name, reply),
                 None => reply.error(Errno::ENOENT),
-            };
+            });
         }
         // Only a slot's own name: "07" is not slot 7. Slot 0 is never given out.
         let slot = name.to_str().and_then(|n| n.parse::<u32>().ok().filter(|s| s.to_string() == n));
-        let model = slot.and_then(|slot| self.table.models.read().expect("models lock").get(&slot).cloned());
-        match model {
+        self.table.with_slot(slot.filter(|s| *s != 0), move |fs| match fs {
             Some(fs) => reply.entry(&NO_TTL, &fs.root_attr(), Generation(0)),
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
-    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if ino.0 == ROOT {
             return reply.attr(&NO_TTL, &root_attr());
         }
-        match self.table.model(ino) {
-            Some(fs) => fs.getattr(req, ino, fh, reply),
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_getattr(ino, fh, reply),
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
-    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.table.model(ino) {
-            Some(fs) => fs.readlink(req, ino, reply),
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_readlink(ino, reply),
             None => reply.error(Errno::EINVAL),
-        }
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.table.model(ino) {
-            Some(fs) => fs.open(req, ino, flags, reply),
-            None if ino.0 == ROOT => reply.error(Errno::EISDIR),
-            None => reply.error(Errno::ENOENT),
+        if ino.0 == ROOT {
+            return reply.error(Errno::EISDIR);
         }
+        let unique = req.unique().0;
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_open(unique, ino, flags, reply),
+            None => reply.error(Errno::ENOENT),
+        });
+        self.table.compact();
     }
 
     fn read(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
-        flags: OpenFlags,
-        lock_owner: Option<fuser::LockOwner>,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        match self.table.model(ino) {
-            Some(fs) => fs.read(req, ino, fh, offset, size, flags, lock_owner, reply),
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_read(ino, fh, offset, size, reply),
             None => reply.error(Errno::EIO),
-        }
+        });
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
@@ -157,36 +265,37 @@ impl Filesystem for SharedFs {
 
     fn release(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
-        flags: OpenFlags,
-        lock_owner: Option<fuser::LockOwner>,
-        flush: bool,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.table.model(ino) {
-            Some(fs) => fs.release(req, ino, fh, flags, lock_owner, flush, reply),
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_release(ino, fh, reply),
             None => reply.ok(),
-        }
+        });
+        self.table.compact();
     }
 
-    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ino.0 == ROOT {
             return reply.opened(FileHandle(0), FopenFlags::empty());
         }
-        match self.table.model(ino) {
-            Some(fs) => fs.opendir(req, ino, flags, reply),
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_opendir(ino, flags, reply),
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino.0 != ROOT {
-            return match self.table.model(ino) {
-                Some(fs) => fs.readdir(req, ino, fh, offset, reply),
+            return self.table.with_model(ino, move |fs| match fs {
+                Some(fs) => fs.serve_readdir(ino, fh, offset, reply),
                 None => reply.error(Errno::ENOENT),
-            };
+            });
         }
         let mut slots: Vec<(u32, INodeNo)> = {
             let models = self.table.models.read().expect("models lock");
@@ -203,26 +312,27 @@ impl Filesystem for SharedFs {
         reply.ok();
     }
 
-    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        match self.table.model(ino) {
-            Some(fs) => fs.statfs(req, ino, reply),
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_statfs(ino, reply),
             None => reply.statfs(0, 0, 0, 0, 0, BLOCK_SIZE, 255, BLOCK_SIZE),
-        }
+        });
     }
 
-    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
-        match self.table.model(ino) {
-            Some(fs) => fs.getxattr(req, ino, name, size, reply),
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        let name = name.to_owned();
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_getxattr(ino, &name, size, reply),
             None => reply.error(Errno::ENODATA),
-        }
+        });
     }
 
-    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        match self.table.model(ino) {
-            Some(fs) => fs.listxattr(req, ino, size, reply),
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        self.table.with_model(ino, move |fs| match fs {
+            Some(fs) => fs.serve_listxattr(ino, size, reply),
             None if size == 0 => reply.size(0),
             None => reply.data(&[]),
-        }
+        });
     }
 }
 
@@ -241,35 +351,136 @@ pub struct SharedMounts {
     runtime: Handle,
     passthrough: bool,
     threads: usize,
+    /// How long a request for a model served before a restart waits for it.
+    wait: Duration,
+    keeper: Option<Arc<dyn Keeper>>,
     session: Mutex<Option<Session>>,
 }
 
 impl SharedMounts {
     /// Models served from a session at `path` (created when needed; its parent must be
     /// private to root), reading on `runtime`, with FUSE passthrough if `passthrough` and
-    /// the kernel accepts it, and `threads` threads taking the kernel's requests. A dead
-    /// session a crashed process left at `path` is detached.
-    pub fn new(path: &Path, runtime: Handle, passthrough: bool, threads: usize) -> Result<Self, FsError> {
+    /// the kernel accepts it, and `threads` threads taking the kernel's requests. With a
+    /// `keeper`, the session is kept for the next process, and the one a previous process
+    /// kept is taken over, its models waiting at most `wait` to be attached again; any
+    /// other session a previous process left at `path` is detached.
+    pub fn new(
+        path: &Path,
+        runtime: Handle,
+        passthrough: bool,
+        threads: usize,
+        wait: Duration,
+        keeper: Option<Arc<dyn Keeper>>,
+    ) -> Result<Self, FsError> {
+        let this = Self {
+            path: path.to_owned(),
+            runtime,
+            passthrough,
+            threads: threads.max(1),
+            wait,
+            keeper,
+            session: Mutex::new(None),
+        };
+        if let Some(keeper) = &this.keeper {
+            match this.take_over(keeper.as_ref()) {
+                Ok(Some(session)) => {
+                    *this.session.lock().expect("session lock") = Some(session);
+                    return Ok(this);
+                }
+                Ok(None) => {}
+                Err(cause) => {
+                    tracing::warn!(path = %path.display(), %cause, "cannot take over the model session; its models are mounted again");
+                }
+            }
+        }
         if is_mountpoint(path) {
             tracing::warn!(path = %path.display(), "detaching the model session a previous process left");
             detach(path).map_err(|source| FsError::Mount { path: path.display().to_string(), source })?;
         }
-        Ok(Self { path: path.to_owned(), runtime, passthrough, threads: threads.max(1), session: Mutex::new(None) })
+        Ok(this)
+    }
+
+    /// The name the session's connection is kept under.
+    fn kept_name(&self) -> String {
+        format!("fuse:{}", self.path.display())
+    }
+
+    /// Takes over the session a previous process kept: None when there is none. An
+    /// error says why one could not be taken over; it is then let go.
+    fn take_over(&self, keeper: &dyn Keeper) -> Result<Option<Session>, String> {
+        let journal_path = keeper.state_dir().join(JOURNAL);
+        let dev = keeper.take(&self.kept_name());
+        let saved = handover::replay(&journal_path);
+        let Some(dev) = dev else {
+            // A journal without its connection describes nothing left alive.
+            let _ = std::fs::remove_file(&journal_path);
+            return Ok(None);
+        };
+        let let_go = |cause: String, targets: Vec<PathBuf>| {
+            keeper.forget(&self.kept_name());
+            let _ = std::fs::remove_file(&journal_path);
+            for target in targets.iter().filter(|t| is_mountpoint(t)) {
+                let _ = detach(target);
+            }
+            Err(cause)
+        };
+        let saved = match saved {
+            Ok(Some(saved)) => saved,
+            Ok(None) => return let_go("its journal is missing".to_owned(), Vec::new()),
+            Err(e) => return let_go(e.to_string(), Vec::new()),
+        };
+        let targets = saved.slots.values().map(|s| s.target.clone()).collect();
+        if saved.path != self.path {
+            return let_go(format!("it was mounted at {}", saved.path.display()), targets);
+        }
+        if super::mount_device(&self.path).as_deref() != Some(saved.dev.as_str()) {
+            return let_go(format!("{} is no longer its mount", self.path.display()), targets);
+        }
+        if !connection::can_resend(&saved.init) {
+            return let_go("this kernel cannot send unanswered requests again (Linux 6.9)".to_owned(), targets);
+        }
+        let table = Arc::new(Table::new(self.passthrough, self.runtime.clone(), self.wait));
+        let next = saved.slots.keys().max().map_or(1, |s| s + 1);
+        table.next.store(next, Ordering::Relaxed);
+        let dev = Arc::new(dev);
+        let header = handover::session_record(&saved.path, &saved.dev, &saved.init, &saved.reply);
+        let journal = match Journal::create(&journal_path, &handover::records_of(&saved)) {
+            Ok(journal) => Arc::new(journal),
+            Err(e) => return let_go(format!("rewriting {}: {e}", journal_path.display()), targets),
+        };
+        table.kept.set(Kept { journal, dev: dev.clone(), header }).expect("a new table");
+        *table.pending.lock().expect("pending lock") = saved.slots.clone().into_iter().collect();
+        let fs = SharedFs { table: table.clone() };
+        let (session, _) = match connection::serve(fs, &dev, &saved.init, true, self.threads, SessionACL::All) {
+            Ok(served) => served,
+            Err(e) => return let_go(format!("serving it: {e}"), targets),
+        };
+        // What the kernel was told at INIT stands, whatever this process would ask.
+        table.passthrough.store(connection::reply_passthrough(&saved.reply), Ordering::Relaxed);
+        tracing::info!(path = %self.path.display(), models = saved.slots.len(), "took over the model session");
+        Ok(Some(Session {
+            table,
+            mounted: Mounted { session: Some(session), mountpoint: self.path.clone(), model: None },
+        }))
     }
 
     /// Serves `model` at `target` (an existing directory): mounts the session if no
     /// model is served yet, adds the model to it and bind-mounts its directory at
-    /// `target`, replacing a dead mount an earlier process left there.
+    /// `target`, replacing a mount an earlier process left there. A model the process
+    /// before a restart served at `target`, with the same tree, is taken over as it is.
     pub fn attach(self: &Arc<Self>, model: Arc<Model>, target: &Path) -> Result<Attached, FsError> {
         let err = |path: &Path| {
             let path = path.display().to_string();
             move |source| FsError::Mount { path, source }
         };
-        if is_mountpoint(target) && is_dead(target) {
+        let mut session = self.session.lock().expect("session lock");
+        if let Some(adopted) = session.as_ref().and_then(|s| self.adopt(s, &model, target)) {
+            return adopted;
+        }
+        if is_mountpoint(target) {
             tracing::warn!(path = %target.display(), "detaching a stale mount");
             detach(target).map_err(err(target))?;
         }
-        let mut session = self.session.lock().expect("session lock");
         if session.is_none() {
             *session = Some(self.mount_session()?);
         }
@@ -278,53 +489,157 @@ impl SharedMounts {
             .next
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_add(1))
             .map_err(|_| err(&self.path)(std::io::Error::other("no model slot left in this session")))?;
-        let fs = ModelFs::within(
-            model,
-            self.runtime.clone(),
-            u64::from(slot) << 32,
-            ROOT,
-            table.passthrough.load(Ordering::Relaxed),
-        );
+        let fingerprint = if table.kept.get().is_some() { model.tree.fingerprint() } else { String::new() };
+        let fs = self.model_fs(table, model, slot);
         table.models.write().expect("models lock").insert(slot, Arc::new(fs));
+        table.bound.lock().expect("bound lock").insert(slot, (target.to_owned(), fingerprint.clone()));
+        table.journal(&Record::Attach { slot, target: target.to_owned(), fingerprint });
         let table = table.clone();
         if let Err(e) = bind_read_only(&self.path.join(slot.to_string()), target) {
             table.models.write().expect("models lock").remove(&slot);
+            table.bound.lock().expect("bound lock").remove(&slot);
+            table.journal(&Record::Detach { slot });
             self.unmount_if_idle(&mut session);
             return Err(err(target)(e));
         }
         Ok(Attached { owner: self.clone(), table, slot, target: target.to_owned(), attached: true })
     }
 
+    /// Attaches `model` again in the slot the process before a restart served it in at
+    /// `target`, if there is one and the model's tree is the same; a slot whose model
+    /// changed is given up (its open files fail) and None returned.
+    fn adopt(
+        self: &Arc<Self>,
+        session: &Session,
+        model: &Arc<Model>,
+        target: &Path,
+    ) -> Option<Result<Attached, FsError>> {
+        let table = &session.table;
+        let (slot, saved) = {
+            let pending = table.pending.lock().expect("pending lock");
+            pending.iter().find(|(_, s)| s.target == target).map(|(slot, saved)| (*slot, saved.clone()))?
+        };
+        let fingerprint = model.tree.fingerprint();
+        if fingerprint != saved.fingerprint {
+            tracing::warn!(path = %target.display(), "the model served here before the restart has another tree now; mounting it afresh (files open in it fail)");
+            table.settle(slot);
+            table.journal(&Record::Detach { slot });
+            return None;
+        }
+        let fs = self.model_fs(table, model.clone(), slot);
+        fs.adopt_opens(&saved.opens);
+        table.models.write().expect("models lock").insert(slot, Arc::new(fs));
+        table.bound.lock().expect("bound lock").insert(slot, (target.to_owned(), fingerprint));
+        table.settle(slot);
+        if !is_mountpoint(target) {
+            // Killed between journaling the slot and binding it.
+            if let Err(e) = bind_read_only(&self.path.join(slot.to_string()), target) {
+                let path = target.display().to_string();
+                return Some(Err(FsError::Mount { path, source: e }));
+            }
+        }
+        tracing::debug!(path = %target.display(), slot, open = saved.opens.len(), "took over a model");
+        Some(Ok(Attached {
+            owner: self.clone(),
+            table: table.clone(),
+            slot,
+            target: target.to_owned(),
+            attached: true,
+        }))
+    }
+
+    fn model_fs(&self, table: &Table, model: Arc<Model>, slot: u32) -> ModelFs {
+        let passthrough = table.passthrough.load(Ordering::Relaxed);
+        let fs = ModelFs::within(model, self.runtime.clone(), u64::from(slot) << 32, ROOT, passthrough);
+        match table.kept.get() {
+            Some(kept) => {
+                fs.handed_over(super::SlotHandover { journal: kept.journal.clone(), slot, dev: kept.dev.clone() })
+            }
+            None => fs,
+        }
+    }
+
     fn mount_session(&self) -> Result<Session, FsError> {
         let err = |source| FsError::Mount { path: self.path.display().to_string(), source };
         std::fs::create_dir_all(&self.path).map_err(err)?;
-        let table = Arc::new(Table {
-            models: RwLock::new(HashMap::new()),
-            next: AtomicU32::new(1),
-            wanted: self.passthrough,
-            passthrough: AtomicBool::new(false),
-        });
-        let options = vec![
-            MountOption::FSName("modelpack-models".to_owned()),
-            MountOption::Subtype("modelpack".to_owned()),
-            MountOption::RO,
-            MountOption::NoSuid,
-            MountOption::NoDev,
-            MountOption::DefaultPermissions,
-        ];
+        let table = Arc::new(Table::new(self.passthrough, self.runtime.clone(), self.wait));
+        let conn = connection::mount(&self.path, "modelpack-models", true).map_err(err)?;
         let fs = SharedFs { table: table.clone() };
-        let mounted = super::spawn_with_threads(fs, &self.path, options, SessionACL::All, self.threads)?;
-        tracing::info!(path = %self.path.display(), threads = self.threads, "model session mounted");
+        let served = connection::serve(fs, &conn.dev, &conn.init, false, self.threads, SessionACL::All);
+        let (session, reply) = match served {
+            Ok(served) => served,
+            Err(e) => {
+                let _ = detach(&self.path);
+                return Err(err(e));
+            }
+        };
+        let mounted = Mounted { session: Some(session), mountpoint: self.path.clone(), model: None };
+        if let Err(e) = super::widen_read_ahead(&self.path, super::MAX_READAHEAD) {
+            tracing::debug!(path = %self.path.display(), error = %e, "kernel read-ahead left at its default");
+        }
+        if let Some(keeper) = &self.keeper {
+            if connection::can_resend(&conn.init) {
+                match self.keep(keeper.as_ref(), &conn, &reply) {
+                    Ok(kept) => table.kept.set(kept).expect("a new table"),
+                    Err(e) => {
+                        tracing::warn!(path = %self.path.display(), error = %e, "cannot keep the model session for a restart")
+                    }
+                }
+            } else {
+                tracing::info!("this kernel cannot send unanswered requests again (Linux 6.9): models are mounted again after a restart");
+            }
+        }
+        tracing::info!(path = %self.path.display(), threads = self.threads, kept = table.kept.get().is_some(), "model session mounted");
         Ok(Session { table, mounted })
     }
 
-    /// Unmounts the session when it serves no model any more.
+    /// Journals a new session and hands its connection to the keeper.
+    fn keep(&self, keeper: &dyn Keeper, conn: &connection::Connection, reply: &[u8]) -> std::io::Result<Kept> {
+        let dev_id =
+            super::mount_device(&self.path).ok_or_else(|| std::io::Error::other("the session is not mounted"))?;
+        let header = handover::session_record(&self.path, &dev_id, &conn.init, reply);
+        let journal = Arc::new(Journal::create(&keeper.state_dir().join(JOURNAL), std::slice::from_ref(&header))?);
+        keeper.keep(&self.kept_name(), conn.dev.as_fd())?;
+        Ok(Kept { journal, dev: Arc::new(conn.dev.try_clone()?), header })
+    }
+
+    /// Unmounts the session when it serves no model any more (nor waits for one).
     fn unmount_if_idle(&self, session: &mut Option<Session>) {
-        if session.as_ref().is_some_and(|s| s.table.is_empty()) {
+        if session.as_ref().is_some_and(|s| s.table.is_idle()) {
             if let Some(idle) = session.take() {
                 tracing::info!(path = %self.path.display(), "model session unmounted: it serves no model");
-                idle.mounted.unmount();
+                self.unmount(idle);
             }
+        }
+    }
+
+    /// Unmounts `session`: the keeper lets it go first, so that no successor takes over a
+    /// connection being unmounted.
+    fn unmount(&self, session: Session) {
+        if let (Some(keeper), Some(kept)) = (&self.keeper, session.table.kept.get()) {
+            keeper.forget(&self.kept_name());
+            kept.journal.remove();
+        }
+        let pending: Vec<SavedSlot> =
+            session.table.pending.lock().expect("pending lock").drain().map(|(_, s)| s).collect();
+        for saved in pending.iter().filter(|s| is_mountpoint(&s.target)) {
+            let _ = detach(&saved.target);
+        }
+        session.table.settled.send_replace(());
+        session.mounted.unmount();
+    }
+
+    /// Whether the session (if any) is kept for the next process: a restart then leaves
+    /// it mounted.
+    pub fn is_kept(&self) -> bool {
+        self.session.lock().expect("session lock").as_ref().is_none_or(|s| s.table.kept.get().is_some())
+    }
+
+    /// Unmounts the session and everything waiting in it (a stop for good). Models still
+    /// attached should be detached first.
+    pub fn shut(&self) {
+        if let Some(session) = self.session.lock().expect("session lock").take() {
+            self.unmount(session);
         }
     }
 }
@@ -362,6 +677,8 @@ impl Attached {
             }
         }
         let gone = self.table.models.write().expect("models lock").remove(&self.slot);
+        self.table.bound.lock().expect("bound lock").remove(&self.slot);
+        self.table.journal(&Record::Detach { slot: self.slot });
         if let Some(fs) = gone {
             fs.model.stop_prefetch();
         }

@@ -262,7 +262,7 @@ impl Filesystem for StoreFs {
         Ok(())
     }
 
-    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match node_of(parent.0) {
             Node::Root => {
                 let Some(text) = name.to_str() else { return reply.error(Errno::ENOENT) };
@@ -311,16 +311,16 @@ impl Filesystem for StoreFs {
                 reply.entry(&NO_TTL, &attr, Generation(0));
             }
             Node::Model(_) => match self.model_slot(parent) {
-                Some(slot) => slot.fs.lookup(req, parent, name, reply),
+                Some(slot) => slot.fs.serve_lookup(parent, name, reply),
                 None => reply.error(Errno::ENOENT),
             },
             Node::Info(_) | Node::Blob(_) => reply.error(Errno::ENOTDIR),
         }
     }
 
-    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if let Some(slot) = self.model_slot(ino) {
-            return slot.fs.getattr(req, ino, fh, reply);
+            return slot.fs.serve_getattr(ino, fh, reply);
         }
         match self.control_attr(node_of(ino.0)) {
             Some(attr) => reply.attr(&NO_TTL, &attr),
@@ -328,9 +328,9 @@ impl Filesystem for StoreFs {
         }
     }
 
-    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.model_slot(ino) {
-            Some(slot) => slot.fs.readlink(req, ino, reply),
+            Some(slot) => slot.fs.serve_readlink(ino, reply),
             None => reply.error(Errno::EINVAL),
         }
     }
@@ -381,7 +381,7 @@ impl Filesystem for StoreFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if let Some(slot) = self.model_slot(ino) {
-            return slot.fs.open(req, ino, flags, reply);
+            return slot.fs.serve_open(req.unique().0, ino, flags, reply);
         }
         match self.file_bytes(node_of(ino.0)) {
             Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
@@ -391,17 +391,17 @@ impl Filesystem for StoreFs {
 
     fn read(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
-        flags: OpenFlags,
-        lock_owner: Option<fuser::LockOwner>,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
         if let Some(slot) = self.model_slot(ino) {
-            return slot.fs.read(req, ino, fh, offset, size, flags, lock_owner, reply);
+            return slot.fs.serve_read(ino, fh, offset, size, reply);
         }
         let Some(bytes) = self.file_bytes(node_of(ino.0)) else { return reply.error(Errno::EBADF) };
         let start = (offset as usize).min(bytes.len());
@@ -415,23 +415,23 @@ impl Filesystem for StoreFs {
 
     fn release(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
-        flags: OpenFlags,
-        lock_owner: Option<fuser::LockOwner>,
-        flush: bool,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
         reply: ReplyEmpty,
     ) {
         match self.model_slot(ino) {
-            Some(slot) => slot.fs.release(req, ino, fh, flags, lock_owner, flush, reply),
+            Some(slot) => slot.fs.serve_release(ino, fh, reply),
             None => reply.ok(),
         }
     }
 
-    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if let Some(slot) = self.model_slot(ino) {
-            return slot.fs.opendir(req, ino, flags, reply);
+            return slot.fs.serve_opendir(ino, flags, reply);
         }
         match self.control_attr(node_of(ino.0)) {
             Some(attr) if attr.kind == FileType::Directory => reply.opened(FileHandle(0), FopenFlags::empty()),
@@ -440,9 +440,9 @@ impl Filesystem for StoreFs {
         }
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if let Some(slot) = self.model_slot(ino) {
-            return slot.fs.readdir(req, ino, fh, offset, reply);
+            return slot.fs.serve_readdir(ino, fh, offset, reply);
         }
         let Some(entries) = self.entries(node_of(ino.0)) else { return reply.error(Errno::ENOENT) };
         for (i, (name, child, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
@@ -453,23 +453,23 @@ impl Filesystem for StoreFs {
         reply.ok();
     }
 
-    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         match self.model_slot(ino) {
-            Some(slot) => slot.fs.statfs(req, ino, reply),
+            Some(slot) => slot.fs.serve_statfs(ino, reply),
             None => reply.statfs(0, 0, 0, 0, 0, BLOCK_SIZE, 255, BLOCK_SIZE),
         }
     }
 
-    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
         match self.model_slot(ino) {
-            Some(slot) => slot.fs.getxattr(req, ino, name, size, reply),
+            Some(slot) => slot.fs.serve_getxattr(ino, name, size, reply),
             None => reply.error(Errno::ENODATA),
         }
     }
 
-    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
         match self.model_slot(ino) {
-            Some(slot) => slot.fs.listxattr(req, ino, size, reply),
+            Some(slot) => slot.fs.serve_listxattr(ino, size, reply),
             None if size == 0 => reply.size(0),
             None => reply.data(&[]),
         }

@@ -386,6 +386,34 @@ impl Tree {
         self.nodes.is_empty()
     }
 
+    /// A digest of what the kernel may remember of the tree: every inode with its
+    /// parent, name, kind, size, mode and source. A process taking over a FUSE session
+    /// serves a model only with the very inode numbers the kernel knows (see
+    /// [`crate::fs::handover`]), even when a newer build made the tree.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut hash = Sha256::new();
+        for node in &self.nodes {
+            let (kind, extra) = match &node.kind {
+                NodeKind::Dir { .. } => ("d", String::new()),
+                NodeKind::File(source) => ("f", format!("{}:{}", source.layer, source.offset)),
+                NodeKind::Symlink(target) => ("l", format!("{}:{target}", target.len())),
+            };
+            // Lengths first: no name can pass for another line.
+            let line = format!(
+                "{} {} {}:{} {kind} {} {:o} {extra}\n",
+                node.ino,
+                node.parent,
+                node.name.len(),
+                node.name,
+                node.size,
+                node.mode
+            );
+            hash.update(line.as_bytes());
+        }
+        format!("sha256:{}", hex::encode(hash.finalize()))
+    }
+
     /// All nodes in inode order, the root first.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.iter()

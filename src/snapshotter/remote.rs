@@ -45,8 +45,9 @@ use super::{Mount, SnapshotError, Snapshotter};
 use crate::cache::ChunkCache;
 use crate::companion;
 use crate::config::{ModelMountSettings, Settings};
+use crate::fs::handover::Keeper;
 use crate::fs::shared::{Attached, SharedMounts};
-use crate::fs::{self, FsError};
+use crate::fs::FsError;
 use crate::metadata::{Kind, SnapshotRecord, Usage};
 use crate::model::Model;
 use crate::modelpack::index::{LazyIndex, VerifiedIndex, INDEX_PATH, MAX_INDEX_BYTES};
@@ -103,10 +104,17 @@ impl RemoteSnapshotter {
         settings: Settings,
         mounting: ModelMountSettings,
         keychain: Option<CriKeychain>,
+        keeper: Option<Arc<dyn Keeper>>,
         runtime: Handle,
     ) -> Result<Self, FsError> {
-        let session =
-            SharedMounts::new(&base.models_dir(), runtime.clone(), settings.fetch.passthrough, mounting.fuse_threads)?;
+        let session = SharedMounts::new(
+            &base.models_dir(),
+            runtime.clone(),
+            settings.fetch.passthrough,
+            mounting.fuse_threads,
+            mounting.restore_wait,
+            keeper,
+        )?;
         Ok(Self {
             base,
             cache,
@@ -206,12 +214,7 @@ impl RemoteSnapshotter {
         if !entries.get(name).is_some_and(|e| e.id == id && !matches!(e.state, State::Mounted(_))) {
             return Ok(false);
         }
-        let dir = self.base.fs_dir(id);
-        if fs::is_mountpoint(&dir) {
-            if let Err(e) = fs::detach(&dir) {
-                tracing::warn!(path = %dir.display(), error = %e, "cannot detach a stale model mount");
-            }
-        }
+        // A mount left at its directory is the session's to take over or replace.
         let mounted = self.mount_at(name, id, model)?;
         Ok(self.models.set(&mut entries, name, id, State::Mounted(mounted)))
     }
@@ -228,7 +231,14 @@ impl RemoteSnapshotter {
             .collect()
     }
 
-    /// Unmounts every model and stops every background mount (at shutdown).
+    /// Whether the models' session is kept for the next process (a restart then leaves
+    /// it as it is).
+    pub fn session_kept(&self) -> bool {
+        self.session.is_kept()
+    }
+
+    /// Unmounts every model and stops every background mount (at shutdown), then the
+    /// session, with any model a previous process served that is not mounted again.
     pub fn unmount_all(&self) {
         let entries: Vec<(String, Entry)> = self.models.lock().drain().collect();
         for (name, entry) in entries {
@@ -240,6 +250,7 @@ impl RemoteSnapshotter {
                 mounted.unmount();
             }
         }
+        self.session.shut();
     }
 
     /// Ok when every model snapshot among `records` is mounted.

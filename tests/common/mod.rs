@@ -503,6 +503,8 @@ pub struct SnapshotterProcess {
     child: Option<Child>,
     pub root: PathBuf,
     pub socket: PathBuf,
+    /// The configuration it was started with (for `stop`).
+    pub config: PathBuf,
 }
 
 impl SnapshotterProcess {
@@ -536,7 +538,7 @@ impl SnapshotterProcess {
             assert!(Instant::now() < deadline, "serve did not listen on {}", socket.display());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child: Some(child), root: root.to_owned(), socket }
+        Self { child: Some(child), root: root.to_owned(), socket, config: config.to_owned() }
     }
 
     /// Starts `serve` on `root` serving the layer store alone, mounted at `store`, with
@@ -597,7 +599,8 @@ impl SnapshotterProcess {
             .stderr(log)
             .spawn()
             .expect("starting serve");
-        let mut process = Self { child: Some(child), root: root.to_owned(), socket: PathBuf::new() };
+        let mut process =
+            Self { child: Some(child), root: root.to_owned(), socket: PathBuf::new(), config: config.to_owned() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready() {
             let exited = process.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -631,19 +634,66 @@ impl SnapshotterProcess {
         }
     }
 
-    /// Stops the process with SIGTERM and waits for it.
+    /// Stops the process with SIGTERM and waits for it: a restart, which leaves the
+    /// models mounted for the next process on this root to take over.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }
     }
+
+    /// Stops the daemon of this root for good with `modelpack-snapshotter stop` (also
+    /// when it crashed and was not started again), waits for the process, and checks
+    /// that no holder is left. Returns what `stop` printed.
+    pub fn stop_for_good(&mut self) -> String {
+        self.try_stop_for_good().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_stop_for_good(&mut self) -> Result<String, String> {
+        let (ok, out, err) = run_bin(&[
+            "stop",
+            "--root",
+            &self.root.display().to_string(),
+            "--config",
+            &self.config.display().to_string(),
+            "--timeout",
+            "30",
+        ]);
+        if !ok {
+            return Err(format!("stop failed: {out}{err}"));
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(out)
+    }
+
+    /// The process keeping this root's connections and sockets across restarts, if any.
+    pub fn holder_pid(&self) -> Option<u32> {
+        let holder = modelpack_snapshotter::restart::holder::Holder::connect(&self.root.join("holder.sock"));
+        holder.ok().flatten().map(|h| h.pid())
+    }
 }
 
 impl Drop for SnapshotterProcess {
-    /// Stops the process and detaches whatever it left mounted under its root (a test
-    /// that failed may have left a model mounted): no mount outlives a test.
+    /// Stops the daemon for good and detaches whatever it left mounted under its root
+    /// (a test that failed may have left a model mounted), and ends its holder: no mount
+    /// or process outlives a test.
     fn drop(&mut self) {
-        self.stop();
+        let holder = self.holder_pid();
+        if let Err(e) = self.try_stop_for_good() {
+            eprintln!("{e}");
+            self.stop();
+        }
+        if let Some(pid) = holder.filter(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+            // SAFETY: signalling a process by id.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         let root = self.root.display().to_string();
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut left: Vec<&str> =
