@@ -76,15 +76,12 @@ fn mount_options(path: &Path) -> Option<String> {
     info.lines().find(|l| l.split(' ').nth(4) == Some(wanted.as_str())).map(|l| l.to_owned())
 }
 
-/// FUSE filesystems (distinct devices; binds of one share its device) serving `reference`.
-fn model_mounts(reference: &str) -> usize {
+/// Models mounted for volumes under the daemon's `root`: each is bound once at
+/// `<root>/csi/models/<key>`, however many volumes share it.
+fn model_mounts(root: &Path) -> usize {
+    let models = root.join("csi/models").display().to_string() + "/";
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let devices: std::collections::BTreeSet<&str> = info
-        .lines()
-        .filter(|l| l.contains(&format!("modelpack:{reference} ")))
-        .filter_map(|l| l.split(' ').nth(2))
-        .collect();
-    devices.len()
+    info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with(&models)).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +131,7 @@ async fn a_model_is_published_lazily_once_for_every_volume() {
     // A second volume, with the Model CSI driver's spelling, shares the model's mount.
     let other = [("model.csi.modelpack.org/reference", scene.plain.as_str())];
     node.node_publish_volume(publish("vol-b", &b, &other)).await.unwrap();
-    assert_eq!(model_mounts(&scene.plain), 1);
+    assert_eq!(model_mounts(&scene.root), 1);
     assert_same_tree(&scene.src, &a);
     assert_same_tree(&scene.src, &b);
     let e = std::fs::write(a.join("config.json"), b"{}").unwrap_err();
@@ -149,7 +146,7 @@ async fn a_model_is_published_lazily_once_for_every_volume() {
     assert!(!a.exists(), "the target directory is removed");
     assert_same_tree(&scene.src, &b);
     node.node_unpublish_volume(unpublish("vol-b", &b)).await.unwrap();
-    assert_eq!(model_mounts(&scene.plain), 0);
+    assert_eq!(model_mounts(&scene.root), 0);
     // Unpublishing what is not published succeeds.
     node.node_unpublish_volume(unpublish("vol-b", &b)).await.unwrap();
     node.node_unpublish_volume(unpublish("never", &scene.target("never"))).await.unwrap();
@@ -447,7 +444,7 @@ async fn a_pod_reads_a_published_model_through_containerd_2_cri() {
     cri.runtime.stop_pod_sandbox(stop).await.unwrap();
     node.node_unpublish_volume(unpublish(&volume, &target)).await.unwrap();
     assert!(!target.exists(), "the target directory is removed");
-    assert_eq!(model_mounts(&f.source), 0, "the model's own mount is gone with its last volume");
+    assert_eq!(model_mounts(&tmp.path().join("root")), 0, "the model's own mount is gone with its last volume");
     assert_eq!(mounts_under(&kubelet.root), [kubelet.root.display().to_string()], "only kubelet's root is mounted");
     let remove = cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox.0.clone() };
     cri.runtime.remove_pod_sandbox(remove).await.unwrap();

@@ -4,9 +4,11 @@
 //! every other front-end. [`grpc`] is the tonic adapter (requests parsed there, errors
 //! mapped to gRPC codes there); this module knows nothing of gRPC.
 //!
-//! A model is opened and mounted (FUSE) once per reference, under `<root>/csi/models/`,
-//! and bind-mounted read-only, nosuid, nodev at every target that publishes it; the last
-//! unpublish unmounts it. Publishing is idempotent: the same volume at the same target
+//! A model is opened once per reference and served in the CSI volumes' one FUSE session
+//! (`<root>/csi/session`, a [`SharedMounts`], kept across restarts like the snapshotter's:
+//! docs/restarts.md), bound at `<root>/csi/models/<key>` (named after what the mount is
+//! shared by) and bind-mounted read-only, nosuid, nodev at every target that publishes
+//! it; the last unpublish takes it out of the session. Publishing is idempotent: the same volume at the same target
 //! with the same model succeeds again without a second mount.
 //!
 //! A volume's pull secret (the request's `secrets`) is used for its model's registry
@@ -35,7 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::ChunkCache;
 use crate::config::{PrefetchPolicy, Settings};
-use crate::fs::{self, Mounted};
+use crate::fs::handover::Keeper;
+use crate::fs::shared::{Attached, SharedMounts};
+use crate::fs::{self, FsError};
 use crate::metadata::records::{Records, RecordsError};
 use crate::model::{Model, ModelError};
 use crate::modelpack::select::Selection;
@@ -152,6 +156,14 @@ struct ModelKey {
 }
 
 impl ModelKey {
+    /// The name of the directory its model is bound at: the same for the same key in the
+    /// next process, so that a restart finds the model where it left it.
+    fn dir_name(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let described = format!("{}\n{:?}\n{:?}", self.reference, self.selection, self.secret);
+        hex::encode(&Sha256::digest(described.as_bytes())[..12])
+    }
+
     fn of(request: &Publish) -> Self {
         Self {
             reference: request.reference.clone(),
@@ -223,7 +235,7 @@ impl Publish {
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
-    mounted: Mounted,
+    mounted: Attached,
     /// The model, to widen its prefetch for a volume that asks for more.
     model: Arc<Model>,
     /// Targets publishing it.
@@ -267,8 +279,6 @@ struct State {
     volumes: HashMap<(String, PathBuf), ModelKey>,
     /// Its mount, by what shares it.
     models: HashMap<ModelKey, Shared>,
-    /// Names the next model's mount directory.
-    next_dir: u64,
 }
 
 /// The CSI node plugin's volumes.
@@ -277,6 +287,8 @@ pub struct CsiNode {
     cache: Arc<ChunkCache>,
     settings: Settings,
     models_dir: PathBuf,
+    /// The session every volume's model is served in.
+    session: Arc<SharedMounts>,
     records: Records,
     runtime: Handle,
     /// Calls run one at a time: publishing is rare, and a second publish of a model must
@@ -286,15 +298,32 @@ pub struct CsiNode {
 }
 
 impl CsiNode {
-    /// Volumes whose models are mounted under `<dir>/models` and recorded in
-    /// `<dir>/volumes.redb` (`dir` a private directory), read through `cache` on `runtime`.
-    /// Mounts an earlier process left under `models` are detached.
-    pub fn open(dir: &Path, cache: Arc<ChunkCache>, settings: Settings, runtime: Handle) -> Result<Self, CsiError> {
+    /// Volumes whose models are served in a session at `<dir>/session` (`threads`
+    /// threads), bound under `<dir>/models` and recorded in `<dir>/volumes.redb` (`dir` a
+    /// private directory), read through `cache` on `runtime`. With a `keeper`, the session
+    /// is kept across restarts (a model served before one waits at most `wait` to be
+    /// published again). Other mounts an earlier process left under `models` are
+    /// detached.
+    pub fn open(
+        dir: &Path,
+        cache: Arc<ChunkCache>,
+        settings: Settings,
+        runtime: Handle,
+        (threads, wait): (usize, Duration),
+        keeper: Option<Arc<dyn Keeper>>,
+    ) -> Result<Self, CsiError> {
         let models_dir = dir.join("models");
+        let session_dir = dir.join("session");
+        let passthrough = settings.fetch.passthrough;
+        let session = SharedMounts::new(&session_dir, "csi", runtime.clone(), passthrough, threads, wait, keeper)
+            .map_err(|e| mount_err("the models' session", &session_dir, std::io::Error::other(e)))?;
         let io = |e| mount_err("the models' directory", &models_dir, e);
         std::fs::create_dir_all(&models_dir).map_err(io)?;
         for entry in std::fs::read_dir(&models_dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
+            if session.is_pending(&path) {
+                continue;
+            }
             if fs::is_mountpoint(&path) {
                 tracing::info!(path = %path.display(), "detaching a model mount an earlier process left");
                 let _ = fs::detach(&path);
@@ -303,7 +332,8 @@ impl CsiNode {
         }
         let records = Records::open(&dir.join("volumes.redb"), "volumes")?;
         let state = tokio::sync::Mutex::new(State::default());
-        Ok(Self { cache, settings, models_dir, records, runtime, state, listing: Arc::default() })
+        let session = Arc::new(session);
+        Ok(Self { cache, settings, models_dir, session, records, runtime, state, listing: Arc::default() })
     }
 
     /// The models mounted for volumes now, each once however many volumes share it.
@@ -369,8 +399,7 @@ impl CsiNode {
             release(&mut state, &model);
         }
         if !state.models.contains_key(&model) {
-            state.next_dir += 1;
-            let dir = self.models_dir.join(state.next_dir.to_string());
+            let dir = self.models_dir.join(model.dir_name());
             let shared = self.mount_model(request, dir).await?;
             state.models.insert(model.clone(), shared);
         }
@@ -431,8 +460,9 @@ impl CsiNode {
         Ok(())
     }
 
-    /// Unmounts every volume's model (at shutdown); the binds at the targets stay, and
-    /// read as a dead mount until kubelet unpublishes them.
+    /// Unmounts every volume's model and the session (at a stop for good, or a restart
+    /// that cannot keep the session); the binds at the targets stay, and read as a dead
+    /// mount until kubelet unpublishes them.
     pub fn unmount_all(&self) {
         let mut state = self.state.blocking_lock();
         for (model, shared) in state.models.drain() {
@@ -440,6 +470,13 @@ impl CsiNode {
             shared.mounted.unmount();
         }
         state.volumes.clear();
+        self.session.shut();
+    }
+
+    /// Whether the volumes' session is kept for the next process (a restart then leaves
+    /// every volume as it is).
+    pub fn session_kept(&self) -> bool {
+        self.session.is_kept()
     }
 
     async fn mount_model(&self, request: &Publish, dir: PathBuf) -> Result<Shared, CsiError> {
@@ -456,10 +493,14 @@ impl CsiNode {
             return Err(CsiError::InvalidArgument(format!("{reference}: the exclusions leave no file to serve")));
         }
         let model = Arc::new(model);
-        let (runtime, at, opened) = (self.runtime.clone(), dir.clone(), model.clone());
+        let (session, at, opened) = (self.session.clone(), dir.clone(), model.clone());
         let mounted = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&at)?;
-            fs::mount(opened, &at, runtime).map_err(std::io::Error::other)
+            // A model served before a restart is bound there already; its directory is
+            // never looked at (a look would wait for the model being attached here).
+            if !fs::is_mountpoint(&at) {
+                std::fs::create_dir_all(&at)?;
+            }
+            session.attach(opened, &at).map_err(|e: FsError| std::io::Error::other(e))
         })
         .await
         .map_err(|e| mount_err("the model", &dir, std::io::Error::other(e)))?
@@ -490,6 +531,10 @@ fn release(state: &mut State, model: &ModelKey) {
 /// replaced if it is `ours` (left by an earlier process), else refused.
 fn bind(dir: &Path, target: &Path, ours: bool) -> Result<(), CsiError> {
     if fs::is_mountpoint(target) {
+        // Bound by the process before a restart, to this very model in the session.
+        if ours && fs::mount_entry(target).is_some_and(|entry| Some(entry) == fs::mount_entry(dir)) {
+            return Ok(());
+        }
         if !ours {
             return Err(CsiError::InvalidArgument(format!(
                 "target_path {} is already a mount point, not of this volume",

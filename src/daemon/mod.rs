@@ -167,6 +167,9 @@ pub async fn serve(
         private_dir(&config.root)?;
         None
     };
+    if let Err(e) = crate::restart::handover::write_pid(&config.root) {
+        tracing::warn!(root = %config.root.display(), error = %e, "cannot record the daemon's process id; `stop` will not find it");
+    }
     let handover = match config.restart.hand_over {
         true => {
             let socket = config.holder_socket();
@@ -220,7 +223,16 @@ pub async fn serve(
         Some((address, csi)) => {
             let state = config.root.join("csi");
             private_dir(&state)?;
-            let node = Arc::new(CsiNode::open(&state, cache.clone(), settings.clone(), runtime.clone())?);
+            let mounting = config.model_mounts();
+            let keeper = handover.clone().map(|h| h as Arc<dyn crate::fs::handover::Keeper>);
+            let node = Arc::new(CsiNode::open(
+                &state,
+                cache.clone(),
+                settings.clone(),
+                runtime.clone(),
+                (mounting.fuse_threads, mounting.restore_wait),
+                keeper,
+            )?);
             let timeout = settings.registry.request_timeout;
             let grpc = CsiGrpc::new(node.clone(), csi.driver_name.clone(), csi.node_id.clone(), timeout);
             let listener = listen(handover.as_deref(), &address)?;
@@ -307,7 +319,7 @@ pub async fn serve(
             if let Some(snapshotter) = snapshotter.as_ref().filter(|s| !s.session_kept()) {
                 snapshotter.unmount_all();
             }
-            if let Some((node, _)) = &csi {
+            if let Some((node, _)) = csi.as_ref().filter(|(node, _)| !node.session_kept()) {
                 node.unmount_all();
             }
             if let Some(mounted) = store {
@@ -342,6 +354,7 @@ pub async fn serve(
         if let Some(handover) = &handover {
             handover.quit();
         }
+        crate::restart::handover::remove_pid(&config.root);
     });
     served?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -867,6 +867,12 @@ pub fn is_mountpoint(path: &Path) -> bool {
 /// `/proc/self/mountinfo`: asks nothing of the file system mounted there, which may be
 /// one nobody serves yet.
 pub fn mount_device(path: &Path) -> Option<String> {
+    mount_entry(path).map(|(device, _)| device)
+}
+
+/// The device and the root within it (`/` for a whole file system, the directory a bind
+/// shows) of the topmost mount at `path`, as [`mount_device`] reads them.
+pub fn mount_entry(path: &Path) -> Option<(String, String)> {
     // The parent is resolved, never the mount itself: a `stat` of a FUSE root would wait
     // for its server.
     let absolute = std::path::absolute(path).ok()?;
@@ -879,7 +885,8 @@ pub fn mount_device(path: &Path) -> Option<String> {
     info.lines().rev().find_map(|line| {
         let mut fields = line.split(' ');
         let device = fields.nth(2)?;
-        (fields.nth(1)? == wanted).then(|| device.to_owned())
+        let root = fields.next()?;
+        (fields.next()? == wanted).then(|| (device.to_owned(), root.to_owned()))
     })
 }
 

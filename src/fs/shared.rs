@@ -44,8 +44,6 @@ use crate::model::Model;
 const ROOT: u64 = 1;
 /// The root's entries (one per model) are asked for again on every walk.
 const NO_TTL: Duration = Duration::ZERO;
-/// The journal's file in the keeper's directory.
-const JOURNAL: &str = "models.journal";
 
 /// The models of one session, by slot.
 #[derive(Debug)]
@@ -348,6 +346,8 @@ struct Session {
 #[derive(Debug)]
 pub struct SharedMounts {
     path: PathBuf,
+    /// Names the session: its file system (`modelpack-<name>`) and its journal.
+    name: &'static str,
     runtime: Handle,
     passthrough: bool,
     threads: usize,
@@ -363,9 +363,11 @@ impl SharedMounts {
     /// the kernel accepts it, and `threads` threads taking the kernel's requests. With a
     /// `keeper`, the session is kept for the next process, and the one a previous process
     /// kept is taken over, its models waiting at most `wait` to be attached again; any
-    /// other session a previous process left at `path` is detached.
+    /// other session a previous process left at `path` is detached. `name` names the
+    /// session's file system (`modelpack-<name>`) and journal (`<name>.journal`).
     pub fn new(
         path: &Path,
+        name: &'static str,
         runtime: Handle,
         passthrough: bool,
         threads: usize,
@@ -374,6 +376,7 @@ impl SharedMounts {
     ) -> Result<Self, FsError> {
         let this = Self {
             path: path.to_owned(),
+            name,
             runtime,
             passthrough,
             threads: threads.max(1),
@@ -405,10 +408,23 @@ impl SharedMounts {
         format!("fuse:{}", self.path.display())
     }
 
+    fn journal_path(&self, keeper: &dyn Keeper) -> PathBuf {
+        keeper.state_dir().join(format!("{}.journal", self.name))
+    }
+
+    /// Whether `target` is where a model the previous process served waits to be
+    /// attached again (its bind is then the session's to keep or replace).
+    pub fn is_pending(&self, target: &Path) -> bool {
+        let session = self.session.lock().expect("session lock");
+        session
+            .as_ref()
+            .is_some_and(|s| s.table.pending.lock().expect("pending lock").values().any(|p| p.target == target))
+    }
+
     /// Takes over the session a previous process kept: None when there is none. An
     /// error says why one could not be taken over; it is then let go.
     fn take_over(&self, keeper: &dyn Keeper) -> Result<Option<Session>, String> {
-        let journal_path = keeper.state_dir().join(JOURNAL);
+        let journal_path = self.journal_path(keeper);
         let dev = keeper.take(&self.kept_name());
         let saved = handover::replay(&journal_path);
         let Some(dev) = dev else {
@@ -489,7 +505,7 @@ impl SharedMounts {
             .next
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_add(1))
             .map_err(|_| err(&self.path)(std::io::Error::other("no model slot left in this session")))?;
-        let fingerprint = if table.kept.get().is_some() { model.tree.fingerprint() } else { String::new() };
+        let fingerprint = if table.kept.get().is_some() { fingerprint(&model) } else { String::new() };
         let fs = self.model_fs(table, model, slot);
         table.models.write().expect("models lock").insert(slot, Arc::new(fs));
         table.bound.lock().expect("bound lock").insert(slot, (target.to_owned(), fingerprint.clone()));
@@ -519,7 +535,7 @@ impl SharedMounts {
             let pending = table.pending.lock().expect("pending lock");
             pending.iter().find(|(_, s)| s.target == target).map(|(slot, saved)| (*slot, saved.clone()))?
         };
-        let fingerprint = model.tree.fingerprint();
+        let fingerprint = fingerprint(model);
         if fingerprint != saved.fingerprint {
             tracing::warn!(path = %target.display(), "the model served here before the restart has another tree now; mounting it afresh (files open in it fail)");
             table.settle(slot);
@@ -563,7 +579,7 @@ impl SharedMounts {
         let err = |source| FsError::Mount { path: self.path.display().to_string(), source };
         std::fs::create_dir_all(&self.path).map_err(err)?;
         let table = Arc::new(Table::new(self.passthrough, self.runtime.clone(), self.wait));
-        let conn = connection::mount(&self.path, "modelpack-models", true).map_err(err)?;
+        let conn = connection::mount(&self.path, &format!("modelpack-{}", self.name), true).map_err(err)?;
         let fs = SharedFs { table: table.clone() };
         let served = connection::serve(fs, &conn.dev, &conn.init, false, self.threads, SessionACL::All);
         let (session, reply) = match served {
@@ -598,7 +614,7 @@ impl SharedMounts {
         let dev_id =
             super::mount_device(&self.path).ok_or_else(|| std::io::Error::other("the session is not mounted"))?;
         let header = handover::session_record(&self.path, &dev_id, &conn.init, reply);
-        let journal = Arc::new(Journal::create(&keeper.state_dir().join(JOURNAL), std::slice::from_ref(&header))?);
+        let journal = Arc::new(Journal::create(&self.journal_path(keeper), std::slice::from_ref(&header))?);
         keeper.keep(&self.kept_name(), conn.dev.as_fd())?;
         Ok(Kept { journal, dev: Arc::new(conn.dev.try_clone()?), header })
     }
@@ -642,6 +658,20 @@ impl SharedMounts {
             self.unmount(session);
         }
     }
+}
+
+/// What a model must be for a successor to put it back in its slot: the same inode
+/// numbering ([`Tree::fingerprint`](crate::modelpack::tree::Tree::fingerprint)), and the
+/// same blobs behind it (two models with the same names and sizes must not pass for each
+/// other: the kernel keeps the pages it read).
+fn fingerprint(model: &Model) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(model.tree.fingerprint());
+    for layer in &model.artifact.layers {
+        hash.update(format!("\n{} {}", layer.digest, layer.size));
+    }
+    format!("sha256:{}", hex::encode(hash.finalize()))
 }
 
 /// A model served through a [`SharedMounts`] session and bound at its target; dropping

@@ -122,48 +122,88 @@ fn adopt_listener(fd: OwnedFd, address: &Path) -> std::io::Result<tokio::net::Un
     tokio::net::UnixListener::from_std(listener)
 }
 
+/// Where `serve` writes its process id, in its root.
+fn pid_file(root: &Path) -> PathBuf {
+    root.join("serve.pid")
+}
+
+/// Records this process as the `serve` of `root` (read by [`stop_for_good`]).
+pub fn write_pid(root: &Path) -> std::io::Result<()> {
+    std::fs::write(pid_file(root), format!("{}\n", std::process::id()))
+}
+
+/// Forgets this process as the `serve` of `root` (a stop for good).
+pub fn remove_pid(root: &Path) {
+    let _ = std::fs::remove_file(pid_file(root));
+}
+
+/// The process id of the `serve` of `root`, if one runs: its socket may be kept by the
+/// holder, so that a connection to it proves nothing.
+fn running_daemon(root: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file(root)).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|b| *b == 0);
+    let program = args.next()?;
+    let ours = program.ends_with(b"modelpack-snapshotter") && args.any(|a| a == b"serve");
+    (ours && alive(pid)).then_some(pid)
+}
+
+/// Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does
+/// not).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+}
+
 /// Stops the daemon of `root` for good: asks it over its status socket `status` when it
-/// runs (it unmounts every model, removes its sockets and stops its holder); when none
-/// runs but a holder still keeps what a stopped or crashed one served, unmounts that and
-/// stops the holder. Returns what was done.
+/// runs (it unmounts every model, removes its sockets and stops its holder) and waits at
+/// most `wait` for it to exit; when none runs but a holder still keeps what a stopped or
+/// crashed one served, unmounts that and stops the holder. Returns what was done.
 pub async fn stop_for_good(status: &Path, root: &Path, holder: &Path, wait: Duration) -> anyhow::Result<String> {
     use anyhow::Context as _;
-    match crate::daemon::http::post(status, "/stop").await {
-        // The daemon may close the connection as it stops, before its answer is read.
-        Ok(_) | Err(crate::daemon::http::HttpError::Protocol { .. }) => {
-            let deadline = Instant::now() + wait;
-            while holder.exists() || std::os::unix::net::UnixStream::connect(status).is_ok() {
-                if Instant::now() > deadline {
-                    anyhow::bail!("the daemon at {} did not stop within {wait:?}", status.display());
+    let deadline = Instant::now() + wait;
+    if let Some(pid) = running_daemon(root) {
+        loop {
+            match crate::daemon::http::post(status, "/stop").await {
+                // The daemon may close the connection as it stops, before its answer is read.
+                Ok(_) | Err(crate::daemon::http::HttpError::Protocol { .. }) => break,
+                // Still starting: its socket is not there yet.
+                Err(crate::daemon::http::HttpError::Connect { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(e) => return Err(e.into()),
             }
-            Ok("stopped the daemon: nothing is mounted and nothing is kept".to_owned())
         }
-        Err(crate::daemon::http::HttpError::Connect { .. }) => {
-            let Some(kept) = Holder::connect(holder).with_context(|| format!("asking {}", holder.display()))? else {
-                return Ok("no daemon runs and nothing is kept".to_owned());
-            };
-            let taken = kept.take()?;
-            let mut detached = 0;
-            for journal in std::fs::read_dir(root.join("restart")).into_iter().flatten().flatten() {
-                let Ok(Some(saved)) = crate::fs::handover::replay(&journal.path()) else { continue };
-                for path in saved.slots.values().map(|s| &s.target).chain([&saved.path]) {
-                    if crate::fs::is_mountpoint(path) && crate::fs::detach(path).is_ok() {
-                        detached += 1;
-                    }
-                }
-                let _ = std::fs::remove_file(journal.path());
+        while alive(pid) || holder.exists() {
+            if Instant::now() > deadline {
+                anyhow::bail!("the daemon of {} (process {pid}) did not stop within {wait:?}", root.display());
             }
-            for (name, _) in &taken {
-                if let Some(address) = name.strip_prefix("listen:") {
-                    let _ = std::fs::remove_file(address);
-                }
-            }
-            drop(taken);
-            kept.quit()?;
-            Ok(format!("no daemon ran: detached {detached} mounts it had left and stopped its holder"))
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(e) => Err(e.into()),
+        return Ok("stopped the daemon: nothing is mounted and nothing is kept".to_owned());
     }
+    let Some(kept) = Holder::connect(holder).with_context(|| format!("asking {}", holder.display()))? else {
+        return Ok("no daemon runs and nothing is kept".to_owned());
+    };
+    let taken = kept.take()?;
+    let mut detached = 0;
+    for journal in std::fs::read_dir(root.join("restart")).into_iter().flatten().flatten() {
+        let Ok(Some(saved)) = crate::fs::handover::replay(&journal.path()) else { continue };
+        for path in saved.slots.values().map(|s| &s.target).chain([&saved.path]) {
+            if crate::fs::is_mountpoint(path) && crate::fs::detach(path).is_ok() {
+                detached += 1;
+            }
+        }
+        let _ = std::fs::remove_file(journal.path());
+    }
+    for (name, _) in &taken {
+        if let Some(address) = name.strip_prefix("listen:") {
+            let _ = std::fs::remove_file(address);
+        }
+    }
+    drop(taken);
+    kept.quit()?;
+    remove_pid(root);
+    Ok(format!("no daemon ran: detached {detached} mounts it had left and stopped its holder"))
 }

@@ -109,6 +109,7 @@ impl RemoteSnapshotter {
     ) -> Result<Self, FsError> {
         let session = SharedMounts::new(
             &base.models_dir(),
+            "models",
             runtime.clone(),
             settings.fetch.passthrough,
             mounting.fuse_threads,
