@@ -257,8 +257,9 @@ impl Filesystem for SharedFs {
         });
     }
 
+    /// As [`ModelFs`]'s: no `FLUSH` is wanted on this connection.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(

@@ -541,6 +541,15 @@ impl SnapshotterProcess {
         Self { child: Some(child), root: root.to_owned(), socket, config: config.to_owned() }
     }
 
+    /// [`Self::start_with`], logging to `<root>.log` (see [`SnapshotterProcess::log`]).
+    pub fn start_logged_with(root: &Path, socket: &Path, config: &Path) -> Self {
+        let args = [OsStr::new("--address"), socket.as_os_str()];
+        let mut process =
+            Self::start_logged(root, &args, &[], config, || std::os::unix::net::UnixStream::connect(socket).is_ok());
+        process.socket = socket.to_owned();
+        process
+    }
+
     /// Starts `serve` on `root` serving the layer store alone, mounted at `store`, with
     /// configuration `config`, and waits until the store is mounted. What it logs goes
     /// to `<root>.log` (see [`SnapshotterProcess::log`]).
