@@ -574,7 +574,7 @@ impl Readers {
         let mut threads = Vec::new();
         {
             let (tally, stop, want) = (tallies[0].clone(), stop.clone(), model.large.clone());
-            threads.push(std::thread::spawn(move || read_large(large, &want, &tally, &stop, 0x5eed_a11)));
+            threads.push(std::thread::spawn(move || read_large(large, &want, &tally, &stop, 0x05ee_da11)));
         }
         {
             let (tally, stop, want, path) = (tallies[1].clone(), stop.clone(), model.medium.clone(), view.join(MEDIUM));
