@@ -942,3 +942,116 @@ fn a_stop_for_good_leaves_no_mount_and_no_holder() {
     );
     assert_stopped_for_good(&node, holder, &printed);
 }
+
+// ---------------------------------------------------------------------------------------
+// The layer store (CRI-O, podman).
+
+/// A podman 4 container (containers/storage 1.43, as CRI-O mounts an image volume) reads
+/// a model it mounts from the layer store while the daemon is killed and restarted: the
+/// store's session is handed over like the snapshots', so the container sees no error,
+/// and a stop for good then leaves nothing mounted.
+#[test]
+fn a_podman_container_reads_its_model_through_the_layer_store_across_restarts() {
+    use common::podman::{require_podman, Flavor as PodmanFlavor, Podman};
+    if !prerequisites(true) || !require_podman(PodmanFlavor::V4) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = pseudo_random(CONTAINER_FILE_MIB * MIB, 202);
+    let want_sum = hex::encode(sha2::Sha256::digest(&weights));
+    std::fs::write(dir.join("weights.bin"), &weights).unwrap();
+    std::fs::write(dir.join("config.json"), br#"{"architectures":["Demo"]}"#).unwrap();
+    let source = format!("{}/models/store:v1", registry.addr());
+    push_dir(&dir, &source, "raw");
+    let (ok, _, stderr) = run_bin(&["convert", &source]);
+    assert!(ok, "convert {source}: {stderr}");
+    let companion = format!("{source}-lazy");
+    let busybox = format!("{}/library/busybox:1", registry.addr());
+    common::containerd::push_busybox_image(&busybox);
+
+    let (root, store) = (tmp.path().join("root"), tmp.path().join("root/store"));
+    let config = write_config(&tmp.path().join("etc"), CONFIG);
+    let mut serve = SnapshotterProcess::start_layer_store(&root, &store, &config);
+    let podman = Podman::with_layer_store(PodmanFlavor::V4, &store);
+    podman.pull(&busybox).unwrap();
+    podman.pull(&companion).unwrap();
+
+    let mount = format!("type=image,source={companion},destination=/model");
+    let script = slow_reader_script();
+    let args = Podman::run_args(&["--mount", &mount], &busybox, &["sh", "-c", &script]);
+    let mut container =
+        podman.command(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let printed = Arc::new(Mutex::new(String::new()));
+    let collect = |stream: Box<dyn Read + Send>| {
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                let mut all = printed.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        })
+    };
+    use std::io::BufRead as _;
+    let out = collect(Box::new(container.stdout.take().unwrap()));
+    let err = collect(Box::new(container.stderr.take().unwrap()));
+    let seen = |text: &str| printed.lock().unwrap().contains(text);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !seen("START") {
+        assert!(Instant::now() < deadline, "the container did not start reading\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Restarts, SIGKILL and SIGTERM in turn, while the container reads.
+    let mut rng = Rng(0x5707e);
+    let mut during_read = Vec::new();
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(rng.between(300, 900)));
+        if seen("DONE") {
+            break;
+        }
+        let kind = if i % 2 == 0 { Restart::Kill } else { Restart::Term };
+        match kind {
+            Restart::Kill => serve.kill(),
+            Restart::Term => serve.stop(),
+        }
+        // The ended process's handle is forgotten, not dropped: dropping it would stop the
+        // new daemon for good.
+        let next = SnapshotterProcess::start_layer_store(&root, &store, &config);
+        std::mem::forget(std::mem::replace(&mut serve, next));
+        during_read.push(kind.signal());
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = container.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = container.kill();
+            panic!("the container did not finish\n{}\n{}", printed.lock().unwrap(), tail(&serve.log(), 60));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    out.join().unwrap();
+    err.join().unwrap();
+    let log = printed.lock().unwrap().clone();
+    eprintln!("restarts while the container read through the layer store: {during_read:?}");
+
+    assert!(!log.contains("FAIL"), "a read failed in the container:\n{log}\n{}", tail(&serve.log(), 60));
+    assert!(status.success(), "the container failed ({status}):\n{log}\n{}", tail(&serve.log(), 60));
+    let printed_sum = log.lines().find_map(|l| l.strip_prefix("sum ")).map(|s| s.trim_end_matches(" -").trim());
+    assert_eq!(printed_sum, Some(want_sum.as_str()), "the container read other bytes:\n{log}");
+    assert!(during_read.len() >= 2, "only {during_read:?} restarted the daemon while the container read:\n{log}");
+    assert!(serve.log().contains("took over the layer store's session"), "{}", tail(&serve.log(), 60));
+
+    // The layer is still served and released as before; a stop for good unmounts the store.
+    podman.rmi(&companion).unwrap();
+    drop(podman);
+    let holder = serve.holder_pid().expect("a holder keeps the store's connection");
+    serve.stop_for_good();
+    assert!(!modelpack_snapshotter::fs::is_mountpoint(&store), "the store is still mounted after a stop for good");
+    assert!(process_gone(holder), "the holder outlived a stop for good");
+}

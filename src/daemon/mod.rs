@@ -179,6 +179,7 @@ pub async fn serve(
         }
         false => None,
     };
+    let mut starting = Starting(handover.clone());
     let mut settings = config.settings();
     let cache_dir = config.cache_dir();
     let cache = Arc::new(
@@ -204,13 +205,16 @@ pub async fn serve(
     };
 
     let mut frontends = Frontends::default();
-    let store = match config.layer_store() {
+    let mut store = match config.layer_store() {
         Some((path, store_settings)) => {
             let state = config.root.join("layer-store");
             private_dir(&state)?;
             let store = Arc::new(LayerStore::open(&state, cache.clone(), settings.clone(), store_settings)?);
             let at = runtime.clone();
-            let mounted = tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, at))?;
+            let keeper = handover.clone().map(|h| h as Arc<dyn crate::fs::handover::Keeper>);
+            let wait = config.model_mounts().restore_wait;
+            let mounted =
+                tokio::task::block_in_place(|| fs::store::mount_store(store.clone(), &path, at, keeper, wait))?;
             let restoring = store.restore()?;
             tracing::info!(path = %path.display(), restoring, "serving the containers/storage layer store");
             println!("layer store: {}", path.display());
@@ -298,6 +302,7 @@ pub async fn serve(
     if let Some(handover) = &handover {
         handover.release_unclaimed();
     }
+    starting.started();
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
@@ -314,7 +319,9 @@ pub async fn serve(
     }
     if !for_good && handover.is_some() {
         // A restart: what is kept stays as it is, for the next process. What this kernel
-        // or front-end cannot hand over is unmounted, as a stop would.
+        // or front-end cannot hand over is unmounted, as a stop would. (A kept store must
+        // not be dropped: that unmounts it.)
+        let unkept_store = store.take_if(|s| !s.is_kept());
         tokio::task::block_in_place(|| {
             if let Some(snapshotter) = snapshotter.as_ref().filter(|s| !s.session_kept()) {
                 snapshotter.unmount_all();
@@ -322,7 +329,7 @@ pub async fn serve(
             if let Some((node, _)) = csi.as_ref().filter(|(node, _)| !node.session_kept()) {
                 node.unmount_all();
             }
-            if let Some(mounted) = store {
+            if let Some(mounted) = unkept_store {
                 tracing::info!("unmounting the layer store");
                 mounted.unmount();
             }
@@ -360,6 +367,25 @@ pub async fn serve(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A start under way: dropped before [`Starting::started`] (the start failed), it stops
+/// the descriptor holder the start made, which would otherwise outlive it keeping nothing
+/// of use.
+struct Starting(Option<Arc<Handover>>);
+
+impl Starting {
+    fn started(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(handover) = self.0.take() {
+            handover.abandon();
+        }
+    }
 }
 
 /// Samples the bytes fetched for the status's fetch rate until `stopping` turns true.

@@ -51,10 +51,11 @@ pub struct Connection {
     pub init: Vec<u8>,
 }
 
-/// Mounts a FUSE filesystem named `fsname` (type `fuse.modelpack`) at `path`: read-only,
-/// nosuid, nodev, the kernel checking permissions, open to every user if `allow_other`.
+/// Mounts a FUSE filesystem named `fsname` (type `fuse.modelpack`) at `path`: nosuid,
+/// nodev, the kernel checking permissions, read-only if `read_only`, open to every user
+/// if `allow_other`.
 /// Returns the connection with the `INIT` request the kernel sent at once.
-pub fn mount(path: &Path, fsname: &str, allow_other: bool) -> std::io::Result<Connection> {
+pub fn mount(path: &Path, fsname: &str, read_only: bool, allow_other: bool) -> std::io::Result<Connection> {
     let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
     // SAFETY: plain queries of this process's ids.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -64,7 +65,7 @@ pub fn mount(path: &Path, fsname: &str, allow_other: bool) -> std::io::Result<Co
     }
     let c = |s: &str| std::ffi::CString::new(s).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e));
     let (source, target, kind, data) = (c(fsname)?, super::c_path(path)?, c("fuse.modelpack")?, c(&data)?);
-    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | if read_only { libc::MS_RDONLY } else { 0 };
     // SAFETY: every pointer is a valid NUL-terminated string outliving the call.
     let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), kind.as_ptr(), flags, data.as_ptr().cast()) };
     if rc != 0 {
@@ -82,8 +83,14 @@ pub fn mount(path: &Path, fsname: &str, allow_other: bool) -> std::io::Result<Co
         Ok(n) if n >= IN_HEADER && u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes")) == OP_INIT => {
             buf[..n].to_vec()
         }
-        Ok(n) => Err(std::io::Error::other(format!("the kernel's first request ({n} bytes) is not INIT")))?,
-        Err(e) => Err(e)?,
+        failed => {
+            // The mount is there but will never be served: take it away again.
+            let _ = super::detach(path);
+            return Err(match failed {
+                Ok(n) => std::io::Error::other(format!("the kernel's first request ({n} bytes) is not INIT")),
+                Err(e) => e,
+            });
+        }
     };
     Ok(Connection { dev: dev.into(), init })
 }

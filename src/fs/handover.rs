@@ -9,7 +9,10 @@
 //!
 //! - `session`: the mount point, its device, the kernel's `INIT` request and the reply
 //!   it was given (what was negotiated, which the kernel never sends again);
-//! - `attach`/`detach`: a model's slot, where it is bound and its tree's fingerprint;
+//! - `directory`: a directory the session numbered itself (the layer store's reference
+//!   directories), by inode and name;
+//! - `attach`/`detach`: a model's slot, where it is bound (or, in the layer store, the
+//!   layer's path within the store) and its tree's fingerprint;
 //! - `open`/`release`: a file handle given out, for which inode, with which passthrough
 //!   backing id (the kernel refuses a second id, or a cached open, on an inode a
 //!   passthrough open still reads), and the request it answered (a request the kernel
@@ -50,6 +53,7 @@ const COMPACT_AFTER: usize = 100_000;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Record {
     Session { version: u32, path: PathBuf, dev: String, init: String, reply: String },
+    Directory { ino: u64, name: String },
     Attach { slot: u32, target: PathBuf, fingerprint: String },
     Detach { slot: u32 },
     Open { slot: u32, ino: u64, fh: u64, unique: u64, backing: Option<u32> },
@@ -64,6 +68,8 @@ pub struct Saved {
     pub dev: String,
     pub init: Vec<u8>,
     pub reply: Vec<u8>,
+    /// Directories the session numbered itself, by inode.
+    pub directories: BTreeMap<u64, String>,
     pub slots: BTreeMap<u32, SavedSlot>,
 }
 
@@ -149,10 +155,14 @@ pub fn replay(path: &Path) -> Result<Option<Saved>, JournalError> {
                     (Ok(init), Ok(reply)) => (init, reply),
                     _ => return Err(malformed("INIT is not base64".to_owned())),
                 };
-                saved = Some(Saved { path: at, dev, init, reply, slots: BTreeMap::new() });
+                saved =
+                    Some(Saved { path: at, dev, init, reply, directories: BTreeMap::new(), slots: BTreeMap::new() });
             }
             (Record::Session { .. }, Some(_)) => return Err(malformed("a second session header".to_owned())),
             (_, None) => return Err(malformed("no session header first".to_owned())),
+            (Record::Directory { ino, name }, Some(saved)) => {
+                saved.directories.insert(ino, name);
+            }
             (Record::Attach { slot, target, fingerprint }, Some(saved)) => {
                 saved.slots.insert(slot, SavedSlot { target, fingerprint, opens: BTreeMap::new() });
             }
@@ -177,6 +187,7 @@ pub fn replay(path: &Path) -> Result<Option<Saved>, JournalError> {
 /// The records that make up `saved` again (for a rewrite).
 pub fn records_of(saved: &Saved) -> Vec<Record> {
     let mut records = vec![session_record(&saved.path, &saved.dev, &saved.init, &saved.reply)];
+    records.extend(saved.directories.iter().map(|(ino, name)| Record::Directory { ino: *ino, name: name.clone() }));
     for (slot, saved_slot) in &saved.slots {
         records.extend(slot_records(*slot, saved_slot));
     }
@@ -284,7 +295,8 @@ mod tests {
         let header = session_record(Path::new("/m"), "0:55", b"init", b"reply");
         let attach =
             |slot, target: &str| Record::Attach { slot, target: target.into(), fingerprint: format!("f{slot}") };
-        let journal = Journal::create(&path, &[header, attach(1, "/a"), attach(2, "/b")]).unwrap();
+        let directory = Record::Directory { ino: 2, name: "cmVm".to_owned() };
+        let journal = Journal::create(&path, &[header, directory, attach(1, "/a"), attach(2, "/b")]).unwrap();
         journal.append(&open(1, 5, 1, Some(3)));
         journal.append(&open(1, 6, 2, None));
         journal.append(&Record::Release { slot: 1, fh: 2 });
@@ -299,6 +311,7 @@ mod tests {
             ("0:55", &b"init"[..], &b"reply"[..])
         );
         assert_eq!(saved.slots.keys().copied().collect::<Vec<_>>(), [1]);
+        assert_eq!(saved.directories, BTreeMap::from([(2, "cmVm".to_owned())]));
         let slot = &saved.slots[&1];
         assert_eq!(slot.target, Path::new("/a"));
         assert_eq!(slot.opens.len(), 1);

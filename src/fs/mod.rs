@@ -12,6 +12,7 @@ pub mod connection;
 pub mod handover;
 pub mod shared;
 pub mod store;
+mod takeover;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

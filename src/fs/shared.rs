@@ -24,7 +24,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -36,7 +35,8 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use super::handover::{self, Journal, Keeper, Record, SavedSlot};
+use super::handover::{Keeper, Record, Saved};
+use super::takeover::{self, fingerprint, Kept, Pending, Reclaimed, Refused};
 use super::{bind_read_only, connection, detach, is_mountpoint, negotiate, FsError, ModelFs, Mounted, BLOCK_SIZE};
 use crate::model::Model;
 
@@ -52,9 +52,7 @@ struct Table {
     /// Where each model is bound and its tree's fingerprint (for the journal).
     bound: Mutex<HashMap<u32, (PathBuf, String)>>,
     /// Slots a previous process served whose models are not attached again yet.
-    pending: Mutex<HashMap<u32, SavedSlot>>,
-    /// Told whenever a pending slot is settled (attached again or given up).
-    settled: tokio::sync::watch::Sender<()>,
+    pending: Pending,
     /// The next slot; slot 0 is the root's range.
     next: AtomicU32,
     /// Whether passthrough is wanted, and whether the kernel accepted it at init.
@@ -63,15 +61,6 @@ struct Table {
     /// The journal and connection of a session kept for the next process.
     kept: OnceLock<Kept>,
     runtime: Handle,
-    /// How long a request for a pending slot waits for its model.
-    wait: Duration,
-}
-
-#[derive(Debug)]
-struct Kept {
-    journal: Arc<Journal>,
-    dev: Arc<OwnedFd>,
-    header: Record,
 }
 
 impl Table {
@@ -79,14 +68,12 @@ impl Table {
         Self {
             models: RwLock::new(HashMap::new()),
             bound: Mutex::default(),
-            pending: Mutex::default(),
-            settled: tokio::sync::watch::channel(()).0,
+            pending: Pending::new(wait),
             next: AtomicU32::new(1),
             wanted,
             passthrough: AtomicBool::new(false),
             kept: OnceLock::new(),
             runtime,
-            wait,
         }
     }
 
@@ -106,16 +93,12 @@ impl Table {
         if let Some(fs) = self.model(slot) {
             return serve(Some(&fs));
         }
-        if !self.pending.lock().expect("pending lock").contains_key(&slot) {
+        if !self.pending.contains(slot) {
             return serve(None);
         }
         let table = self.clone();
         self.runtime.spawn(async move {
-            let mut settled = table.settled.subscribe();
-            let waiting = settled.wait_for(|()| !table.pending.lock().expect("pending lock").contains_key(&slot));
-            if tokio::time::timeout(table.wait, waiting).await.is_err() {
-                tracing::warn!(slot, wait = ?table.wait, "a model served before the restart is not attached again yet; failing its request");
-            }
+            table.pending.settled(slot).await;
             serve(table.model(slot).as_deref());
         });
     }
@@ -125,7 +108,7 @@ impl Table {
     }
 
     fn is_idle(&self) -> bool {
-        self.models.read().expect("models lock").is_empty() && self.pending.lock().expect("pending lock").is_empty()
+        self.models.read().expect("models lock").is_empty() && self.pending.is_empty()
     }
 
     fn journal(&self, record: &Record) {
@@ -148,18 +131,9 @@ impl Table {
                 records.push(Record::Attach { slot: *slot, target: target.clone(), fingerprint: fingerprint.clone() });
                 records.extend(fs.open_records(*slot));
             }
-            for (slot, saved) in self.pending.lock().expect("pending lock").iter() {
-                records.extend(handover::slot_records(*slot, saved));
-            }
+            records.extend(self.pending.records());
             records
         });
-    }
-
-    /// Settles pending slot `slot` (its model attached again, or given up).
-    fn settle(&self, slot: u32) -> Option<SavedSlot> {
-        let saved = self.pending.lock().expect("pending lock").remove(&slot);
-        self.settled.send_replace(());
-        saved
     }
 }
 
@@ -404,11 +378,6 @@ impl SharedMounts {
         Ok(this)
     }
 
-    /// The name the session's connection is kept under.
-    fn kept_name(&self) -> String {
-        format!("fuse:{}", self.path.display())
-    }
-
     fn journal_path(&self, keeper: &dyn Keeper) -> PathBuf {
         keeper.state_dir().join(format!("{}.journal", self.name))
     }
@@ -417,60 +386,41 @@ impl SharedMounts {
     /// attached again (its bind is then the session's to keep or replace).
     pub fn is_pending(&self, target: &Path) -> bool {
         let session = self.session.lock().expect("session lock");
-        session
-            .as_ref()
-            .is_some_and(|s| s.table.pending.lock().expect("pending lock").values().any(|p| p.target == target))
+        session.as_ref().is_some_and(|s| s.table.pending.at(target).is_some())
     }
 
     /// Takes over the session a previous process kept: None when there is none. An
-    /// error says why one could not be taken over; it is then let go.
+    /// error says why one could not be taken over; it is then let go, and the binds of
+    /// its models are detached.
     fn take_over(&self, keeper: &dyn Keeper) -> Result<Option<Session>, String> {
-        let journal_path = self.journal_path(keeper);
-        let dev = keeper.take(&self.kept_name());
-        let saved = handover::replay(&journal_path);
-        let Some(dev) = dev else {
-            // A journal without its connection describes nothing left alive.
-            let _ = std::fs::remove_file(&journal_path);
-            return Ok(None);
-        };
-        let let_go = |cause: String, targets: Vec<PathBuf>| {
-            keeper.forget(&self.kept_name());
-            let _ = std::fs::remove_file(&journal_path);
-            for target in targets.iter().filter(|t| is_mountpoint(t)) {
+        let detach_binds = |saved: &Option<Box<Saved>>| {
+            let targets = saved.iter().flat_map(|s| s.slots.values().map(|slot| &slot.target));
+            for target in targets.filter(|t| t.is_absolute() && is_mountpoint(t)) {
                 let _ = detach(target);
             }
-            Err(cause)
         };
-        let saved = match saved {
-            Ok(Some(saved)) => saved,
-            Ok(None) => return let_go("its journal is missing".to_owned(), Vec::new()),
-            Err(e) => return let_go(e.to_string(), Vec::new()),
+        let Reclaimed { saved, kept } = match takeover::reclaim(keeper, &self.path, &self.journal_path(keeper)) {
+            Ok(Some(reclaimed)) => reclaimed,
+            Ok(None) => return Ok(None),
+            Err(Refused { cause, saved }) => {
+                detach_binds(&saved);
+                return Err(cause);
+            }
         };
-        let targets = saved.slots.values().map(|s| s.target.clone()).collect();
-        if saved.path != self.path {
-            return let_go(format!("it was mounted at {}", saved.path.display()), targets);
-        }
-        if super::mount_device(&self.path).as_deref() != Some(saved.dev.as_str()) {
-            return let_go(format!("{} is no longer its mount", self.path.display()), targets);
-        }
-        if !connection::can_resend(&saved.init) {
-            return let_go("this kernel cannot send unanswered requests again (Linux 6.9)".to_owned(), targets);
-        }
         let table = Arc::new(Table::new(self.passthrough, self.runtime.clone(), self.wait));
         let next = saved.slots.keys().max().map_or(1, |s| s + 1);
         table.next.store(next, Ordering::Relaxed);
-        let dev = Arc::new(dev);
-        let header = handover::session_record(&saved.path, &saved.dev, &saved.init, &saved.reply);
-        let journal = match Journal::create(&journal_path, &handover::records_of(&saved)) {
-            Ok(journal) => Arc::new(journal),
-            Err(e) => return let_go(format!("rewriting {}: {e}", journal_path.display()), targets),
-        };
-        table.kept.set(Kept { journal, dev: dev.clone(), header }).expect("a new table");
-        *table.pending.lock().expect("pending lock") = saved.slots.clone().into_iter().collect();
+        let dev = kept.dev.clone();
+        table.kept.set(kept).expect("a new table");
+        table.pending.fill(saved.slots.clone());
         let fs = SharedFs { table: table.clone() };
         let (session, _) = match connection::serve(fs, &dev, &saved.init, true, self.threads, SessionACL::All) {
             Ok(served) => served,
-            Err(e) => return let_go(format!("serving it: {e}"), targets),
+            Err(e) => {
+                takeover::let_go(keeper, &self.path, table.kept.get().expect("set above"));
+                detach_binds(&Some(Box::new(saved)));
+                return Err(format!("serving it: {e}"));
+            }
         };
         // What the kernel was told at INIT stands, whatever this process would ask.
         table.passthrough.store(connection::reply_passthrough(&saved.reply), Ordering::Relaxed);
@@ -532,14 +482,11 @@ impl SharedMounts {
         target: &Path,
     ) -> Option<Result<Attached, FsError>> {
         let table = &session.table;
-        let (slot, saved) = {
-            let pending = table.pending.lock().expect("pending lock");
-            pending.iter().find(|(_, s)| s.target == target).map(|(slot, saved)| (*slot, saved.clone()))?
-        };
+        let (slot, saved) = table.pending.at(target)?;
         let fingerprint = fingerprint(model);
         if fingerprint != saved.fingerprint {
             tracing::warn!(path = %target.display(), "the model served here before the restart has another tree now; mounting it afresh (files open in it fail)");
-            table.settle(slot);
+            table.pending.settle(slot);
             table.journal(&Record::Detach { slot });
             return None;
         }
@@ -547,7 +494,7 @@ impl SharedMounts {
         fs.adopt_opens(&saved.opens);
         table.models.write().expect("models lock").insert(slot, Arc::new(fs));
         table.bound.lock().expect("bound lock").insert(slot, (target.to_owned(), fingerprint));
-        table.settle(slot);
+        table.pending.settle(slot);
         if !is_mountpoint(target) {
             // Killed between journaling the slot and binding it.
             if let Err(e) = bind_read_only(&self.path.join(slot.to_string()), target) {
@@ -569,9 +516,7 @@ impl SharedMounts {
         let passthrough = table.passthrough.load(Ordering::Relaxed);
         let fs = ModelFs::within(model, self.runtime.clone(), u64::from(slot) << 32, ROOT, passthrough);
         match table.kept.get() {
-            Some(kept) => {
-                fs.handed_over(super::SlotHandover { journal: kept.journal.clone(), slot, dev: kept.dev.clone() })
-            }
+            Some(kept) => fs.handed_over(kept.slot(slot)),
             None => fs,
         }
     }
@@ -580,7 +525,7 @@ impl SharedMounts {
         let err = |source| FsError::Mount { path: self.path.display().to_string(), source };
         std::fs::create_dir_all(&self.path).map_err(err)?;
         let table = Arc::new(Table::new(self.passthrough, self.runtime.clone(), self.wait));
-        let conn = connection::mount(&self.path, &format!("modelpack-{}", self.name), true).map_err(err)?;
+        let conn = connection::mount(&self.path, &format!("modelpack-{}", self.name), true, true).map_err(err)?;
         let fs = SharedFs { table: table.clone() };
         let served = connection::serve(fs, &conn.dev, &conn.init, false, self.threads, SessionACL::All);
         let (session, reply) = match served {
@@ -596,7 +541,7 @@ impl SharedMounts {
         }
         if let Some(keeper) = &self.keeper {
             if connection::can_resend(&conn.init) {
-                match self.keep(keeper.as_ref(), &conn, &reply) {
+                match takeover::keep(keeper.as_ref(), &self.path, &self.journal_path(keeper.as_ref()), &conn, &reply) {
                     Ok(kept) => table.kept.set(kept).expect("a new table"),
                     Err(e) => {
                         tracing::warn!(path = %self.path.display(), error = %e, "cannot keep the model session for a restart")
@@ -608,16 +553,6 @@ impl SharedMounts {
         }
         tracing::info!(path = %self.path.display(), threads = self.threads, kept = table.kept.get().is_some(), "model session mounted");
         Ok(Session { table, mounted })
-    }
-
-    /// Journals a new session and hands its connection to the keeper.
-    fn keep(&self, keeper: &dyn Keeper, conn: &connection::Connection, reply: &[u8]) -> std::io::Result<Kept> {
-        let dev_id =
-            super::mount_device(&self.path).ok_or_else(|| std::io::Error::other("the session is not mounted"))?;
-        let header = handover::session_record(&self.path, &dev_id, &conn.init, reply);
-        let journal = Arc::new(Journal::create(&self.journal_path(keeper), std::slice::from_ref(&header))?);
-        keeper.keep(&self.kept_name(), conn.dev.as_fd())?;
-        Ok(Kept { journal, dev: Arc::new(conn.dev.try_clone()?), header })
     }
 
     /// Unmounts the session when it serves no model any more (nor waits for one).
@@ -634,15 +569,11 @@ impl SharedMounts {
     /// connection being unmounted.
     fn unmount(&self, session: Session) {
         if let (Some(keeper), Some(kept)) = (&self.keeper, session.table.kept.get()) {
-            keeper.forget(&self.kept_name());
-            kept.journal.remove();
+            takeover::let_go(keeper.as_ref(), &self.path, kept);
         }
-        let pending: Vec<SavedSlot> =
-            session.table.pending.lock().expect("pending lock").drain().map(|(_, s)| s).collect();
-        for saved in pending.iter().filter(|s| is_mountpoint(&s.target)) {
-            let _ = detach(&saved.target);
+        for target in session.table.pending.settle_all().iter().filter(|t| is_mountpoint(t)) {
+            let _ = detach(target);
         }
-        session.table.settled.send_replace(());
         session.mounted.unmount();
     }
 
@@ -659,20 +590,6 @@ impl SharedMounts {
             self.unmount(session);
         }
     }
-}
-
-/// What a model must be for a successor to put it back in its slot: the same inode
-/// numbering ([`Tree::fingerprint`](crate::modelpack::tree::Tree::fingerprint)), and the
-/// same blobs behind it (two models with the same names and sizes must not pass for each
-/// other: the kernel keeps the pages it read).
-fn fingerprint(model: &Model) -> String {
-    use sha2::{Digest as _, Sha256};
-    let mut hash = Sha256::new();
-    hash.update(model.tree.fingerprint());
-    for layer in &model.artifact.layers {
-        hash.update(format!("\n{} {}", layer.digest, layer.size));
-    }
-    format!("sha256:{}", hex::encode(hash.finalize()))
 }
 
 /// A model served through a [`SharedMounts`] session and bound at its target; dropping

@@ -15,6 +15,8 @@ use crate::fs::handover::Keeper;
 #[derive(Debug)]
 pub struct Handover {
     holder: Holder,
+    /// Whether this process started the holder (none ran).
+    started: bool,
     socket: PathBuf,
     dir: PathBuf,
     /// What the previous process kept, until claimed.
@@ -26,10 +28,23 @@ impl Handover {
     /// takes what it holds; journals are written in `dir` (created private).
     pub fn open(socket: &Path, dir: &Path) -> std::io::Result<Self> {
         crate::snapshotter::private_dir(dir).map_err(std::io::Error::other)?;
-        let holder = Holder::connect_or_start(socket, Path::new("/proc/self/exe"))?;
+        let (holder, started) = match Holder::connect(socket)? {
+            Some(holder) => (holder, false),
+            None => (Holder::start(socket, Path::new("/proc/self/exe"))?, true),
+        };
         let taken: HashMap<String, OwnedFd> = holder.take()?.into_iter().collect();
-        tracing::info!(holder = holder.pid(), kept = taken.len(), "descriptor holder ready");
-        Ok(Self { holder, socket: socket.to_owned(), dir: dir.to_owned(), taken: Mutex::new(taken) })
+        tracing::info!(holder = holder.pid(), started, kept = taken.len(), "descriptor holder ready");
+        Ok(Self { holder, started, socket: socket.to_owned(), dir: dir.to_owned(), taken: Mutex::new(taken) })
+    }
+
+    /// Undoes [`Handover::open`] for a start that failed: a holder this process started
+    /// keeps only what this process kept, which goes with it, so it is stopped. One a
+    /// previous process left keeps that process's models for the next start.
+    pub fn abandon(&self) {
+        if self.started {
+            tracing::info!(holder = self.holder.pid(), "the start failed: stopping the descriptor holder it started");
+            self.quit();
+        }
     }
 
     /// The holder's process id.
@@ -190,7 +205,9 @@ pub async fn stop_for_good(status: &Path, root: &Path, holder: &Path, wait: Dura
     let mut detached = 0;
     for journal in std::fs::read_dir(root.join("restart")).into_iter().flatten().flatten() {
         let Ok(Some(saved)) = crate::fs::handover::replay(&journal.path()) else { continue };
-        for path in saved.slots.values().map(|s| &s.target).chain([&saved.path]) {
+        // A layer store's slots are named by their paths within the store, not bound.
+        let targets = saved.slots.values().map(|s| &s.target).filter(|t| t.is_absolute());
+        for path in targets.chain([&saved.path]) {
             if crate::fs::is_mountpoint(path) && crate::fs::detach(path).is_ok() {
                 detached += 1;
             }

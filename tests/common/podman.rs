@@ -281,7 +281,7 @@ impl Podman {
 
     /// The arguments of `podman run` for `cmd` in a new container of `image`, removed
     /// when it exits, with `extra` options.
-    fn run_args<'a>(extra: &[&'a str], image: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
+    pub fn run_args<'a>(extra: &[&'a str], image: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "run",
             "--rm",
