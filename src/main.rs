@@ -222,13 +222,18 @@ enum Command {
         #[arg(long, value_name = "POLICY", num_args = 0..=1, require_equals = true, default_missing_value = "all")]
         prefetch: Option<PrefetchPolicy>,
     },
-    /// Keep the daemon's file descriptors across its restarts: the fd holder, run by
-    /// `Holder::start` (`restart::holder`).
+    /// Keep the daemon's file descriptors across its restarts: the fd holder, which
+    /// `serve` starts itself (`--socket-fd`), or which runs beside it (`--socket`, as the
+    /// DaemonSet's holder container does: docs/restarts.md).
     #[command(hide = true)]
     Hold {
         /// The listening socket, inherited at this descriptor.
-        #[arg(long, value_name = "N")]
-        socket_fd: RawFd,
+        #[arg(long, value_name = "N", required_unless_present = "socket", conflicts_with = "socket")]
+        socket_fd: Option<RawFd>,
+        /// Listen at this path (`<root>/holder.sock`, where `serve` looks), once no other
+        /// holder answers there.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -458,7 +463,9 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             }
             Ok(())
         }
-        Command::Hold { socket_fd } => hold(socket_fd),
+        Command::Hold { socket_fd: Some(fd), .. } => hold(fd),
+        Command::Hold { socket: Some(socket), .. } => Ok(holder::run_at(&socket, Duration::from_secs(1))?),
+        Command::Hold { .. } => unreachable!("clap requires --socket-fd or --socket"),
     }
 }
 

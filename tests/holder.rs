@@ -1,6 +1,7 @@
 //! The fd holder as the daemon uses it: the real binary started by `Holder::start`, in a
 //! session of its own, keeping a listening socket open while no client is connected, and
-//! gone once told to quit. Needs neither root nor FUSE.
+//! gone once told to quit; and `hold --socket`, the holder that runs beside the daemon.
+//! Needs neither root nor FUSE.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -22,7 +23,7 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         // A holder that exited was reaped: its pid may be another process's by now.
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
-        if !cmdline.windows(b"--socket-fd".len()).any(|w| w == b"--socket-fd") {
+        if !cmdline.windows(b"--socket".len()).any(|w| w == b"--socket") {
             return;
         }
         if let Ok(pid) = i32::try_from(self.0) {
@@ -134,4 +135,41 @@ fn a_killed_holder_is_gone_for_its_client() {
     let error = holder.take().unwrap_err();
     assert_eq!(error.to_string(), format!("the fd holder at {} is gone", socket.display()));
     assert!(Holder::connect(&socket).unwrap().is_none(), "the socket file of a killed holder is stale");
+}
+
+/// `hold --socket PATH`, the holder a container of its own runs beside the daemon's:
+/// it binds the path itself, the daemon's `connect_or_start` finds it instead of starting
+/// one, and a second one waits while the first answers, then takes its place.
+#[test]
+fn a_holder_binding_its_own_socket_is_found_and_a_second_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("holder.sock");
+    let run = || std::process::Command::new(BIN).arg("hold").arg("--socket").arg(&socket).spawn().unwrap();
+    let wait_listening = |pid: u32| {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            match Holder::connect(&socket).unwrap() {
+                Some(holder) if holder.pid() == pid => return holder,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => panic!("hold --socket (process {pid}) does not answer"),
+            }
+        }
+    };
+    let mut first = run();
+    let _first_guard = KillOnDrop(first.id());
+    let holder = wait_listening(first.id());
+    let found = Holder::connect_or_start(&socket, Path::new("/nonexistent")).unwrap();
+    assert_eq!(found.pid(), first.id(), "the daemon found the holder running");
+    drop(found);
+
+    let mut second = run();
+    let _second_guard = KillOnDrop(second.id());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(second.try_wait().unwrap().is_none(), "the second holder gave up while the first ran");
+    holder.quit().unwrap();
+    assert!(first.wait().unwrap().success());
+    let holder = wait_listening(second.id());
+    holder.quit().unwrap();
+    assert!(second.wait().unwrap().success());
+    assert!(!socket.exists(), "a holder that quit leaves its socket file behind");
 }

@@ -4,12 +4,13 @@
 //! mount: both lookup keys, ordinary images and unknown keys, use counts across a
 //! restart with the registry gone, and the attacker — forged TOC annotations and index
 //! locations, a registry that lies about the index layer, a registry that hangs, a user
-//! who is not root. `tests/podman.rs` runs the
+//! who is not root, a tag moved while no daemon ran. `tests/podman.rs` runs the
 //! real clients.
 
 mod common;
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use common::containerd::push_busybox_image;
@@ -274,4 +275,73 @@ async fn forged_annotations_lying_or_hung_registries_and_other_users_get_nothing
     assert!(!out.status.success(), "an unprivileged user listed the model");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
     assert!(scene.log().contains("TOC digest"), "{}", scene.log());
+}
+
+/// Writes a one-file model whose bytes follow from `seed`: two seeds give models with
+/// the same names and sizes and other bytes.
+fn write_seeded_model(dir: &Path, seed: u64) -> Vec<u8> {
+    std::fs::create_dir_all(dir).unwrap();
+    let weights = pseudo_random(3 << 20, seed);
+    std::fs::write(dir.join("weights.bin"), &weights).unwrap();
+    weights
+}
+
+/// The attacker moves a tag while no daemon runs, to a model with the same names and
+/// sizes. A layer looked up under that tag (read, not used: nothing recorded) kept its
+/// mount and its open file across the restart; the next daemon asks the registry again
+/// and finds the tag leading elsewhere. The file opened before must never read the other
+/// model's bytes (its slot is given up: its reads fail), the old key is gone, and the new
+/// key serves the new model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_moved_while_no_daemon_ran_never_serves_other_bytes_under_kept_inodes() {
+    use std::os::unix::fs::FileExt;
+    if !prerequisites(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start();
+    let source = format!("{}/models/moved:v1", registry.addr());
+    let companion = format!("{source}-lazy");
+    let first = write_seeded_model(&tmp.path().join("first"), 31);
+    push_dir(&tmp.path().join("first"), &source, "raw");
+    assert!(run_bin(&["convert", &source]).0);
+    let old_key = companion_layer(&companion).await.annotations[labels::TOC_DIGEST].clone();
+
+    let (root, store) = (tmp.path().join("root"), tmp.path().join("root/store"));
+    let config = write_config(&tmp.path().join("etc"), "[models]\nrestore_wait_secs = 20\n");
+    let mut serve = SnapshotterProcess::start_layer_store(&root, &store, &config);
+    let old_layer = store.join(encode_reference(&companion)).join(&old_key);
+    let file = std::fs::File::open(old_layer.join("diff/weights.bin")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, first[..1 << 20]);
+
+    serve.kill();
+    let second = write_seeded_model(&tmp.path().join("second"), 32);
+    push_dir(&tmp.path().join("second"), &source, "raw");
+    assert!(run_bin(&["convert", &source]).0);
+    let new_key = companion_layer(&companion).await.annotations[labels::TOC_DIGEST].clone();
+    assert_ne!(new_key, old_key);
+    let next = SnapshotterProcess::start_layer_store(&root, &store, &config);
+    std::mem::forget(std::mem::replace(&mut serve, next));
+
+    // The kernel is made to ask again for what it cached of the open file.
+    // SAFETY: advice on an open file's cached pages.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    for offset in [0, 1 << 20, 2 << 20] {
+        let mut buf = vec![0u8; 1 << 20];
+        match file.read_at(&mut buf, offset as u64) {
+            Ok(n) => {
+                assert_ne!(buf[..n], second[offset..offset + n], "the old file read the moved tag's bytes");
+                assert_eq!(buf[..n], first[offset..offset + n], "the old file read other bytes");
+            }
+            Err(e) => eprintln!("the file opened before the restart fails as it should: {e}"),
+        }
+    }
+    drop(file);
+    let log = serve.log();
+    assert!(log.contains("cannot be served again"), "{log}");
+    not_found(&old_layer.join("diff"));
+    let new_layer = store.join(encode_reference(&companion)).join(&new_key);
+    assert_eq!(std::fs::read(new_layer.join("diff/weights.bin")).unwrap(), second);
 }

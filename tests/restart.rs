@@ -2,8 +2,8 @@
 //! the models' FUSE connection and the listening sockets while the daemon is down, so a
 //! daemon killed (SIGKILL) or stopped for a restart (SIGTERM) and started again on the
 //! same root serves on: readers of a model view made through a real containerd 2, a
-//! container started through its CRI, and calls made to containerd while the daemon is
-//! down all see no error. `stop` (a stop for good) leaves no mount, no socket and no
+//! container started through its CRI, a podman container reading through the layer
+//! store, and calls made to containerd while the daemon is down all see no error. `stop` (a stop for good) leaves no mount, no socket and no
 //! holder, also after a crash with no restart.
 
 mod common;
@@ -249,8 +249,17 @@ impl Drop for Node {
 }
 
 /// What process `pid` is doing, from the kernel's view: its state and, for each thread
-/// not running, where it waits (its kernel stack when it waits uninterruptibly).
+/// not running, where it waits (its kernel stack when it waits uninterruptibly). Read on
+/// a thread of its own: a read of `/proc` can wait on a process stuck in a file system.
 fn process_report(pid: u32) -> String {
+    let (sender, report) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(read_process_report(pid)));
+    report
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| format!("  (/proc/{pid} did not answer within 5 s)\n"))
+}
+
+fn read_process_report(pid: u32) -> String {
     let mut report = String::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();

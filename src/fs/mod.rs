@@ -342,6 +342,14 @@ impl ModelFs {
     }
 }
 
+/// How a file is opened: its page cache kept across opens, and no `FLUSH` at its closes
+/// (nothing is ever written; Linux 5.16 and later), so that a close never waits for the
+/// daemon.
+pub(crate) const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+/// [`OPEN_FLAGS`] for a file the kernel reads through a passthrough backing file (whose
+/// own page cache serves it).
+const OPEN_FLAGS_PASSTHROUGH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
 /// Answers an `OPEN` with handle `fh` read by the kernel through backing id `id`, which
 /// stays open (it is closed by id when its last open is released).
 fn reply_passthrough(reply: ReplyOpen, fh: u64, id: u32) {
@@ -349,7 +357,7 @@ fn reply_passthrough(reply: ReplyOpen, fh: u64, id: u32) {
     // one it took the connection over from, and not closed while an open uses it); the
     // wrapper is released below without closing it.
     let backing = unsafe { reply.wrap_backing(id) };
-    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+    reply.opened_passthrough(FileHandle(fh), OPEN_FLAGS_PASSTHROUGH, &backing);
     backing.into_raw();
 }
 
@@ -477,7 +485,7 @@ impl ModelFs {
             if let Some((fh, open)) = open {
                 return match open.backing {
                     Some(id) => reply_passthrough(reply, fh, id),
-                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    None => reply.opened(FileHandle(fh), OPEN_FLAGS),
                 };
             }
         }
@@ -503,7 +511,7 @@ impl ModelFs {
                     Backing::Session(id) => {
                         let open = OpenFile { passthrough: true, ino, unique, ..OpenFile::default() };
                         self.open_files.lock().expect("open files lock").insert(fh, Arc::new(open));
-                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                        return reply.opened_passthrough(FileHandle(fh), OPEN_FLAGS_PASSTHROUGH, id);
                     }
                     Backing::Raw { id, .. } => raw = Some(*id),
                 }
@@ -520,7 +528,7 @@ impl ModelFs {
         self.journal(|slot| handover::Record::Open { slot, ino, fh, unique, backing: raw });
         match raw {
             Some(id) => reply_passthrough(reply, fh, id),
-            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            None => reply.opened(FileHandle(fh), OPEN_FLAGS),
         }
     }
 
@@ -707,10 +715,11 @@ impl Filesystem for ModelFs {
         self.serve_read(ino, fh, offset, size, reply);
     }
 
-    /// Nothing is ever written, so a close has nothing to flush: `ENOSYS` tells the
-    /// kernel to send no `FLUSH` again on this connection. A close then never waits for
-    /// the daemon, above all while a restart has it down (a process that forks and execs
-    /// closes every file it holds open here).
+    /// Nothing is ever written, so a close has nothing to flush: every open says so
+    /// ([`OPEN_FLAGS`]), and a kernel before 5.16, which does not know that flag, is told
+    /// `ENOSYS`, after which it sends no `FLUSH` again on this connection. A close then
+    /// never waits for the daemon, above all while a restart has it down (a process that
+    /// forks and execs closes every file it holds open here).
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
         reply.error(Errno::ENOSYS);
     }

@@ -513,7 +513,7 @@ impl StoreFs {
             return slot.fs.serve_open(unique, ino, flags, reply);
         }
         match self.file_bytes(node_of(ino.0)) {
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(_) => reply.opened(FileHandle(0), super::OPEN_FLAGS),
             None => reply.error(Errno::EISDIR),
         }
     }
@@ -522,7 +522,10 @@ impl StoreFs {
         if let Some(slot) = self.model_slot(ino) {
             return slot.fs.serve_read(ino, fh, offset, size, reply);
         }
-        let Some(bytes) = self.file_bytes(node_of(ino.0)) else { return reply.error(Errno::EBADF) };
+        let Some(bytes) = self.file_bytes(node_of(ino.0)) else {
+            // A model's file whose layer is gone (given up after a restart) cannot be read.
+            return reply.error(if matches!(node_of(ino.0), Node::Model(_)) { Errno::EIO } else { Errno::EBADF });
+        };
         let start = (offset as usize).min(bytes.len());
         let end = start.saturating_add(size as usize).min(bytes.len());
         reply.data(&bytes[start..end]);

@@ -422,6 +422,21 @@ pub fn run(listener: OwnedFd) -> Result<(), HolderError> {
     serve(listener, &path)
 }
 
+/// Runs a holder listening at `socket` that binds it itself: the `hold --socket` command,
+/// for a holder that is not the daemon's child (a container of its own beside the
+/// daemon's). While another holder answers there, it waits for that one to exit, checking
+/// every `poll`; a stale socket file is replaced.
+pub fn run_at(socket: &Path, poll: std::time::Duration) -> Result<(), HolderError> {
+    let socket = &std::path::absolute(socket).map_err(failed("resolve its path", socket))?;
+    loop {
+        match clear_path(socket) {
+            Err(HolderError::Running(_)) => std::thread::sleep(poll),
+            cleared => break cleared?,
+        }
+    }
+    run(listen_at(socket)?)
+}
+
 /// The path `listener` is bound to, once it is known to be a holder's socket.
 fn listening_path(listener: &OwnedFd) -> Result<PathBuf, HolderError> {
     let seqpacket = sock::getsockopt(listener, sockopt::SockType).is_ok_and(|kind| kind == SockType::SeqPacket);
