@@ -240,13 +240,21 @@ fn the_config_map_config_loads_and_its_paths_are_the_mounted_host_paths() {
         .find(|m| Path::new(m.at("mountPath").str()) == config.root)
         .expect("the holder mounts the state root");
     assert_eq!(state.at("name").str(), root.at("name").str(), "the holder and the daemon share the state root");
-    assert_eq!(state.at("mountPropagation").str(), "Bidirectional", "the holder's stop unmounts what the daemon mounted");
+    assert_eq!(
+        state.at("mountPropagation").str(),
+        "Bidirectional",
+        "the holder's stop unmounts what the daemon mounted"
+    );
     // When the pod goes, the holder stops the daemon for good, with the daemon's config.
     let stop = holder.at("lifecycle/preStop/exec/command").strs();
     assert_eq!(stop[..2], ["modelpack-snapshotter", "stop"]);
     let flag = stop.iter().position(|a| *a == "--config").expect("stop --config");
     assert_eq!(stop[flag + 1], config_path.to_str().unwrap());
-    assert!(holder.at("volumeMounts").seq().iter().any(|m| m.at("mountPath").str() == config_mount.at("mountPath").str()));
+    assert!(holder
+        .at("volumeMounts")
+        .seq()
+        .iter()
+        .any(|m| m.at("mountPath").str() == config_mount.at("mountPath").str()));
 
     // Probes look at the socket the config binds.
     for probe in ["readinessProbe", "livenessProbe"] {

@@ -120,11 +120,8 @@ impl Table {
     /// Rewrites the journal from the live state when it has grown long.
     fn compact(&self) {
         let Some(kept) = self.kept.get() else { return };
-        if !kept.journal.due() {
-            return;
-        }
-        kept.journal.rewrite(|| {
-            let mut records = vec![kept.header.clone()];
+        kept.compact(|| {
+            let mut records = Vec::new();
             let bound = self.bound.lock().expect("bound lock").clone();
             for (slot, fs) in self.models.read().expect("models lock").iter() {
                 let Some((target, fingerprint)) = bound.get(slot) else { continue };

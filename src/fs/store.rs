@@ -272,11 +272,8 @@ impl Inner {
     /// Rewrites the journal from the live state when it has grown long.
     fn compact(&self) {
         let Some(kept) = self.kept.get() else { return };
-        if !kept.journal.due() {
-            return;
-        }
-        kept.journal.rewrite(|| {
-            let mut records = vec![kept.header.clone()];
+        kept.compact(|| {
+            let mut records = Vec::new();
             let refs = self.references.lock().expect("references lock");
             records
                 .extend(refs.by_ino.iter().map(|(ino, (name, _))| Record::Directory { ino: *ino, name: name.clone() }));

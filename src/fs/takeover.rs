@@ -31,6 +31,19 @@ pub(super) struct Kept {
 }
 
 impl Kept {
+    /// Rewrites the journal when it has grown long: the header, then `live()`, the
+    /// records of the session's live state (read with appends held off).
+    pub fn compact(&self, live: impl FnOnce() -> Vec<Record>) {
+        if !self.journal.due() {
+            return;
+        }
+        self.journal.rewrite(|| {
+            let mut records = vec![self.header.clone()];
+            records.extend(live());
+            records
+        });
+    }
+
     /// What a model in `slot` journals through.
     pub fn slot(&self, slot: u32) -> super::SlotHandover {
         super::SlotHandover { journal: self.journal.clone(), slot, dev: self.dev.clone() }
