@@ -424,7 +424,11 @@ fn run(cli: Cli, output: &mut Option<Progress>) -> Result<()> {
             }
             daemon.check("the command line")?;
             *output = Some(log.init(&daemon.log_level, daemon.log_format));
-            runtime()?.block_on(daemon::serve(&daemon, shutdown_signal()))?;
+            let runtime = runtime()?;
+            // Caught from the start: a SIGTERM while starting is a restart once started,
+            // never the default death half-way.
+            let shutdown = runtime.block_on(async { Shutdown::catch() })?;
+            runtime.block_on(daemon::serve(&daemon, shutdown.signalled()))?;
             Ok(())
         }
         Command::Mount { reference, mountpoint, cache, prefetch } => {
@@ -579,25 +583,6 @@ async fn mount(
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
-    tracing::info!("shutting down");
-}
-
-/// Returns on SIGINT or SIGTERM, or when someone else unmounted us.
 /// SIGTERM and SIGINT, caught from now on.
 struct Shutdown {
     term: tokio::signal::unix::Signal,
@@ -612,8 +597,18 @@ impl Shutdown {
             int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
         })
     }
+
+    /// Completes on SIGINT or SIGTERM.
+    async fn signalled(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    }
 }
 
+/// Returns on SIGINT or SIGTERM, or when someone else unmounted us.
 async fn wait_for_shutdown(Shutdown { mut term, mut int }: Shutdown, mountpoint: &Path) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
