@@ -266,7 +266,7 @@ impl Inner {
     /// The pending slot `ino` belongs to, if it is one.
     fn pending_slot(&self, ino: u64) -> Option<u32> {
         let slot = (ino >> 32) as u32;
-        (slot != 0 && self.slot(slot).is_none() && self.pending.contains(slot)).then_some(slot)
+        (slot != 0 && self.pending.contains(slot) && self.slot(slot).is_none()).then_some(slot)
     }
 
     /// Rewrites the journal from the live state when it has grown long.

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,6 +156,8 @@ pub(super) fn fingerprint(model: &Model) -> String {
 #[derive(Debug)]
 pub(super) struct Pending {
     slots: Mutex<HashMap<u32, SavedSlot>>,
+    /// Whether any slot is pending: read without the lock on every request.
+    any: AtomicBool,
     /// Told whenever a slot is settled (its model back, or given up).
     settled: tokio::sync::watch::Sender<()>,
     /// How long a request for a pending slot waits.
@@ -163,19 +166,21 @@ pub(super) struct Pending {
 
 impl Pending {
     pub fn new(wait: Duration) -> Self {
-        Self { slots: Mutex::default(), settled: tokio::sync::watch::channel(()).0, wait }
+        Self { slots: Mutex::default(), any: AtomicBool::new(false), settled: tokio::sync::watch::channel(()).0, wait }
     }
 
     pub fn fill(&self, slots: BTreeMap<u32, SavedSlot>) {
-        self.slots.lock().expect("pending lock").extend(slots);
+        let mut pending = self.slots.lock().expect("pending lock");
+        pending.extend(slots);
+        self.any.store(!pending.is_empty(), Ordering::Release);
     }
 
     pub fn contains(&self, slot: u32) -> bool {
-        self.slots.lock().expect("pending lock").contains_key(&slot)
+        self.any.load(Ordering::Acquire) && self.slots.lock().expect("pending lock").contains_key(&slot)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.lock().expect("pending lock").is_empty()
+        !self.any.load(Ordering::Acquire)
     }
 
     /// The pending slot whose model was at `target`.
@@ -191,7 +196,12 @@ impl Pending {
 
     /// Settles `slot`: its model is back, or given up.
     pub fn settle(&self, slot: u32) -> Option<SavedSlot> {
-        let saved = self.slots.lock().expect("pending lock").remove(&slot);
+        let saved = {
+            let mut pending = self.slots.lock().expect("pending lock");
+            let saved = pending.remove(&slot);
+            self.any.store(!pending.is_empty(), Ordering::Release);
+            saved
+        };
         self.settled.send_replace(());
         saved
     }
@@ -199,6 +209,7 @@ impl Pending {
     /// Settles every slot; returns where their models were.
     pub fn settle_all(&self) -> Vec<PathBuf> {
         let targets = self.slots.lock().expect("pending lock").drain().map(|(_, s)| s.target).collect();
+        self.any.store(false, Ordering::Release);
         self.settled.send_replace(());
         targets
     }
