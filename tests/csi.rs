@@ -54,10 +54,18 @@ impl Scene {
     }
 
     /// Stops the daemon and starts it again (dropped first: a stopped process's drop
-    /// detaches what is mounted under its root).
+    /// detaches what is mounted under its root); returns once the new one says it serves
+    /// (its socket accepts connections a moment before).
     fn restart(&mut self) {
+        let starts = |log: &str| log.matches("serving CSI").count();
+        let before = starts(&self.log());
         drop(self.serve.take());
         self.serve = Some(SnapshotterProcess::start_csi(&self.root, &self.socket, &self.config));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while starts(&self.log()) <= before {
+            assert!(std::time::Instant::now() < deadline, "the daemon did not start serving: {}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     async fn node(&self) -> NodeClient {
