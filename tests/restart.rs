@@ -721,13 +721,15 @@ const CONTAINER_FILE_MIB: usize = 64;
 
 /// A busybox script that reads `/model/weights.bin` 1 MiB at a time, one `dd` each with a
 /// pause between (so that the read spans several restarts), and prints the sha256 of what
-/// it read and DONE; any `dd` that fails prints FAIL and makes the script exit 1.
+/// it read and DONE; any `dd` that fails prints FAIL and makes the script exit 1. Each
+/// `dd` done prints `read N` on standard error.
 fn slow_reader_script() -> String {
     format!(
         r#"echo START
 i=0
 while [ $i -lt {CONTAINER_FILE_MIB} ]; do
   busybox dd if=/model/weights.bin bs=1048576 skip=$i count=1 2>/tmp/dd.err || {{ echo "FAIL dd skip=$i: $(cat /tmp/dd.err)" >&2; touch /tmp/failed; }}
+  echo "read $i" >&2
   sleep 0.12
   i=$((i+1))
 done | sha256sum | sed 's/^/sum /'
@@ -994,10 +996,15 @@ fn a_podman_container_reads_its_model_through_the_layer_store_across_restarts() 
     let mut container =
         podman.command(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let printed = Arc::new(Mutex::new(String::new()));
+    // When each `read N` line came: the gaps between them are the reads' stalls.
+    let reads = Arc::new(Mutex::new(Vec::new()));
     let collect = |stream: Box<dyn Read + Send>| {
-        let printed = printed.clone();
+        let (printed, reads) = (printed.clone(), reads.clone());
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                if line.starts_with("read ") {
+                    reads.lock().unwrap().push(Instant::now());
+                }
                 let mut all = printed.lock().unwrap();
                 all.push_str(&line);
                 all.push('\n');
@@ -1048,6 +1055,16 @@ fn a_podman_container_reads_its_model_through_the_layer_store_across_restarts() 
     err.join().unwrap();
     let log = printed.lock().unwrap().clone();
     eprintln!("restarts while the container read through the layer store: {during_read:?}");
+    let reads = reads.lock().unwrap().clone();
+    let mut gaps: Vec<Duration> = reads.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let (median, longest) = (gaps.get(gaps.len() / 2).copied(), gaps.last().copied());
+    eprintln!(
+        "time between two 1 MiB reads through the layer store (each followed by a 120 ms pause), over {} reads: median {} ms, longest {} ms",
+        reads.len(),
+        median.unwrap_or_default().as_millis(),
+        longest.unwrap_or_default().as_millis()
+    );
 
     assert!(!log.contains("FAIL"), "a read failed in the container:\n{log}\n{}", tail(&serve.log(), 60));
     assert!(status.success(), "the container failed ({status}):\n{log}\n{}", tail(&serve.log(), 60));
