@@ -38,7 +38,9 @@ impl Pinned {
     /// Parses `registry/repository@sha256:...` with the distribution reference grammar
     /// the registry client uses later; says what is wrong otherwise.
     pub fn parse(value: &str) -> Result<Self, String> {
-        let r: oci_client::Reference = value.parse().map_err(|e: oci_client::ParseError| e.to_string())?;
+        // The registry's own parser: `oci-client`'s compiles a large regular expression
+        // on first use, which a restarted daemon would pay before its first model is back.
+        let r = crate::registry::parse_reference(value).map_err(|e| e.to_string())?;
         let digest = r.digest().ok_or("must be pinned by digest (name@sha256:...)")?;
         let digest = digest.parse::<Digest>().map_err(|e| e.to_string())?;
         Ok(Self { reference: value.to_owned(), digest })
