@@ -56,6 +56,32 @@ impl Restart {
             Restart::Term => "SIGTERM",
         }
     }
+
+    /// Ends `serve` this way.
+    fn end(self, serve: &mut SnapshotterProcess) {
+        match self {
+            Restart::Kill => serve.kill(),
+            Restart::Term => serve.stop(),
+        }
+    }
+}
+
+/// Restarts the daemon (`restart`) up to 8 times, SIGKILL and SIGTERM in turn, 300 to
+/// 900 ms apart (drawn from `seed`), until `done` says the reader finished; returns the
+/// signals sent.
+fn restart_while_reading(seed: u64, done: impl Fn() -> bool, mut restart: impl FnMut(Restart)) -> Vec<&'static str> {
+    let mut rng = Rng(seed);
+    let mut during_read = Vec::new();
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(rng.between(300, 900)));
+        if done() {
+            break;
+        }
+        let kind = if i % 2 == 0 { Restart::Kill } else { Restart::Term };
+        restart(kind);
+        during_read.push(kind.signal());
+    }
+    during_read
 }
 
 /// xorshift64: seeded, so that a failing schedule can be replayed.
@@ -158,10 +184,7 @@ impl Node {
     /// configuration. (The ended process's handle is forgotten, not dropped: dropping it
     /// would stop the new daemon for good.)
     fn restart(&mut self, kind: Restart) {
-        match kind {
-            Restart::Kill => self.serve.kill(),
-            Restart::Term => self.serve.stop(),
-        }
+        kind.end(&mut self.serve);
         self.start_again();
     }
 
@@ -212,16 +235,7 @@ impl Node {
 
 /// Runs containerd 2's own `ctr` against `containerd`: (success, stdout, stderr).
 fn ctr(containerd: &Containerd, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(containerd2_bin().expect("containerd 2.x fetched").join("ctr"))
-        .arg("--address")
-        .arg(&containerd.socket)
-        .args(["--namespace", &containerd.namespace])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running ctr");
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.success(), text(out.stdout), text(out.stderr))
+    containerd.ctr_with(&containerd2_bin().expect("containerd 2.x fetched").join("ctr"), args)
 }
 
 impl Drop for Node {
@@ -786,17 +800,8 @@ fn a_container_started_through_cri_reads_its_model_across_restarts() {
     }
 
     // Restarts, SIGKILL and SIGTERM in turn, while the container reads.
-    let mut rng = Rng(0xc0_47a1);
-    let mut during_read = Vec::new();
-    for i in 0..8 {
-        std::thread::sleep(Duration::from_millis(rng.between(300, 900)));
-        if read_cri_log(&log_path).contains("DONE") {
-            break;
-        }
-        let kind = if i % 2 == 0 { Restart::Kill } else { Restart::Term };
-        node.restart(kind);
-        during_read.push(kind.signal());
-    }
+    let done = || read_cri_log(&log_path).contains("DONE");
+    let during_read = restart_while_reading(0xc0_47a1, done, |kind| node.restart(kind));
     let code = rt.block_on(kubelet.wait_exited(&id, Duration::from_millis(100)));
     let log = read_cri_log(&log_path);
     eprintln!("restarts while the container read: {during_read:?}");
@@ -1022,24 +1027,17 @@ fn a_podman_container_reads_its_model_through_the_layer_store_across_restarts() 
     }
 
     // Restarts, SIGKILL and SIGTERM in turn, while the container reads.
-    let mut rng = Rng(0x5707e);
-    let mut during_read = Vec::new();
-    for i in 0..8 {
-        std::thread::sleep(Duration::from_millis(rng.between(300, 900)));
-        if seen("DONE") {
-            break;
-        }
-        let kind = if i % 2 == 0 { Restart::Kill } else { Restart::Term };
-        match kind {
-            Restart::Kill => serve.kill(),
-            Restart::Term => serve.stop(),
-        }
-        // The ended process's handle is forgotten, not dropped: dropping it would stop the
-        // new daemon for good.
-        let next = SnapshotterProcess::start_layer_store(&root, &store, &config);
-        std::mem::forget(std::mem::replace(&mut serve, next));
-        during_read.push(kind.signal());
-    }
+    let during_read = restart_while_reading(
+        0x5707e,
+        || seen("DONE"),
+        |kind| {
+            kind.end(&mut serve);
+            // The ended process's handle is forgotten, not dropped: dropping it would stop the
+            // new daemon for good.
+            let next = SnapshotterProcess::start_layer_store(&root, &store, &config);
+            std::mem::forget(std::mem::replace(&mut serve, next));
+        },
+    );
     let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {
         if let Some(status) = container.try_wait().unwrap() {

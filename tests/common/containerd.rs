@@ -238,7 +238,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Runs `ctr` against this containerd; returns (success, stdout, stderr).
     pub fn ctr(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("ctr")
+        self.ctr_with(Path::new("ctr"), args)
+    }
+
+    /// [`Containerd::ctr`] with the `ctr` at `program` (containerd 2's own, say).
+    pub fn ctr_with(&self, program: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(program)
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", &self.namespace])
